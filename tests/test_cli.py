@@ -1,0 +1,86 @@
+"""The `dovetail` command: JSON output, streaming, and one clear message with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dovetail_jax import cli
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:  # argparse errors
+        code = int(e.code)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "positive"),
+        (["generate", "--prompt", "hi", "--temperature", "-1"], ">= 0"),
+        (["generate", "--prompt", "hi", "--top-p", "0"], "(0, 1]"),
+        (["generate", "--prompt", "hi", "--top-p", "1.5"], "(0, 1]"),
+        (["generate", "--prompt", "hi", "--top-k", "-2"], ">= 0"),
+        (["generate", "--prompt", "   "], "empty"),
+        (["generate", "--prompt", "hi", "--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+    ],
+)
+def test_bad_input_one_message_exit_2(capsys, argv, needle):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err
+
+
+def test_not_a_model_file(capsys, tmp_path):
+    f = tmp_path / "notes.gguf"
+    f.write_text("this is not a model\n")
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(f))
+    assert code == 2 and "Traceback" not in err and str(f) in err
+
+
+def test_context_overflow_is_reported(capsys, smollm2_path):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(smollm2_path),
+                           "--max-new-tokens", "9000")
+    assert code == 2 and "exceeds the model's context" in err
+
+
+def test_json_output_and_streaming_subprocess(smollm2_path):
+    """A real subprocess run: one JSON object with the documented keys, and no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dovetail_jax.cli", "generate", "--prompt", "def fibonacci(n):", "--model",
+         str(smollm2_path), "--max-new-tokens", "12", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    for key in ("text", "token_ids", "new_tokens", "tokens_per_s", "prefill_s", "decode_s", "compile_s", "mode",
+                "devices", "prompt_tokens"):
+        assert key in d, key
+    assert d["mode"] == "target" and d["new_tokens"] == len(d["token_ids"]) == 12
+    assert d["tokens_per_s"] > 0 and d["devices"]["target"].startswith("cpu")
+
+    stream = subprocess.run(
+        [sys.executable, "-m", "dovetail_jax.cli", "generate", "--prompt", "def fibonacci(n):", "--model",
+         str(smollm2_path), "--max-new-tokens", "12"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert stream.returncode == 0, stream.stderr
+    assert stream.stdout.strip() == d["text"].strip()
+    assert "tok/s" in stream.stderr
+
+
+def test_help_explains():
+    proc = subprocess.run([sys.executable, "-m", "dovetail_jax.cli", "generate", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--prompt", "--chat", "--model", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed",
+                 "--json"):
+        assert flag in proc.stdout

@@ -1,0 +1,84 @@
+"""The real default model (SmolLM2-135M-Instruct GGUF) against Hugging Face transformers, and the generation loop.
+
+Logits are compared, not only text: a wrong RoPE pairing still yields plausible greedy text.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import jax.numpy as jnp  # noqa: E402
+
+from dovetail_jax import api, devices  # noqa: E402
+from dovetail_jax.config import SamplingConfig  # noqa: E402
+from dovetail_jax.model.cache import init_cache  # noqa: E402
+from dovetail_jax.model.target import causal_mask, forward  # noqa: E402
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+    "import numpy as np\n\n# compute the mean of a list\ndef mean(xs):",
+]
+
+
+@pytest.fixture(scope="module")
+def target(smollm2_path):
+    return api.load_target(smollm2_path)
+
+
+def test_config_from_metadata(target):
+    cfg = target.cfg
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 576, 9, 3, 64)
+    assert cfg.rope_theta == 100000.0 and cfg.tie_word_embeddings and cfg.vocab_size == 49152
+    assert target.params.embed.devices() == {devices.target_device()}
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:3])
+def test_logits_match_hf(target, hf_smollm2, prompt):
+    ids = target.tokenizer.encode(prompt)
+    n = len(ids)
+    cache = init_cache(target.cfg, 64, device=devices.target_device())
+    logits, _, _ = forward(target.params, target.cfg, jnp.asarray([ids], jnp.int32), jnp.arange(n)[None],
+                           causal_mask(n), cache)
+    with torch.no_grad():
+        ref = hf_smollm2(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(np.asarray(logits[0]) - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_64_tokens_identical_to_hf(target, hf_smollm2, prompt):
+    ids = target.tokenizer.encode(prompt)
+    out = api.generate(target, ids, max_new_tokens=64, ignore_eos=True)
+    with torch.no_grad():
+        ref = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                  pad_token_id=2)[0, len(ids):].tolist()
+    assert out.token_ids == ref
+
+
+def test_chat_stops_at_eos(target):
+    out = api.generate(target, "What is the capital of France?", chat=True, max_new_tokens=40)
+    assert out.stats.stop_reason == "eos"
+    assert "Paris" in out.text
+    assert out.token_ids[-1] in target.eos_ids and "<|im_end|>" not in out.text
+
+
+def test_sampling_is_seeded(target):
+    s1 = SamplingConfig(temperature=0.9, top_p=0.95, top_k=50, seed=7)
+    a = api.generate(target, "Once upon a time", max_new_tokens=24, sampling=s1, ignore_eos=True)
+    b = api.generate(target, "Once upon a time", max_new_tokens=24, sampling=s1, ignore_eos=True)
+    c = api.generate(target, "Once upon a time", max_new_tokens=24, ignore_eos=True,
+                     sampling=SamplingConfig(temperature=0.9, top_p=0.95, top_k=50, seed=8))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_streaming_pieces_concatenate_to_text(target):
+    pieces: list[str] = []
+    out = api.generate(target, "Write a short poem about the moon.", chat=True, max_new_tokens=32,
+                       on_text=pieces.append)
+    assert "".join(pieces) == out.text
+    assert len(pieces) > 3
