@@ -58,7 +58,8 @@ def encode_prompt(target: Target, prompt: str, chat: bool = False, system: str |
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": prompt})
         prompt = target.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    ids = target.tokenizer.encode(prompt)
+    # a rendered template already holds any BOS it wants; raw prompts get the tokenizer's own specials
+    ids = target.tokenizer.encode(prompt, add_special_tokens=not chat)
     if not ids:
         raise ConfigError("the prompt encodes to no tokens")
     return ids

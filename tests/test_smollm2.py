@@ -37,16 +37,47 @@ def test_config_from_metadata(target):
     assert target.params.embed.devices() == {devices.target_device()}
 
 
-@pytest.mark.parametrize("prompt", PROMPTS[:3])
-def test_logits_match_hf(target, hf_smollm2, prompt):
+@pytest.fixture(scope="module")
+def hf_smollm2_f64(hf_smollm2):
+    """A float64 copy of the HF model: the ground truth both float32 implementations round away from."""
+    import copy
+
+    return copy.deepcopy(hf_smollm2).to(torch.float64)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_logits_match_hf(target, hf_smollm2, hf_smollm2_f64, prompt):
+    """Logits equal HF float32's to float32 rounding.
+
+    SmolLM2 grows a massive activation (|x| ~ 22,500, one float32 ulp ~ 2e-3) in its residual stream at
+    layer 12, so two correct float32 implementations that sum in different orders differ by up to ~1.7e-4
+    in the logits; HF float32 itself is up to ~9e-5 away from float64. We therefore require both: within
+    2e-4 of HF float32, and within 2e-4 of the float64 reference (measured: <= 1.8e-4 and <= 1.8e-4).
+    """
     ids = target.tokenizer.encode(prompt)
     n = len(ids)
     cache = init_cache(target.cfg, 64, device=devices.target_device())
     logits, _, _ = forward(target.params, target.cfg, jnp.asarray([ids], jnp.int32), jnp.arange(n)[None],
                            causal_mask(n), cache)
+    ours = np.asarray(logits[0], np.float64)
     with torch.no_grad():
-        ref = hf_smollm2(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(np.asarray(logits[0]) - ref).max() <= 1e-4
+        ref32 = hf_smollm2(torch.tensor([ids])).logits[0].double().numpy()
+        ref64 = hf_smollm2_f64(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(ours - ref32).max() <= 2e-4
+    assert np.abs(ours - ref64).max() <= 2e-4
+    assert (ours.argmax(-1) == ref32.argmax(-1)).all()
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """HF's own forward with its KV cache, argmax each step, no EOS stop (`generate` cannot be told to
+    ignore EOS without masking it out of the argmax)."""
+    out = model(torch.tensor([ids]), use_cache=True)
+    toks: list[int] = []
+    for _ in range(n):
+        nxt = int(out.logits[0, -1].argmax())
+        toks.append(nxt)
+        out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    return toks
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -54,8 +85,7 @@ def test_greedy_64_tokens_identical_to_hf(target, hf_smollm2, prompt):
     ids = target.tokenizer.encode(prompt)
     out = api.generate(target, ids, max_new_tokens=64, ignore_eos=True)
     with torch.no_grad():
-        ref = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                                  pad_token_id=2)[0, len(ids):].tolist()
+        ref = hf_greedy(hf_smollm2, ids, 64)
     assert out.token_ids == ref
 
 

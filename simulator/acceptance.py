@@ -1,0 +1,431 @@
+"""Acceptance models: how many draft tokens a verification accepts, as a distribution per tree shape.
+
+A single mean hides what matters (the cap at the tree depth, and which outcomes a pipelined draft can guess), so
+every model yields the full distribution of a (accepted draft tokens, 0..cap) for a given tree, plus the
+probabilities of the outcomes a speculative next tree can cover. Sources: per-depth rates, a tau, a Sequoia-style
+positional vector (tree-aware), or measured runs of the decoding loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulator.errors import SimulatorInputError
+from simulator.workload import TreeShape
+
+MAX_GUESSES = 16  # speculative next trees considered by the pipelined schedule
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """Distribution of one verification's result for a given tree.
+
+    p_a[j] = P(a = j). Sampling classes (cls_*) refine it for the pipelined schedule: class c has probability
+    cls_p[c], accepts cls_a[c] tokens and is covered by the speculative tree of rank cls_rank[c] (-1: by none).
+    """
+
+    p_a: np.ndarray
+    cls_p: np.ndarray
+    cls_a: np.ndarray
+    cls_rank: np.ndarray
+
+    @property
+    def tau(self) -> float:
+        """Expected tokens per cycle: accepted drafts + the bonus token."""
+        return float(np.dot(np.arange(len(self.p_a)) + 1, self.p_a))
+
+    @property
+    def cap(self) -> int:
+        return len(self.p_a) - 1
+
+    def hit_probability(self, m: int) -> float:
+        """P(the outcome is covered by one of the first m speculative trees)."""
+        return float(self.cls_p[(self.cls_rank >= 0) & (self.cls_rank < m)].sum())
+
+    def cdf(self) -> np.ndarray:
+        c = np.cumsum(self.cls_p)
+        return c / c[-1]
+
+
+def _build_outcomes(p_a: np.ndarray, guesses: list[tuple[float, int]]) -> Outcomes:
+    p_a = np.clip(np.asarray(p_a, dtype=float), 0.0, None)
+    p_a = p_a / p_a.sum()
+    guesses = sorted((g for g in guesses if g[0] > 0), key=lambda g: -g[0])[:MAX_GUESSES]
+    rest = p_a.copy()
+    cls_p, cls_a, cls_rank = [], [], []
+    for r, (p, a) in enumerate(guesses):
+        p = min(p, rest[a])
+        rest[a] -= p
+        cls_p.append(p), cls_a.append(a), cls_rank.append(r)
+    for a, p in enumerate(rest):
+        cls_p.append(max(p, 0.0)), cls_a.append(a), cls_rank.append(-1)
+    return Outcomes(p_a, np.array(cls_p), np.array(cls_a, dtype=np.int64), np.array(cls_rank, dtype=np.int64))
+
+
+def _check_rates(name: str, rates: Sequence[float]) -> list[float]:
+    if len(rates) == 0:
+        raise SimulatorInputError(f"{name}: at least one value is needed")
+    out = []
+    for r in rates:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0.0 <= r <= 1.0:
+            raise SimulatorInputError(f"{name}: acceptance rates must be numbers in [0, 1], got {r!r}")
+        out.append(float(r))
+    return out
+
+
+class AcceptanceModel(ABC):
+    """Maps a tree shape to the distribution of its verification outcome (cached per tree)."""
+
+    def outcomes(self, tree: TreeShape) -> Outcomes:
+        return self._cached(tree)
+
+    @lru_cache(maxsize=512)  # noqa: B019 - models are few and long-lived
+    def _cached(self, tree: TreeShape) -> Outcomes:
+        return self._outcomes(tree)
+
+    @abstractmethod
+    def _outcomes(self, tree: TreeShape) -> Outcomes: ...
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+    @property
+    def tree_aware(self) -> bool:
+        """Whether the width of the tree changes acceptance (False: only the depth cap does)."""
+        return False
+
+
+class ChainAcceptance(AcceptanceModel):
+    """Per-depth conditional rates along the accepted path: P(a >= j | a >= j-1) = alphas[j-1] (last one repeats).
+
+    Only the depth cap of the tree matters. The pipelined guess covers only a fully accepted path whose bonus is the
+    draft's top-1 (probability alpha of the next depth); a rejected top-1 leaves the bonus unknown.
+    """
+
+    def __init__(self, alphas: Sequence[float]) -> None:
+        self.alphas = _check_rates("per-depth acceptance", alphas)
+
+    def rate(self, j: int) -> float:
+        return self.alphas[min(j, len(self.alphas)) - 1]
+
+    def _outcomes(self, tree: TreeShape) -> Outcomes:
+        cap = tree.max_accept
+        ge = np.ones(cap + 2)
+        for j in range(1, cap + 1):
+            ge[j] = ge[j - 1] * self.rate(j)
+        ge[cap + 1] = 0.0
+        p_a = ge[:-1] - ge[1:]
+        return _build_outcomes(p_a, [(p_a[cap] * self.rate(cap + 1), cap)])
+
+    def describe(self) -> str:
+        return "per-depth rates " + ", ".join(f"{a:.3g}" for a in self.alphas)
+
+
+def chain_tau(alpha: float, gamma: int) -> float:
+    """Closed form E[tokens per cycle] of a chain of gamma drafts with i.i.d. acceptance alpha."""
+    return float(gamma + 1) if alpha == 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+class TauAcceptance(AcceptanceModel):
+    """A user's tau (mean tokens per cycle), turned into i.i.d. per-depth acceptance for each tree's depth cap."""
+
+    def __init__(self, tau: float) -> None:
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau < 1:
+            raise SimulatorInputError(f"tau must be a number >= 1 (tokens per cycle incl. the bonus), got {tau!r}")
+        self.tau = float(tau)
+
+    def alpha_for(self, cap: int) -> float:
+        if self.tau > cap + 1 + 1e-9:
+            raise SimulatorInputError(f"tau={self.tau:g} is impossible for a tree whose paths accept at most {cap} "
+                                      f"tokens (max tau {cap + 1})")
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if chain_tau(mid, cap) < self.tau else (lo, mid)
+        return (lo + hi) / 2
+
+    def _outcomes(self, tree: TreeShape) -> Outcomes:
+        return ChainAcceptance([self.alpha_for(tree.max_accept)])._outcomes(tree)
+
+    def describe(self) -> str:
+        return f"tau {self.tau:g}"
+
+
+class PositionalAcceptance(AcceptanceModel):
+    """Sequoia-style: the target's next token is the draft's rank-r candidate with probability p[r] * decay^(d-1)
+    at depth d. The tree is built the EAGLE-2 way (beam of top_k per level, top total_tokens-1 nodes by path
+    probability), so wider and deeper trees accept more, with diminishing returns.
+    """
+
+    def __init__(self, p_rank: Sequence[float], decay: float = 1.0) -> None:
+        p = sorted(_check_rates("rank acceptance probabilities", p_rank), reverse=True)
+        if sum(p) > 1 + 1e-9:
+            raise SimulatorInputError(f"rank acceptance probabilities are exclusive events and must sum to <= 1, "
+                                      f"got {sum(p):.4g}")
+        _check_rates("depth decay", [decay])
+        self.p, self.decay = np.array(p), float(decay)
+
+    def _p_at(self, depth: int, k: int) -> np.ndarray:
+        out = np.zeros(k + 1)
+        n = min(k + 1, len(self.p))
+        out[:n] = self.p[:n] * self.decay ** (depth - 1)
+        return out
+
+    def tree_nodes(self, tree: TreeShape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Selected nodes (EAGLE-2 beam + rerank): log path probability, depth, parent (-1 = root), rank."""
+        k, d_max, n_sel = tree.top_k, tree.depth, tree.nodes
+        with np.errstate(divide="ignore"):
+            lp1 = np.log(self._p_at(1, k)[:k])
+        score, depth, parent, rank = [lp1], [np.ones(k, int)], [np.full(k, -1)], [np.arange(k)]
+        front = np.argsort(-lp1, kind="stable")[:k]  # pool indices of the frontier
+        base, fscore, start = 0, lp1, k
+        for i in range(1, d_max + 1):
+            with np.errstate(divide="ignore"):
+                lp = np.log(self._p_at(i + 1, k)[:k])
+            cs = (fscore[front - base][:, None] + lp[None, :]).ravel()
+            score.append(cs), depth.append(np.full(k * k, i + 1)), rank.append(np.tile(np.arange(k), k))
+            parent.append(np.repeat(front, k))
+            base, fscore = start, cs
+            front = start + np.argsort(-cs, kind="stable")[:k]
+            start += k * k
+        s, dp, pa, rk = (np.concatenate(x) for x in (score, depth, parent, rank))
+        order = np.sort(np.lexsort((np.arange(len(s)), -s))[:n_sel])
+        sel_parent = np.where(pa[order] >= 0, np.searchsorted(order, pa[order]), -1)
+        return s[order], dp[order], sel_parent, rk[order]
+
+    def _outcomes(self, tree: TreeShape) -> Outcomes:
+        s, dp, pa, _ = self.tree_nodes(tree)
+        pv = np.exp(s)
+        cap = tree.max_accept
+        ge = np.zeros(cap + 2)
+        ge[0] = 1.0
+        np.add.at(ge, np.minimum(dp, cap + 1), pv)
+        p_a = ge[:-1] - ge[1:]
+        # children per node (index -1 = root) and their total acceptance mass
+        n = len(pv)
+        kids = np.bincount(pa + 1, minlength=n + 1)
+        kid_mass = np.bincount(pa + 1, weights=pv, minlength=n + 1)
+        guesses = []
+        for v in range(-1, n):
+            p_node = 1.0 if v < 0 else pv[v]
+            d = 0 if v < 0 else int(dp[v])
+            deepest = p_node - kid_mass[v + 1]
+            c = int(kids[v + 1])
+            nxt = self._p_at(d + 1, max(c + 1, tree.top_k))
+            denom = 1.0 - nxt[:c].sum()
+            q = nxt[c] / denom if denom > 1e-12 and c < len(nxt) else 0.0
+            guesses.append((deepest * q, d))
+        return _build_outcomes(p_a, guesses)
+
+    def describe(self) -> str:
+        return "rank probs " + ", ".join(f"{x:.3g}" for x in self.p) + f", depth decay {self.decay:g}"
+
+    @property
+    def tree_aware(self) -> bool:
+        return True
+
+
+class HistogramAcceptance(AcceptanceModel):
+    """A measured distribution of a for one tree shape; other trees are refused (use a fitted model there)."""
+
+    def __init__(self, tree: TreeShape, counts: Sequence[float]) -> None:
+        c = np.asarray(counts, dtype=float)
+        if c.ndim != 1 or len(c) == 0 or (c < 0).any() or c.sum() <= 0 or not np.isfinite(c).all():
+            raise SimulatorInputError("accept histogram must be a non-empty list of counts >= 0 with a positive sum")
+        self.tree, self.counts = tree, c
+
+    def _outcomes(self, tree: TreeShape) -> Outcomes:
+        if tree != self.tree:
+            raise SimulatorInputError(f"the measured accept histogram is for {self.tree}, not {tree}")
+        p = np.zeros(tree.max_accept + 1)
+        n = min(len(self.counts), len(p))
+        p[:n] = self.counts[:n]
+        p[-1] += self.counts[n:].sum()
+        # guess: the full-path outcome with the next-depth rate measured at the last depth
+        ge = np.cumsum(p[::-1])[::-1]
+        last_rate = ge[-1] / ge[-2] if len(ge) > 1 and ge[-2] > 0 else 0.0
+        return _build_outcomes(p, [(p[-1] / p.sum() * last_rate, len(p) - 1)])
+
+    def describe(self) -> str:
+        return f"measured histogram for top_k={self.tree.top_k} depth={self.tree.depth} " \
+               f"total_tokens={self.tree.total_tokens}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measured runs of `dovetail generate --mode dovetail --json`
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """What the simulator needs from one measured run."""
+
+    tree: TreeShape | None
+    draft_layers: int | None
+    hist: np.ndarray | None  # counts of a = 0, 1, ...
+    depth_rates: list[float] | None
+    tau: float | None
+    raw: dict[str, Any]
+
+
+def _get(d: dict[str, Any], *names: str) -> Any:
+    for n in names:
+        cur: Any = d
+        for part in n.split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        if cur is not None:
+            return cur
+    return None
+
+
+def parse_run(d: dict[str, Any], where: str = "run") -> RunStats:
+    """Read one run's JSON (keys of `dovetail generate --json`; tree/draft keys flat or nested)."""
+    if not isinstance(d, dict):
+        raise SimulatorInputError(f"{where}: a run must be a JSON object")
+    k, depth, total = (_get(d, f"tree.{x}", x) for x in ("top_k", "depth", "total_tokens"))
+    tree = TreeShape(int(k), int(depth), int(total)) if None not in (k, depth, total) else None
+    layers = _get(d, "draft.n_layers", "draft_layers", "draft.layers")
+    tau = _get(d, "tau")
+    hist = _get(d, "accept_hist")
+    h = None
+    if hist is not None:
+        if isinstance(hist, dict):  # {"0": count, ...}
+            hist = [hist.get(str(i), hist.get(i, 0)) for i in range(max(int(x) for x in hist) + 1)]
+        h = np.asarray(hist, dtype=float)
+        if h.ndim != 1 or (h < 0).any() or h.sum() <= 0:
+            raise SimulatorInputError(f"{where}: accept_hist must be a list of counts >= 0 with a positive sum")
+        # index = a (accepted drafts) by convention; shift if it is clearly tokens per cycle (a + 1)
+        if tau is not None and h[0] == 0:
+            mean_idx = float(np.dot(np.arange(len(h)), h) / h.sum())
+            if abs(mean_idx - float(tau)) < abs(mean_idx + 1 - float(tau)):
+                h = h[1:]
+    rates = _get(d, "depth_accept_rates", "per_depth_accept", "accept_rate_by_depth", "acceptance_by_depth")
+    if rates is not None:
+        rates = _check_rates(f"{where}: per-depth acceptance", rates)
+    if h is None and rates is None and tau is None:
+        raise SimulatorInputError(f"{where}: no accept_hist, per-depth acceptance rates or tau in this run")
+    return RunStats(tree, int(layers) if layers is not None else None, h, rates,
+                    float(tau) if tau is not None else None, d)
+
+
+def load_runs(path: str | Path) -> list[RunStats]:
+    """A JSON file holding one run object, a list of runs, or {"runs": [...]}; or a .jsonl of runs."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+        if p.suffix == ".jsonl":
+            data: Any = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            data = json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SimulatorInputError(f"cannot read runs {str(path)!r}: {e}") from None
+    if isinstance(data, dict) and "runs" in data:
+        data = data["runs"]
+    runs = data if isinstance(data, list) else [data]
+    if not runs:
+        raise SimulatorInputError(f"{path}: no runs")
+    return [parse_run(r, f"{path}[{i}]") for i, r in enumerate(runs)]
+
+
+def _loglik(model: AcceptanceModel, runs: Sequence[RunStats]) -> float:
+    ll = 0.0
+    for r in runs:
+        assert r.tree is not None and r.hist is not None
+        p = model.outcomes(r.tree).p_a
+        h = np.zeros(len(p))
+        n = min(len(h), len(r.hist))
+        h[:n] = r.hist[:n]
+        h[-1] += r.hist[n:].sum()
+        ll += float(np.dot(h, np.log(np.maximum(p, 1e-12))))
+    return ll
+
+
+def fit_positional(runs: Sequence[RunStats], k_max: int = 10) -> PositionalAcceptance:
+    """Maximum-likelihood fit of p_r = p1 * rho^(r-1) (r = 1..k_max) and a depth decay to measured histograms.
+
+    Three parameters transfer measured acceptance to tree shapes that were not run (the tuner's question).
+    """
+    usable = [r for r in runs if r.tree is not None and r.hist is not None]
+    if not usable:
+        raise SimulatorInputError("fitting acceptance needs runs with accept_hist and their tree (top_k, depth, "
+                                  "total_tokens)")
+    k_max = max([k_max] + [r.tree.top_k for r in usable if r.tree is not None])
+
+    def model(p1: float, rho: float, dec: float) -> PositionalAcceptance:
+        ps = [p1 * rho ** i for i in range(k_max)]
+        s = sum(ps)
+        if s > 1:
+            ps = [x / s for x in ps]
+        return PositionalAcceptance(ps, dec)
+
+    best = (-math.inf, 0.5, 0.3, 1.0)
+    for p1 in np.linspace(0.05, 0.95, 19):
+        for rho in np.linspace(0.05, 0.9, 10):
+            for dec in (0.8, 0.9, 0.95, 1.0):
+                ll = _loglik(model(p1, rho, dec), usable)
+                if ll > best[0]:
+                    best = (ll, p1, rho, dec)
+    _, p1, rho, dec = best
+    step = np.array([0.05, 0.09, 0.05])
+    for _ in range(12):  # coordinate refinement
+        improved = False
+        for i in range(3):
+            for sgn in (-1, 1):
+                cand = [p1, rho, dec]
+                cand[i] = float(np.clip(cand[i] + sgn * step[i], 1e-3, 1.0))
+                ll = _loglik(model(*cand), usable)
+                if ll > best[0] + 1e-12:
+                    best, (p1, rho, dec), improved = (ll, *cand), cand, True
+        if not improved:
+            step /= 2
+    return model(p1, rho, dec)
+
+
+class RunsAcceptance(AcceptanceModel):
+    """Measured runs: the pooled histogram when the tree was measured, else a positional model fitted to them."""
+
+    def __init__(self, runs: Sequence[RunStats], draft_layers: int | None = None) -> None:
+        if not runs:
+            raise SimulatorInputError("no measured runs given")
+        sel = [r for r in runs if draft_layers is None or r.draft_layers in (None, draft_layers)]
+        self.runs = sel or list(runs)
+        self._fit: AcceptanceModel | None = None
+
+    def _fallback(self) -> AcceptanceModel:
+        if self._fit is None:
+            if any(r.hist is not None and r.tree is not None for r in self.runs):
+                self._fit = fit_positional(self.runs)
+            else:
+                rates = next((r.depth_rates for r in self.runs if r.depth_rates), None)
+                if rates:
+                    self._fit = ChainAcceptance(rates)
+                else:
+                    taus = [r.tau for r in self.runs if r.tau is not None]
+                    self._fit = TauAcceptance(float(np.mean(taus)))
+        return self._fit
+
+    def _outcomes(self, tree: TreeShape) -> Outcomes:
+        same = [r for r in self.runs if r.tree == tree and r.hist is not None]
+        if same:
+            n = max(len(r.hist) for r in same if r.hist is not None)
+            c = np.zeros(n)
+            for r in same:
+                assert r.hist is not None
+                c[: len(r.hist)] += r.hist
+            return HistogramAcceptance(tree, c)._outcomes(tree)
+        return self._fallback().outcomes(tree)
+
+    def describe(self) -> str:
+        return f"{len(self.runs)} measured run(s); other trees: {self._fallback().describe()}"
+
+    @property
+    def tree_aware(self) -> bool:
+        return self._fallback().tree_aware

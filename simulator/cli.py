@@ -1,0 +1,250 @@
+"""`dovetail simulate | profile-hw | plot`: argument parsing only; the work lives in the simulator modules.
+
+`register(subparsers)` plugs these into the project CLI; imports stay light until a command runs (no JAX,
+no matplotlib at registration). `python -m simulator.cli ...` works on its own too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from simulator.errors import SimulatorInputError
+
+RESULTS = Path(__file__).resolve().parent.parent / "analysis" / "results"
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SimulatorInputError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+def build_acceptance(args: argparse.Namespace) -> Any:
+    """The acceptance model chosen on the command line (None when none was given)."""
+    from simulator import acceptance as A
+
+    given = [n for n in ("tau", "alpha", "rank_probs", "runs") if getattr(args, n, None) is not None]
+    if len(given) > 1:
+        flags = ", ".join("--" + g.replace("_", "-") for g in given)
+        raise SimulatorInputError(f"give one acceptance model, not {flags}")
+    if args.tau is not None:
+        return A.TauAcceptance(args.tau)
+    if args.alpha is not None:
+        return A.ChainAcceptance(_floats(args.alpha, "--alpha"))
+    if args.rank_probs is not None:
+        return A.PositionalAcceptance(_floats(args.rank_probs, "--rank-probs"), args.depth_decay)
+    if args.runs is not None:
+        return A.RunsAcceptance(A.load_runs(args.runs), draft_layers=args.draft_layers)
+    return None
+
+
+def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
+    """(hardware, workload, acceptance, measured table, options) from parsed arguments."""
+    from simulator.hardware import load_profile
+    from simulator.schedules import SimOptions
+    from simulator.workload import DraftShape, TreeShape, Workload, resolve_model
+
+    hw = load_profile(args.profile)
+    if args.pcie_gen is not None or args.lanes is not None:
+        hw = hw.with_link(gen=args.pcie_gen, lanes=args.lanes)
+    if args.link_gbps is not None:
+        hw = hw.with_link(bandwidth=args.link_gbps * 1e9)
+    if args.vram_gb is not None:
+        hw = hw.with_vram(args.vram_gb * 2 ** 30)
+    wl = Workload(resolve_model(args.model), DraftShape(args.draft_layers, args.draft_vocab, args.draft_kind),
+                  TreeShape(args.top_k, args.depth, args.total_tokens), args.target_dtype, args.draft_dtype,
+                  args.prompt_len, args.new_tokens)
+    measured = None
+    if args.measured:
+        try:
+            measured = json.loads(Path(args.measured).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SimulatorInputError(f"cannot read measured timings {args.measured!r}: {e}") from None
+    opts = SimOptions(cycles=args.cycles, seed=args.seed, ngl=args.ngl, spec_trees=args.spec_trees)
+    return hw, wl, build_acceptance(args), measured, opts
+
+
+def _fmt_pred(p: Any) -> str:
+    split = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in p.split_s_per_token.items())
+    util = ", ".join(f"{k} {v:.0%}" for k, v in p.utilisation.items())
+    sp = f"  x{p.speedup:.2f}" if p.speedup is not None else ""
+    lines = [f"{p.schedule:<19} {p.tokens_per_s:10.3f} tok/s{sp}  tau {p.tau:.2f}  VRAM {p.vram_bytes / 2**30:.2f} GiB"
+             f"  host {p.host_bytes / 2**30:.2f} GiB  prefill {p.prefill_s:.3f} s",
+             f"{'':<19} ms/token: {split}",
+             f"{'':<19} utilisation: {util}"]
+    lines += [f"{'':<19} note: {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulator import schedules as S
+    from simulator import tune as T
+
+    hw, wl, acc, measured, opts = build_inputs(args)
+    if args.validate:
+        from simulator.validate import validate_file
+
+        report = validate_file(args.validate, hw, wl.model, measured, calibrate=args.calibrate,
+                               out=args.out or RESULTS / "sim_validation.json")
+        print(json.dumps(report["summary"], indent=1) if args.json else report["text"])
+        return 0
+    if args.tune:
+        if acc is None:
+            raise SimulatorInputError("--tune needs an acceptance model (--tau, --alpha, --rank-probs or --runs)")
+        grid = T.parse_grid(args.sweep) if args.sweep else None
+        res = T.tune(hw, wl, acc, args.vram_budget, grid, opts, measured)
+        _write(args.out, res)
+        if args.json:
+            print(json.dumps(res, indent=1))
+        else:
+            b = res["best"]
+            keys = [k for k in ("schedule", "top_k", "depth", "total_tokens", "draft_layers", "ngl") if k in b]
+            print(f"best of {res['feasible']}/{res['evaluated']} feasible configurations on {hw.name} "
+                  f"(VRAM budget {res['vram_budget_gib']:.2f} GiB):")
+            for r in res["top"]:
+                print("  " + "  ".join(f"{k}={r[k]}" for k in keys) + f"  -> {r['tokens_per_s']:.3f} tok/s "
+                      f"x{r['speedup']:.2f}  tau {r['tau']:.2f}  VRAM {r['vram_gib']:.2f} GiB")
+            for n in res["notes"]:
+                print("note: " + n)
+        return 0
+    if args.sweep is not None:
+        if not args.sweep:
+            raise SimulatorInputError("empty sweep: give at least one key=v1,v2 item after --sweep")
+        grid = T.parse_grid(args.sweep)
+        rows = T.sweep(hw, wl, acc, grid, args.schedule if args.schedule != "all" else "dovetail", opts, measured)
+        _write(args.out, {"profile": hw.name, "model": wl.model.name, "rows": rows})
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            keys = list(grid)
+            for r in rows:
+                head = "  ".join(f"{k}={r[k]}" for k in keys)
+                print(f"{head}  -> {r['tokens_per_s']:.3f} tok/s x{r['speedup']:.2f}" if r["feasible"]
+                      else f"{head}  -> {r['reason']}")
+        return 0
+    if args.schedule == "all":
+        results = S.compare(hw, wl, acc, measured, opts)
+    else:
+        p = S.simulate(args.schedule, hw, wl, acc, measured, opts)
+        base = S.simulate("target-cpu", hw, wl, None, measured, opts)
+        p.speedup = p.tokens_per_s / base.tokens_per_s
+        results = [p]
+    payload = [r if isinstance(r, str) else r.to_json() for r in results]
+    _write(args.out, {"profile": hw.name, "model": wl.model.name, "results": payload})
+    if args.json:
+        print(json.dumps(payload, indent=1))
+    else:
+        print(f"{hw.name}: {wl.model.name} ({wl.target_dtype}) on the CPU; draft {wl.draft.kind} "
+              f"{wl.draft_layers} layer(s) ({wl.draft_dtype}); tree top_k={wl.tree.top_k} depth={wl.tree.depth} "
+              f"total_tokens={wl.tree.total_tokens}; prompt {wl.prompt_len}, {wl.new_tokens} new tokens")
+        if acc is not None:
+            print(f"acceptance: {acc.describe()}")
+        for r in results:
+            print(r if isinstance(r, str) else _fmt_pred(r))
+    return 0
+
+
+def _write(out: str | Path | None, data: Any) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def cmd_profile_hw(args: argparse.Namespace) -> int:
+    from simulator.profile import main as profile_main
+
+    return profile_main(args)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from simulator.plots import main as plots_main
+
+    return plots_main(args)
+
+
+def add_simulate_args(p: argparse.ArgumentParser) -> None:
+    from simulator.workload import SCHEDULES  # light: no numpy, no JAX
+
+    g = p.add_argument_group("machine")
+    g.add_argument("--profile", default="host-2core-shared", help="preset name or profile JSON (dovetail profile-hw)")
+    g.add_argument("--pcie-gen", type=int, help="what-if: PCIe generation of the link")
+    g.add_argument("--lanes", type=int, help="what-if: PCIe lanes")
+    g.add_argument("--link-gbps", type=float, help="what-if: link bandwidth in GB/s (overrides gen/lanes)")
+    g.add_argument("--vram-gb", type=float, help="what-if: GPU memory in GiB")
+    g = p.add_argument_group("model and draft")
+    g.add_argument("--model", default="smollm2-135m", help="public config name (smollm2-135m, llama2-7b, ...)")
+    g.add_argument("--target-dtype", default="f32", help="target weights on the CPU: f32, bf16, f16, int8, q4")
+    g.add_argument("--draft-dtype", default="f16", help="draft (and GPU-resident target layers) dtype")
+    g.add_argument("--draft-layers", type=int, default=1)
+    g.add_argument("--draft-vocab", type=int, default=None, help="reduced draft-head vocabulary V'")
+    g.add_argument("--draft-kind", default="dgf", choices=("dgf", "eagle"))
+    g.add_argument("--top-k", type=int, default=10)
+    g.add_argument("--depth", type=int, default=7)
+    g.add_argument("--total-tokens", type=int, default=16)
+    g.add_argument("--prompt-len", type=int, default=128)
+    g.add_argument("--new-tokens", type=int, default=256)
+    g = p.add_argument_group("acceptance (one of)")
+    g.add_argument("--tau", type=float, help="mean tokens per cycle incl. the bonus")
+    g.add_argument("--alpha", help="per-depth acceptance rates, comma-separated (last one repeats)")
+    g.add_argument("--rank-probs", help="P(target token = draft's rank-r candidate), comma-separated (tree-aware)")
+    g.add_argument("--depth-decay", type=float, default=1.0, help="with --rank-probs: factor per extra depth")
+    g.add_argument("--runs", help="JSON of measured `dovetail generate --json` runs (dovetail mode)")
+    g = p.add_argument_group("simulation")
+    g.add_argument("--schedule", default="all", choices=("all",) + SCHEDULES)
+    g.add_argument("--measured", help="JSON table of measured per-operation timings (profile-hw --ops)")
+    g.add_argument("--ngl", type=int, default=-1, help="target layers on the GPU (partial: -1 = max; dovetail: 0)")
+    g.add_argument("--spec-trees", type=int, default=0, help="pipelined: speculative trees per cycle (0 = auto)")
+    g.add_argument("--cycles", type=int, default=2000)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+    g.add_argument("--out", help="also write the JSON result here")
+    g = p.add_argument_group("exploration")
+    g.add_argument("--sweep", nargs="*", metavar="KEY=V1,V2", help="grid, e.g. total_tokens=4,8,16 depth=3:7")
+    g.add_argument("--tune", action="store_true", help="best configuration (grid: --sweep or a default tree grid)")
+    g.add_argument("--vram-budget", type=float, help="--tune: GiB of VRAM the draft (and target layers) may use")
+    g.add_argument("--validate", help="runs JSON (simulator.validate collect): predict and compare tokens/s")
+    g.add_argument("--calibrate", help="with --validate: comma-separated run names used for calibration")
+
+
+def register(subparsers: Any) -> None:
+    """Add `simulate`, `profile-hw` and `plot` to the project's argparse subparsers."""
+    p = subparsers.add_parser("simulate", help="predict Dovetail and baseline speed on a hardware profile")
+    add_simulate_args(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = subparsers.add_parser("profile-hw", help="measure this machine into a hardware profile JSON")
+    p.add_argument("--out", default="hw_profile.json")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (noisier)")
+    p.add_argument("--ops", metavar="MODEL", help="also time target/draft ops at MODEL's shapes (synthetic weights)")
+    p.add_argument("--ops-out", default="op_timings.json")
+    p.add_argument("--draft-layers", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=10)
+    p.set_defaults(func=cmd_profile_hw)
+
+    p = subparsers.add_parser("plot", help="simulator figures (PNG + SVG) from analysis/results JSON")
+    p.add_argument("figure", choices=("tree-size", "pcie", "vram", "split", "parity", "all"))
+    p.add_argument("--recompute", action="store_true", help="recompute the figure's data JSON first")
+    p.add_argument("--out-dir", default=str(RESULTS.parent / "figures"))
+    p.set_defaults(func=cmd_plot)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dovetail_jax.errors import DovetailError
+
+    parser = argparse.ArgumentParser(prog="python -m simulator.cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DovetailError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

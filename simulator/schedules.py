@@ -1,0 +1,470 @@
+"""The schedules the simulator compares, each a process on the event engine over CPU, GPU and link resources.
+
+Costs are precomputed per configuration (per context bin and per accepted length) and acceptance outcomes are
+pre-sampled with numpy, so the event loop only looks numbers up: that is what makes 100k+ cycles/s possible in
+pure Python. On a machine whose "GPU" shares the CPU's cores (`gpu.shares_cpu`), both names map to one resource,
+so draft work adds to verification time exactly as measured there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from simulator.acceptance import MAX_GUESSES, AcceptanceModel, Outcomes
+from simulator.costs import CostModel, MeasuredCosts, RooflineCosts, feature_bytes, tree_bytes
+from simulator.engine import Engine, Process, Resource
+from simulator.errors import DoesNotFitError, SimulatorInputError
+from simulator.hardware import HardwareProfile
+from simulator.workload import EAGLE2_TREE, ID_BYTES, SCHEDULES, SPECULATIVE, DraftShape, Workload, dtype_bytes
+
+GiB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    cycles: int = 2000  # verification cycles simulated (speculative schedules)
+    seed: int = 0
+    ngl: int = -1  # target layers on the GPU: partial (-1 = as many as fit), dovetail (-1 = none)
+    spec_trees: int = 0  # pipelined: speculative next trees per cycle (0 = as many as fit in a verification)
+    prefetch: bool = True  # offload: stream the next layer while computing the current one
+    ctx_bins: int = 8
+
+    def __post_init__(self) -> None:
+        if self.cycles < 1:
+            raise SimulatorInputError(f"cycles must be >= 1, got {self.cycles}")
+        if self.spec_trees < 0 or self.spec_trees > MAX_GUESSES:
+            raise SimulatorInputError(f"spec_trees must be in 0..{MAX_GUESSES}, got {self.spec_trees}")
+        if self.ctx_bins < 1:
+            raise SimulatorInputError(f"ctx_bins must be >= 1, got {self.ctx_bins}")
+
+
+@dataclass
+class Prediction:
+    schedule: str
+    tokens_per_s: float
+    tokens: int
+    cycles: int
+    sim_time_s: float
+    tau: float  # simulated tokens per cycle (1 for autoregressive schedules)
+    tau_model: float  # the acceptance model's expectation
+    split_s_per_token: dict[str, float]
+    utilisation: dict[str, float]
+    vram_bytes: float
+    host_bytes: float
+    prefill_s: float
+    events: int
+    config: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    speedup: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# memory placement
+
+
+def _check_fit(hw: HardwareProfile, schedule: str, vram: float, host: float) -> None:
+    budget = hw.gpu.mem_bytes
+    if hw.gpu.shares_cpu:
+        if vram + host > hw.cpu.ram_bytes:
+            raise DoesNotFitError(f"{schedule}: needs {(vram + host) / GiB:.2f} GiB of host RAM (shared with the "
+                                  f"draft device), {hw.cpu.ram_bytes / GiB:.2f} GiB available")
+        return
+    if vram > budget:
+        raise DoesNotFitError(f"{schedule}: needs {vram / GiB:.2f} GiB of VRAM, the budget is {budget / GiB:.2f} GiB "
+                              f"({hw.gpu.name})")
+    if host > hw.cpu.ram_bytes:
+        raise DoesNotFitError(f"{schedule}: needs {host / GiB:.2f} GiB of host RAM, {hw.cpu.ram_bytes / GiB:.2f} GiB "
+                              f"available")
+
+
+def max_gpu_layers(hw: HardwareProfile, wl: Workload, reserved: float = 0.0) -> int:
+    """Most target layers (+ embedding) that fit on the GPU next to `reserved` bytes."""
+    budget = (hw.cpu.ram_bytes if hw.gpu.shares_cpu else hw.gpu.mem_bytes) - reserved
+    n = 0
+    for n_try in range(1, wl.model.num_layers + 1):
+        if wl.gpu_target_bytes(n_try) > budget:
+            break
+        n = n_try
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the simulation context shared by the schedules
+
+
+class _Ctx:
+    """Resources and context-length bins for one run."""
+
+    def __init__(self, hw: HardwareProfile, wl: Workload, opts: SimOptions) -> None:
+        self.eng = Engine()
+        self.cpu = self.eng.resource("cpu")
+        self.gpu: Resource = self.cpu if hw.gpu.shares_cpu else self.eng.resource("gpu")
+        self.link = self.eng.resource("link")
+        nb = max(1, min(opts.ctx_bins, wl.new_tokens))
+        self.step = wl.new_tokens / nb
+        self.nb = nb
+        # keys attended per step: the real context, or the whole preallocated cache if the implementation does so
+        self.ctxs = [wl.kv_slots or int(wl.prompt_len + (i + 0.5) * self.step) for i in range(nb)]
+
+
+def _bin_of(ctx: _Ctx, produced: int) -> int:
+    b = int(produced / ctx.step)
+    return b if b < ctx.nb else ctx.nb - 1
+
+
+def _finish(name: str, ctx: _Ctx, wl: Workload, tokens: int, cycles: int, tau_model: float, vram: float,
+            host: float, prefill: float, config: dict[str, Any], notes: list[str]) -> Prediction:
+    t = ctx.eng.now
+    if not (t > 0 and math.isfinite(t) and tokens > 0):
+        raise SimulatorInputError(f"{name}: the simulation produced no time or no tokens (check the cost inputs)")
+    split = {k: v / tokens for k, v in sorted(ctx.eng.split.items()) if v > 0}
+    util = ctx.eng.utilisation()
+    if ctx.gpu is ctx.cpu:
+        notes.append("draft device shares the CPU's cores: 'cpu' utilisation includes draft work")
+    return Prediction(name, tokens / t, tokens, cycles, t, tokens / max(cycles, 1), tau_model, split, util, vram,
+                      host, prefill, ctx.eng.events, config, notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# autoregressive baselines: one generation of new_tokens tokens (deterministic)
+
+
+def _autoregressive(name: str, hw: HardwareProfile, wl: Workload, opts: SimOptions,
+                    per_token: Callable[[_Ctx, int], list[tuple[Resource, float, str]]], vram: float, host: float,
+                    prefill: float, config: dict[str, Any], notes: list[str]) -> Prediction:
+    ctx = _Ctx(hw, wl, opts)
+    table = [per_token(ctx, c) for c in ctx.ctxs]
+    eng = ctx.eng
+
+    def proc() -> Process:
+        for i in range(wl.new_tokens):
+            for res, dur, cat in table[_bin_of(ctx, i)]:
+                yield eng.use(res, dur, cat)
+
+    eng.process(proc())
+    eng.run()
+    return _finish(name, ctx, wl, wl.new_tokens, wl.new_tokens, 1.0, vram, host, prefill, config, notes)
+
+
+def target_cpu(hw: HardwareProfile, wl: Workload, costs: CostModel, opts: SimOptions) -> Prediction:
+    host = wl.host_bytes()
+    _check_fit(hw, "target-cpu", 0.0, host)
+    return _autoregressive("target-cpu", hw, wl, opts, lambda c, n: [(c.cpu, costs.target_cpu(1, n), "verify")],
+                           0.0, host, costs.target_cpu(wl.prompt_len, 0), {}, [])
+
+
+def gpu_only(hw: HardwareProfile, wl: Workload, costs: CostModel, opts: SimOptions) -> Prediction:
+    m = wl.model
+    vram = wl.gpu_target_bytes(m.num_layers) + (0 if m.tie_word_embeddings else m.vocab_size * m.hidden_size *
+                                                 dtype_bytes(wl.draft_dtype))
+    _check_fit(hw, "gpu-only", vram, 0.0)
+
+    def tok(c: _Ctx, n: int) -> list[tuple[Resource, float, str]]:
+        return [(c.gpu, costs.target_gpu(1, n, m.num_layers, head=True), "gpu_target"),
+                (c.link, costs.d2h(ID_BYTES), "transfer")]
+
+    return _autoregressive("gpu-only", hw, wl, opts, tok, vram, 0.0,
+                           costs.target_gpu(wl.prompt_len, 0, m.num_layers, head=True), {}, [])
+
+
+def partial(hw: HardwareProfile, wl: Workload, costs: CostModel, opts: SimOptions) -> Prediction:
+    m = wl.model
+    ngl = max_gpu_layers(hw, wl) if opts.ngl < 0 else opts.ngl
+    if ngl > m.num_layers:
+        raise SimulatorInputError(f"partial: ngl={ngl} exceeds the model's {m.num_layers} layers")
+    vram, host = wl.gpu_target_bytes(ngl), wl.host_bytes(m.num_layers - ngl)
+    _check_fit(hw, f"partial (ngl={ngl})", vram, host)
+    h = m.hidden_size
+
+    def tok(c: _Ctx, n: int) -> list[tuple[Resource, float, str]]:
+        ops = []
+        if ngl:
+            ops += [(c.link, costs.h2d(ID_BYTES), "transfer"), (c.gpu, costs.target_gpu(1, n, ngl), "gpu_target"),
+                    (c.link, costs.d2h(h * 4), "transfer")]
+        return ops + [(c.cpu, costs.target_cpu(1, n, m.num_layers - ngl, head=True), "verify")]
+
+    pre = costs.target_gpu(wl.prompt_len, 0, ngl) + costs.target_cpu(wl.prompt_len, 0, m.num_layers - ngl)
+    return _autoregressive("partial", hw, wl, opts, tok, vram, host, pre, {"ngl": ngl}, [])
+
+
+def offload(hw: HardwareProfile, wl: Workload, costs: CostModel, opts: SimOptions) -> Prediction:
+    """Whole model on the GPU; layers that do not fit are streamed over the link for every token (2 buffers)."""
+    m = wl.model
+    db = dtype_bytes(wl.draft_dtype)
+    layer_b = m.layer_params * db
+    kv_all = 2 * m.num_layers * m.kv_size * db * wl.max_ctx
+    head_b = (0 if m.tie_word_embeddings else m.vocab_size * m.hidden_size) * db
+    fixed = m.vocab_size * m.hidden_size * db + head_b + kv_all + 2 * layer_b
+    budget = hw.cpu.ram_bytes if hw.gpu.shares_cpu else hw.gpu.mem_bytes
+    if fixed > budget:
+        raise DoesNotFitError(f"offload: embedding, head, KV cache and two layer buffers need {fixed / GiB:.2f} GiB, "
+                              f"the VRAM budget is {budget / GiB:.2f} GiB")
+    resident = min(m.num_layers, int((budget - fixed) // layer_b))
+    streamed = m.num_layers - resident
+    vram = fixed + resident * layer_b
+    host = streamed * layer_b
+    ctx = _Ctx(hw, wl, opts)
+    eng = ctx.eng
+    res_t = [costs.target_gpu(1, c, resident, head=True) for c in ctx.ctxs]
+    lay_t = [costs.target_gpu(1, c, 1) for c in ctx.ctxs]
+    xfer = costs.h2d(layer_b)
+
+    def proc() -> Process:
+        buf_free = [0.0, 0.0]
+        for i in range(wl.new_tokens):
+            b = _bin_of(ctx, i)
+            last = eng.use(ctx.gpu, res_t[b], "gpu_target")
+            for j in range(streamed):
+                after = buf_free[j % 2] if opts.prefetch else last.end
+                x = eng.use(ctx.link, xfer, "weights_stream", after=after)
+                last = eng.use(ctx.gpu, lay_t[b], "gpu_target", after=x.end)
+                buf_free[j % 2] = last.end
+                yield last
+            yield eng.use(ctx.link, costs.d2h(ID_BYTES), "transfer", after=last.end)
+
+    eng.process(proc())
+    eng.run()
+    notes = [f"{resident} layers resident, {streamed} streamed per token"]
+    return _finish("offload", ctx, wl, wl.new_tokens, wl.new_tokens, 1.0, vram, host,
+                   costs.target_gpu(wl.prompt_len, 0, m.num_layers, head=True) + streamed * xfer,
+                   {"resident_layers": resident, "streamed_layers": streamed}, notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# speculative schedules
+
+
+@dataclass
+class CycleCosts:
+    """Durations of one Dovetail cycle, per context bin b and accepted length a."""
+
+    verify_gpu: list[float]  # [b]  target layers on the GPU (ngl > 0)
+    verify_link: float  # hidden states GPU -> CPU at layer ngl
+    verify_cpu: list[float]  # [b]
+    accept: list[float]  # [a]
+    h2d: list[float]  # [a]
+    draft: list[list[float]]  # [b][a]  stable pass + D expansions + heads
+    fix: list[list[float]]  # [b][a]  pipelined: stable pass over the a+1 true features
+    spec_tree: list[float]  # [b]  pipelined: one speculative tree (1-token stable pass + expansions + heads)
+    host: float
+    d2h: float
+
+    def mean_cycle(self, p_a: np.ndarray) -> float:
+        """Expected serial cycle time (mid context): the analytic counterpart of the serial simulation."""
+        b = len(self.verify_cpu) // 2
+        per_a = [self.verify_gpu[b] + self.verify_link + self.verify_cpu[b] + self.accept[a] + self.h2d[a]
+                 + self.draft[b][a] + self.host + self.d2h for a in range(len(p_a))]
+        return float(np.dot(p_a, per_a))
+
+
+def cycle_costs(wl: Workload, costs: CostModel, ctxs: list[int], cap: int, ngl: int) -> CycleCosts:
+    tr, m = wl.tree, wl.model
+    t, k, d = tr.total_tokens, tr.top_k, tr.depth
+    heads = costs.draft_head(1) + d * costs.draft_head(k)
+    expand = [d * costs.draft_pass(k, c) + heads for c in ctxs]
+    return CycleCosts(
+        verify_gpu=[costs.target_gpu(t, c, ngl) if ngl else 0.0 for c in ctxs],
+        verify_link=costs.d2h(t * m.hidden_size * 4) if ngl else 0.0,
+        verify_cpu=[costs.target_cpu(t, c, m.num_layers - ngl, head=True) for c in ctxs],
+        accept=[costs.accept(t, a) for a in range(cap + 1)],
+        h2d=[costs.h2d(feature_bytes(wl, a + 1)) for a in range(cap + 1)],
+        draft=[[costs.draft_pass(a + 1, c) + e for a in range(cap + 1)] for c, e in zip(ctxs, expand, strict=True)],
+        fix=[[costs.draft_pass(a + 1, c) for a in range(cap + 1)] for c in ctxs],
+        spec_tree=[costs.draft_pass(1, c) + e + costs.host_tree() for c, e in zip(ctxs, expand, strict=True)],
+        host=costs.host_tree(),
+        d2h=costs.d2h(tree_bytes(wl)),
+    )
+
+
+def _sample(out: Outcomes, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Common random numbers: the same seed gives the same uniforms for every configuration (less noisy sweeps)."""
+    u = np.random.default_rng(seed).random(n)
+    cls = np.searchsorted(out.cdf(), u, side="right")
+    cls = np.minimum(cls, len(out.cls_p) - 1)
+    return out.cls_a[cls], out.cls_rank[cls]
+
+
+def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceModel, costs: CostModel,
+                 opts: SimOptions, pipelined: bool) -> Prediction:
+    m = wl.model
+    ngl = max(opts.ngl, 0)
+    if ngl > m.num_layers:
+        raise SimulatorInputError(f"{name}: ngl={ngl} exceeds the model's {m.num_layers} layers")
+    vram = wl.draft_vram_bytes() + wl.gpu_target_bytes(ngl)
+    host = wl.host_bytes(m.num_layers - ngl)
+    _check_fit(hw, name, vram, host)
+    out = acc.outcomes(wl.tree)
+    cap = out.cap
+    ctx = _Ctx(hw, wl, opts)
+    cc = cycle_costs(wl, costs, ctx.ctxs, cap, ngl)
+    eng, cpu, gpu, link = ctx.eng, ctx.cpu, ctx.gpu, ctx.link
+    n = opts.cycles
+    a_arr, rank_arr = _sample(out, n, opts.seed)
+    a_list, rank_list = a_arr.tolist(), rank_arr.tolist()
+    new_tokens, inv_step, nb1 = wl.new_tokens, 1.0 / ctx.step, ctx.nb - 1
+    notes: list[str] = []
+    if pipelined:
+        mid = ctx.nb // 2
+        verify_mid = cc.verify_gpu[mid] + cc.verify_link + cc.verify_cpu[mid]
+        m_spec = opts.spec_trees or max(1, min(MAX_GUESSES, int(verify_mid / cc.spec_tree[mid])))
+        if hw.gpu.shares_cpu:
+            notes.append("shared cores: no speculative drafting can overlap verification (= serial)")
+        else:
+            notes.append(f"up to {m_spec} speculative tree(s) per cycle, hit probability "
+                         f"{out.hit_probability(m_spec):.3f}")
+    else:
+        m_spec = 0
+    tokens = [0]
+
+    def serial() -> Process:
+        produced = 0
+        tok = 0
+        for i in range(n):
+            a = a_list[i]
+            b = int(produced * inv_step)
+            if b > nb1:
+                b = nb1
+            if ngl:
+                yield eng.use(gpu, cc.verify_gpu[b], "verify_gpu")
+                yield eng.use(link, cc.verify_link, "transfer")
+            yield eng.use(cpu, cc.verify_cpu[b], "verify")
+            yield eng.use(cpu, cc.accept[a], "accept")
+            yield eng.use(link, cc.h2d[a], "transfer")
+            yield eng.use(gpu, cc.draft[b][a], "draft")
+            yield eng.use(cpu, cc.host, "host")
+            yield eng.use(link, cc.d2h, "transfer")
+            tok += a + 1
+            produced += a + 1
+            if produced >= new_tokens:
+                produced = 0
+        tokens[0] = tok
+
+    def pipe() -> Process:
+        produced = 0
+        tok = 0
+        fix_a = -1  # accepted length whose true features still have to be folded into the draft KV
+        for i in range(n):
+            a, rank = a_list[i], rank_list[i]
+            b = int(produced * inv_step)
+            if b > nb1:
+                b = nb1
+            if ngl:
+                yield eng.use(gpu, cc.verify_gpu[b], "verify_gpu")
+                yield eng.use(link, cc.verify_link, "transfer")
+            v = eng.use(cpu, cc.verify_cpu[b], "verify")
+            if fix_a >= 0:
+                eng.use(gpu, cc.fix[b][fix_a], "draft")
+            # guesses drafted back to back while the CPU verifies; drafting stops when the outcome is known,
+            # so only the guesses that start before the verification ends are drafted
+            d = cc.spec_tree[b]
+            t0 = gpu.free_at if gpu.free_at > eng.now else eng.now
+            started = 0 if t0 >= v.end else min(m_spec, math.ceil((v.end - t0) / d))
+            if started:
+                eng.use(gpu, d * started, "draft_speculative")
+            yield v
+            acc_job = eng.use(cpu, cc.accept[a], "accept")
+            if 0 <= rank < started:  # hit: the next tree is drafted; fetch it and fold the true features in
+                x = eng.use(link, cc.d2h, "transfer", after=t0 + (rank + 1) * d)
+                yield acc_job if acc_job.end > x.end else x
+                eng.use(link, cc.h2d[a], "transfer")
+                fix_a = a
+            else:
+                yield acc_job
+                yield eng.use(link, cc.h2d[a], "transfer")
+                yield eng.use(gpu, cc.draft[b][a], "draft")
+                yield eng.use(cpu, cc.host, "host")
+                yield eng.use(link, cc.d2h, "transfer")
+                fix_a = -1
+            tok += a + 1
+            produced += a + 1
+            if produced >= new_tokens:
+                produced = 0
+        tokens[0] = tok
+
+    eng.process(pipe() if pipelined else serial())
+    eng.run()
+    mid = ctx.ctxs[ctx.nb // 2]
+    prefill = (costs.target_cpu(wl.prompt_len, 0, m.num_layers - ngl) + costs.h2d(feature_bytes(wl, wl.prompt_len))
+               + costs.draft_pass(wl.prompt_len, 0) + cc.draft[ctx.nb // 2][0] - costs.draft_pass(1, mid))
+    config = {"top_k": wl.tree.top_k, "depth": wl.tree.depth, "total_tokens": wl.tree.total_tokens,
+              "draft_layers": wl.draft_layers, "draft_kind": wl.draft.kind, "draft_vocab": wl.draft_vocab,
+              "ngl": ngl, "acceptance": acc.describe()}
+    if pipelined:
+        config["spec_trees"] = m_spec
+    return _finish(name, ctx, wl, tokens[0], n, out.tau, vram, host, prefill, config, notes)
+
+
+def dovetail(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel, costs: CostModel, opts: SimOptions
+             ) -> Prediction:
+    return _speculative("dovetail", hw, wl, acc, costs, opts, pipelined=False)
+
+
+def dovetail_pipelined(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel, costs: CostModel, opts: SimOptions
+                       ) -> Prediction:
+    return _speculative("dovetail-pipelined", hw, wl, acc, costs, opts, pipelined=True)
+
+
+def eagle2_workload(wl: Workload) -> Workload:
+    """EAGLE-2's GPU default on Dovetail's placement: 1-layer fc head, full vocabulary, 60-token tree."""
+    return wl.replace(draft=DraftShape(n_layers=1, vocab=None, kind="eagle"), tree=EAGLE2_TREE)
+
+
+def make_costs(hw: HardwareProfile, wl: Workload, measured: dict[str, Any] | None = None) -> CostModel:
+    """Roofline of (hw, wl), overridden op by op by a measured timing table when one is given."""
+    roof = RooflineCosts(hw, wl)
+    if measured is None:
+        return roof
+    return MeasuredCosts(measured, roof, wl.model.num_layers)
+
+
+CostFactory = Callable[[HardwareProfile, Workload], CostModel]
+
+
+def simulate(schedule: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None = None,
+             measured: dict[str, Any] | None = None, opts: SimOptions | None = None,
+             cost_factory: CostFactory | None = None) -> Prediction:
+    """Run one schedule. `measured` is a per-operation timing table (see `costs.MeasuredCosts`);
+    `cost_factory(hw, wl)` replaces the cost model entirely (used by calibration)."""
+    opts = opts or SimOptions()
+    if schedule not in SCHEDULES:
+        raise SimulatorInputError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if schedule == "eagle2":
+        wl = eagle2_workload(wl)
+        if measured is not None:  # measured draft timings belong to Dovetail's draft, not the EAGLE head
+            measured = {"ops": {k: v for k, v in measured.get("ops", {}).items()
+                                if k not in ("draft_pass", "draft_head")}}
+    costs = cost_factory(hw, wl) if cost_factory else make_costs(hw, wl, measured)
+    if schedule in SPECULATIVE:
+        if acc is None:
+            raise SimulatorInputError(f"{schedule} needs an acceptance model (--tau, --alpha, --rank-probs or --runs)")
+        return _speculative(schedule, hw, wl, acc, costs, opts, pipelined=schedule == "dovetail-pipelined")
+    fn = {"target-cpu": target_cpu, "gpu-only": gpu_only, "partial": partial, "offload": offload}[schedule]
+    return fn(hw, wl, costs, opts)
+
+
+def compare(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, measured: dict[str, Any] | None = None,
+            opts: SimOptions | None = None, schedules: tuple[str, ...] = SCHEDULES) -> list[Prediction | str]:
+    """Every schedule on one machine; a schedule that does not fit yields its one-line reason instead."""
+    opts = opts or SimOptions()
+    base = simulate("target-cpu", hw, wl, acc, measured, opts)
+    out: list[Prediction | str] = []
+    for s in schedules:
+        if s in SPECULATIVE and acc is None:
+            out.append(f"{s}: no acceptance model given")
+            continue
+        try:
+            p = base if s == "target-cpu" else simulate(s, hw, wl, acc, measured, opts)
+        except DoesNotFitError as e:
+            out.append(str(e))
+            continue
+        p.speedup = p.tokens_per_s / base.tokens_per_s
+        out.append(p)
+    return out

@@ -1,0 +1,133 @@
+"""Acceptance models against closed forms, and the simulated tau against the analytic one."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dovetail_jax.config import SMOLLM2_135M
+from simulator.acceptance import (
+    ChainAcceptance,
+    PositionalAcceptance,
+    RunsAcceptance,
+    TauAcceptance,
+    chain_tau,
+    load_runs,
+    parse_run,
+)
+from simulator.errors import SimulatorInputError
+from simulator.hardware import load_profile
+from simulator.schedules import SimOptions, simulate
+from simulator.workload import DraftShape, TreeShape, Workload
+
+
+def chain_tree(gamma: int) -> TreeShape:
+    """A chain of gamma drafts: top_k 1, gamma levels below the root."""
+    return TreeShape(1, max(gamma - 1, 1), gamma + 1)
+
+
+@given(alpha=st.floats(0.0, 0.99), gamma=st.integers(1, 9))
+@settings(max_examples=60, deadline=None)
+def test_chain_closed_form(alpha: float, gamma: int) -> None:
+    expected = (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    assert chain_tau(alpha, gamma) == pytest.approx(expected)
+    assert ChainAcceptance([alpha]).outcomes(chain_tree(gamma)).tau == pytest.approx(expected)
+    assert PositionalAcceptance([alpha]).outcomes(chain_tree(gamma)).tau == pytest.approx(expected)
+
+
+@given(tau=st.floats(1.0, 7.9))
+@settings(max_examples=30, deadline=None)
+def test_tau_model_reproduces_tau(tau: float) -> None:
+    out = TauAcceptance(tau).outcomes(TreeShape(10, 7, 16))
+    assert out.tau == pytest.approx(tau, abs=1e-6)
+    assert out.p_a.min() >= 0 and out.p_a.sum() == pytest.approx(1.0)
+
+
+def test_per_depth_rates() -> None:
+    out = ChainAcceptance([0.8, 0.5]).outcomes(TreeShape(4, 3, 8))  # cap 4, the last rate repeats
+    ge = [1, 0.8, 0.4, 0.2, 0.1]
+    assert out.tau == pytest.approx(sum(ge))
+    assert out.p_a == pytest.approx([0.2, 0.4, 0.2, 0.1, 0.1])
+
+
+def test_positional_tree_is_eagle2_shaped() -> None:
+    acc = PositionalAcceptance([0.6, 0.2, 0.1], 0.9)
+    s, depth, parent, _ = acc.tree_nodes(TreeShape(10, 5, 30))
+    assert len(s) == 29
+    for i, p in enumerate(parent):
+        if p >= 0:
+            assert p < i and depth[i] == depth[p] + 1 and s[i] <= s[p]
+        else:
+            assert depth[i] == 1
+    taus = [acc.outcomes(TreeShape(10, 5, t)).tau for t in (2, 4, 8, 16, 32, 60)]
+    assert all(b >= a for a, b in zip(taus, taus[1:], strict=False))  # a bigger tree never accepts less
+
+
+def test_hit_probabilities_are_consistent() -> None:
+    out = PositionalAcceptance([0.6, 0.2, 0.1], 0.9).outcomes(TreeShape(4, 3, 8))
+    assert out.cls_p.sum() == pytest.approx(1.0)
+    for a in range(out.cap + 1):
+        assert out.cls_p[out.cls_a == a].sum() == pytest.approx(out.p_a[a])
+    hits = [out.hit_probability(m) for m in range(0, 5)]
+    assert hits[0] == 0 and all(b >= a for a, b in zip(hits, hits[1:], strict=False)) and hits[-1] < 1
+
+
+def test_simulated_tau_converges_to_analytic() -> None:
+    acc = PositionalAcceptance([0.55, 0.2, 0.1, 0.05], 0.95)
+    wl = Workload(SMOLLM2_135M, DraftShape(1), TreeShape(4, 4, 10), draft_dtype="f32")
+    out = acc.outcomes(wl.tree)
+    n = 40_000
+    p = simulate("dovetail", load_profile("host-2core-shared"), wl, acc, opts=SimOptions(cycles=n, seed=3))
+    sd = math.sqrt(float(np.dot((np.arange(out.cap + 1) + 1 - out.tau) ** 2, out.p_a)))
+    assert abs(p.tau - out.tau) < 4 * sd / math.sqrt(n)
+    assert p.tau_model == pytest.approx(out.tau)
+
+
+@pytest.mark.parametrize("bad", [[-0.1], [1.2], [float("nan")], []])
+def test_rates_outside_unit_interval(bad: list[float]) -> None:
+    with pytest.raises(SimulatorInputError):
+        ChainAcceptance(bad)
+
+
+def test_bad_tau_and_rank_probs() -> None:
+    with pytest.raises(SimulatorInputError, match="impossible"):
+        TauAcceptance(9.0).outcomes(TreeShape(10, 4, 7))
+    with pytest.raises(SimulatorInputError, match=">= 1"):
+        TauAcceptance(0.5)
+    with pytest.raises(SimulatorInputError, match="sum to <= 1"):
+        PositionalAcceptance([0.7, 0.5])
+
+
+def _run(tree: tuple[int, int, int], hist: list[int], **extra: object) -> dict:
+    k, d, t = tree
+    n = sum(hist)
+    tau = sum((a + 1) * c for a, c in enumerate(hist)) / n
+    return {"mode": "dovetail", "tree": {"top_k": k, "depth": d, "total_tokens": t}, "accept_hist": hist,
+            "tau": tau, "cycles": n, **extra}
+
+
+def test_runs_loader_and_fit(tmp_path) -> None:  # noqa: ANN001
+    runs = [_run((4, 3, 8), [30, 40, 20, 8, 2]), _run((8, 4, 16), [20, 35, 25, 12, 6, 2])]
+    f = tmp_path / "runs.json"
+    f.write_text(json.dumps({"runs": runs}))
+    acc = RunsAcceptance(load_runs(f))
+    same = acc.outcomes(TreeShape(4, 3, 8))
+    assert same.p_a == pytest.approx(np.array([30, 40, 20, 8, 2]) / 100)
+    other = acc.outcomes(TreeShape(6, 4, 12))  # not measured: the fitted positional model
+    assert 1.5 < other.tau < 3.5 and acc.tree_aware
+
+
+def test_hist_indexed_by_tokens_is_shifted() -> None:
+    r = _run((4, 3, 8), [30, 40, 20, 8, 2])
+    r["accept_hist"] = [0] + r["accept_hist"]  # index = tokens per cycle (a + 1)
+    assert list(parse_run(r).hist) == [30, 40, 20, 8, 2]
+
+
+def test_run_without_acceptance_data() -> None:
+    with pytest.raises(SimulatorInputError, match="no accept_hist"):
+        parse_run({"mode": "dovetail", "tokens_per_s": 3.0})

@@ -1,0 +1,60 @@
+"""The validation pipeline end to end on synthetic runs made by a known cost model (so errors must vanish)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dovetail_jax.config import SMOLLM2_135M
+from simulator.acceptance import PositionalAcceptance
+from simulator.costs import RooflineCosts, ScaledCosts
+from simulator.errors import SimulatorInputError
+from simulator.hardware import load_profile
+from simulator.schedules import SimOptions, simulate
+from simulator.validate import check
+from simulator.workload import DraftShape, TreeShape, Workload
+
+HW = load_profile("host-2core-shared")
+TRUE_ACC = PositionalAcceptance([0.55, 0.2, 0.1, 0.05], 0.95)
+
+
+def truth(h, w):  # noqa: ANN001, ANN201 - the "real machine": roofline off by known factors
+    return ScaledCosts(RooflineCosts(h, w), [(1, 1.3), (32, 1.6)], draft=2.0, host=3.0, transfer=1.5, accept=3.0)
+
+
+def fake_run(name: str, tree: TreeShape | None, new: int = 128, prompt: int = 16) -> dict:
+    wl = Workload(SMOLLM2_135M, DraftShape(1), tree or TreeShape(), "f32", "f32", prompt, new, kv_slots=256)
+    base = {"name": name, "prompt_tokens": prompt, "new_tokens": new, "cache_slots": 256}
+    if tree is None:
+        p = simulate("target-cpu", HW, wl, cost_factory=truth)
+        return base | {"mode": "target", "decode_s": p.sim_time_s, "decode_steps": p.tokens,
+                       "tokens_per_s": p.tokens_per_s}
+    p = simulate("dovetail", HW, wl, TRUE_ACC, opts=SimOptions(cycles=20_000, seed=7), cost_factory=truth)
+    sp = {k: v * p.tokens for k, v in p.split_s_per_token.items()}
+    hist = list(TRUE_ACC.outcomes(tree).p_a * p.cycles)
+    return base | {"mode": "dovetail", "tree": {"top_k": tree.top_k, "depth": tree.depth,
+                                                "total_tokens": tree.total_tokens},
+                   "draft_layers": 1, "cycles": p.cycles, "accept_hist": hist, "tau": p.tau,
+                   "decode_s": p.sim_time_s, "tokens_per_s": p.tokens_per_s,
+                   "time_s": {"verify": sp["verify"], "draft": sp["draft"], "transfer": sp["transfer"],
+                              "host": sp["host"] + sp["accept"]}}
+
+
+def test_calibrated_simulator_recovers_synthetic_runs() -> None:
+    runs = [fake_run("t-64", None, 64), fake_run("t-200", None, 200), fake_run("d-4-3-8", TreeShape(4, 3, 8)),
+            fake_run("d-8-4-16", TreeShape(8, 4, 16)), fake_run("d-4-5-12", TreeShape(4, 5, 12)),
+            fake_run("d-2-2-4", TreeShape(2, 2, 4)), fake_run("d-6-6-24", TreeShape(6, 6, 24))]
+    rep = check(runs, HW, SMOLLM2_135M, None, ["t-64", "d-4-3-8", "d-8-4-16"])
+    s = rep["summary"]
+    assert s["validated"] == 4 and s["dovetail_runs_validated"] == 3
+    assert s["factors"]["draft"] == pytest.approx(2.0, rel=0.1)
+    assert s["max_abs_error"] < 0.05, rep["rows"]
+
+
+def test_check_refuses_unusable_splits() -> None:
+    runs = [fake_run("t-64", None, 64), fake_run("d-4-3-8", TreeShape(4, 3, 8))]
+    with pytest.raises(SimulatorInputError, match="not in the runs"):
+        check(runs, HW, SMOLLM2_135M, None, ["nope"])
+    with pytest.raises(SimulatorInputError, match="nothing is left"):
+        check(runs, HW, SMOLLM2_135M, None, ["t-64", "d-4-3-8"])
+    with pytest.raises(SimulatorInputError, match="no acceptance model"):
+        check(runs, HW, SMOLLM2_135M, None, ["t-64"])
