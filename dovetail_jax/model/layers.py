@@ -1,7 +1,7 @@
 """The LLaMA building blocks as small pure functions (shared by the target and the draft).
 
 Shapes: B batch, T new tokens, S cache slots, N query heads, K kv heads, D head dim, H hidden, F MLP width.
-Weights are stored `[in, out]` so every projection is a plain `x @ w`.
+Weights are stored `[out, in]` (torch's Linear layout) and applied by `linear`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,11 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = jnp.finfo(jnp.float32).min
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x [..., in]` times `w [out, in]` -> `[..., out]`, contracting the last axes (no transpose copy)."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -49,9 +54,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> j
 
 
 def swiglu(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """SwiGLU MLP with gate and up fused in one `[H, 2F]` matmul."""
-    gate, up = jnp.split(x @ w_gate_up, 2, axis=-1)
-    return (jax.nn.silu(gate) * up) @ w_down
+    """SwiGLU MLP with gate and up fused in one `[2F, H]` matmul."""
+    gate, up = jnp.split(linear(x, w_gate_up), 2, axis=-1)
+    return linear(jax.nn.silu(gate) * up, w_down)
 
 
 def attention_mask(start: jax.Array, tree_mask: jax.Array, num_slots: int, batch: int) -> jax.Array:

@@ -3,7 +3,8 @@
 Loaders (GGUF, HF safetensors) produce float32 numpy arrays under HF names and in HF layout
 (`[out_features, in_features]`, q/k rows in HF's rotate-half order). This module checks every
 tensor's presence and shape (naming the culprit), fuses q/k/v and gate/up, and commits the
-result to one device. The in-memory layout is a private choice of this module and of `layers.py`.
+result to one device. Weights stay `[out, in]`: on XLA CPU a single-token decode step measured ~25%
+faster with this layout than with `[in, out]` (see `layers.linear`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from dovetail_jax.errors import ModelFormatError
 @struct.dataclass
 class LayerParams:
     attn_norm: jax.Array  # [H]
-    wqkv: jax.Array  # [H, q + 2 kv]   (in, out)
-    wo: jax.Array  # [q, H]
+    wqkv: jax.Array  # [q + 2 kv, H]   (out, in), like torch Linear
+    wo: jax.Array  # [H, q]
     mlp_norm: jax.Array  # [H]
-    w_gate_up: jax.Array  # [H, 2F]
-    w_down: jax.Array  # [F, H]
+    w_gate_up: jax.Array  # [2F, H]
+    w_down: jax.Array  # [H, F]
 
 
 @struct.dataclass
@@ -103,11 +104,11 @@ def params_from_tensors(
         layers.append(
             LayerParams(
                 attn_norm=put(t(p + "input_layernorm.weight")),
-                wqkv=put(qkv.T),
-                wo=put(t(p + "self_attn.o_proj.weight").T),
+                wqkv=put(qkv),
+                wo=put(t(p + "self_attn.o_proj.weight")),
                 mlp_norm=put(t(p + "post_attention_layernorm.weight")),
-                w_gate_up=put(gate_up.T),
-                w_down=put(t(p + "mlp.down_proj.weight").T),
+                w_gate_up=put(gate_up),
+                w_down=put(t(p + "mlp.down_proj.weight")),
             )
         )
     lm_head = None if cfg.tie_word_embeddings else put(t("lm_head.weight"))

@@ -36,14 +36,14 @@ def decoder_layer(
     """One pre-norm LLaMA block; writes this layer's new K/V into its cache buffers."""
     b, t, _ = x.shape
     h = L.rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
-    qkv = h @ p.wqkv
+    qkv = L.linear(h, p.wqkv)
     q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
     q = L.apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
     k = L.apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     k_buf = write(k_buf, k, start)
     v_buf = write(v_buf, v, start)
-    x = x + L.attention(q, k_buf, v_buf, allowed) @ p.wo
+    x = x + L.linear(L.attention(q, k_buf, v_buf, allowed), p.wo)
     x = x + L.swiglu(L.rms_norm(x, p.mlp_norm, cfg.rms_norm_eps), p.w_gate_up, p.w_down)
     return x, k_buf, v_buf
 
@@ -85,8 +85,8 @@ def forward(
 
 
 def lm_head(h: jax.Array, head: jax.Array) -> jax.Array:
-    """`h [..., H]` x `head [V, H]` -> logits `[..., V]` (contracting H, no transpose copy)."""
-    return jax.lax.dot_general(h, head, (((h.ndim - 1,), (1,)), ((), ())))
+    """`h [..., H]` x `head [V, H]` -> logits `[..., V]`."""
+    return L.linear(h, head)
 
 
 def causal_mask(t: int) -> jax.Array:
