@@ -84,3 +84,34 @@ def test_help_explains():
     for flag in ("--prompt", "--chat", "--model", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed",
                  "--json"):
         assert flag in proc.stdout
+
+
+def test_unsupported_architecture_gguf(capsys, tmp_path):
+    from tiny_models import tiny_model, write_gguf
+
+    model, _ = tiny_model("gqa_tied")
+    p = write_gguf(model, tmp_path / "gpt2.gguf", arch="gpt2")
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(p))
+    assert code == 2 and "unsupported architecture 'gpt2'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+def test_generate_on_tiny_model_files(capsys, tmp_path, fmt):
+    """`--model` with a GGUF file and with an HF folder: greedy ids equal HF transformers' own greedy."""
+    import torch
+    from tiny_models import make_tiny_hf, write_gguf
+
+    folder, model, _ = make_tiny_hf(tmp_path / "hf", "gqa_tied")
+    path = folder if fmt == "hf" else write_gguf(model, tmp_path / "tiny.gguf")
+    code, out, err = run_cli(capsys, "generate", "--prompt", "hello world", "--model", str(path),
+                             "--max-new-tokens", "12", "--ignore-eos", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    from dovetail_jax.io.load import load_model_files
+
+    ids = load_model_files(path)[2].encode("hello world")
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert d["token_ids"] == seq[len(ids):]

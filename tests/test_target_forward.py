@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from dovetail_jax import devices  # noqa: E402
 from dovetail_jax.config import ModelConfig  # noqa: E402
-from dovetail_jax.model.cache import commit_path, init_cache  # noqa: E402
+from dovetail_jax.model.cache import append, commit_path, init_cache  # noqa: E402
 from dovetail_jax.model.params import params_from_tensors  # noqa: E402
 from dovetail_jax.model.target import causal_mask, forward  # noqa: E402
 
@@ -82,16 +82,18 @@ def test_decode_through_cache_matches_hf(tiny):
     model, cfg, params = tiny
     ids = np.random.default_rng(2).integers(0, cfg.vocab_size, size=17)
     cache = init_cache(cfg, 32, device=devices.target_device())
-    _, _, cache = forward(params, cfg, jnp.asarray(ids[None, :7], jnp.int32), jnp.arange(7)[None], causal_mask(7),
-                          cache, "none")
-    cache = cache.replace(length=jnp.int32(7))
+    _, _, upd = forward(params, cfg, jnp.asarray(ids[None, :7], jnp.int32), jnp.arange(7)[None], causal_mask(7),
+                        cache, "none")
+    cache = append(cache, upd)
+    assert int(cache.length) == 7
     ref = hf_logits(model, ids)
-    step = jax.jit(lambda p, c, t, pos: forward(p, cfg, t, pos, jnp.ones((1, 1), bool), c, "last", 0),
-                   donate_argnums=(1,))
+    step = jax.jit(lambda p, c, t, pos: forward(p, cfg, t, pos, jnp.ones((1, 1), bool), c, "last", 0))
+    write = jax.jit(append, donate_argnums=(0,))
     for i in range(7, 17):
-        logits, _, cache = step(params, cache, jnp.asarray([[ids[i]]], jnp.int32), jnp.asarray([[i]], jnp.int32))
-        cache = cache.replace(length=cache.length + 1)
+        logits, _, upd = step(params, cache, jnp.asarray([[ids[i]]], jnp.int32), jnp.asarray([[i]], jnp.int32))
+        cache = write(cache, upd)
         np.testing.assert_allclose(np.asarray(logits[0]), ref[i], atol=TOL, rtol=0)
+    assert int(cache.length) == 17
 
 
 def random_tree(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -129,11 +131,11 @@ def test_tree_verification_equals_sequential_paths(tiny, seed):
     tokens = rng.integers(0, cfg.vocab_size, size=n)
     depth = np.array([len(path_to(parent, i)) - 1 for i in range(n)])
     cache = init_cache(cfg, 64, device=devices.target_device())
-    _, _, cache = forward(params, cfg, jnp.asarray(prefix[None], jnp.int32), jnp.arange(9)[None], causal_mask(9),
-                          cache, "none")
-    cache = cache.replace(length=jnp.int32(9))
-    logits, _, cache = forward(params, cfg, jnp.asarray(tokens[None], jnp.int32), jnp.asarray((9 + depth)[None]),
-                               jnp.asarray(ancestors(parent)), cache)
+    _, _, upd = forward(params, cfg, jnp.asarray(prefix[None], jnp.int32), jnp.arange(9)[None], causal_mask(9),
+                        cache, "none")
+    cache = append(cache, upd)
+    logits, _, tree_upd = forward(params, cfg, jnp.asarray(tokens[None], jnp.int32),
+                                  jnp.asarray((9 + depth)[None]), jnp.asarray(ancestors(parent)), cache)
     for i in range(n):
         seq = np.concatenate([prefix, tokens[path_to(parent, i)]])
         np.testing.assert_allclose(np.asarray(logits[0, i]), hf_logits(model, seq)[-1], atol=TOL, rtol=0)
@@ -141,7 +143,8 @@ def test_tree_verification_equals_sequential_paths(tiny, seed):
     # commit the path to the deepest node, then decode one more token through the compacted cache
     leaf = int(np.argmax(depth))
     path = path_to(parent, leaf)
-    cache = commit_path(cache, jnp.asarray(path, jnp.int32), jnp.int32(len(path)))
+    padded = jnp.asarray(path + [path[-1]] * 3, jnp.int32)  # padding rows land beyond the new length
+    cache = commit_path(cache, tree_upd, padded, jnp.int32(len(path)))
     assert int(cache.length) == 9 + len(path)
     nxt = int(rng.integers(0, cfg.vocab_size))
     pos = 9 + len(path)
@@ -161,6 +164,7 @@ def test_batched_prefill_with_right_padding(tiny):
     for r, row in enumerate(rows):
         toks[r, : len(row)] = row
     cache = init_cache(cfg, 16, batch=2, device=devices.target_device())
+    assert cache.batch == 2 and cache.num_slots == 16
     logits, _, _ = forward(params, cfg, jnp.asarray(toks), jnp.broadcast_to(jnp.arange(11), (2, 11)),
                            causal_mask(11), cache)
     for r, row in enumerate(rows):

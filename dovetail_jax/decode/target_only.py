@@ -1,16 +1,19 @@
 """Plain autoregressive decoding with the target alone: the baseline every speedup is measured against.
 
 Prefill and the decode step are each compiled once per (model, cache size, prompt bucket, greedy or
-sampling) and reused; the KV cache is donated so its update is in place. The loop dispatches step i+1
+sampling) and reused. They only read the KV cache; a second small compiled call, with the cache donated,
+writes the new K/V in place (see `model/cache.py` for why the write is a separate program). The loop dispatches step i+1
 before it reads token i back to the host, so Python bookkeeping and streaming overlap the device work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,7 @@ from dovetail_jax import devices
 from dovetail_jax.config import ModelConfig, SamplingConfig
 from dovetail_jax.decode.stats import GenerationStats
 from dovetail_jax.errors import ConfigError
+from dovetail_jax.model import cache as cache_lib
 from dovetail_jax.model.cache import KVCache, init_cache
 from dovetail_jax.model.params import TargetParams
 from dovetail_jax.model.target import causal_mask, forward
@@ -59,35 +63,37 @@ def _pick(logits: jax.Array, key: jax.Array, s: tuple[jax.Array, jax.Array, jax.
 
 def _prefill(params: TargetParams, cache: KVCache, tokens: jax.Array, n_real: jax.Array, key: jax.Array,
              s: tuple[jax.Array, jax.Array, jax.Array], *, cfg: ModelConfig, greedy: bool):
-    # tokens [1, P] right-padded; causal mask keeps pads from touching real tokens
+    # tokens [1, P] right-padded; the causal mask keeps pads from touching real tokens
     p = tokens.shape[1]
     positions = (cache.length + jnp.arange(p, dtype=jnp.int32))[None, :]
-    logits, _, cache = forward(params, cfg, tokens, positions, causal_mask(p), cache, "last", n_real - 1)
-    cache = cache.replace(length=cache.length + n_real)
+    logits, _, update = forward(params, cfg, tokens, positions, causal_mask(p), cache, "last", n_real - 1)
     tok, key = _pick(logits, key, s, greedy)
-    return tok, cache, key
+    return tok, update, key
 
 
 def _decode_step(params: TargetParams, cache: KVCache, tok: jax.Array, key: jax.Array,
                  s: tuple[jax.Array, jax.Array, jax.Array], *, cfg: ModelConfig, greedy: bool):
     positions = jnp.reshape(cache.length, (1, 1))
-    logits, _, cache = forward(params, cfg, tok[:, None], positions, jnp.ones((1, 1), bool), cache, "last", 0)
-    cache = cache.replace(length=cache.length + 1)
+    logits, _, update = forward(params, cfg, tok[:, None], positions, jnp.ones((1, 1), bool), cache, "last", 0)
     tok, key = _pick(logits, key, s, greedy)
-    return tok, cache, key
+    return tok, update, key
 
 
 @functools.cache
 def _jitted(cfg: ModelConfig, greedy: bool):
-    pre = jax.jit(functools.partial(_prefill, cfg=cfg, greedy=greedy), donate_argnames=("cache",))
-    dec = jax.jit(functools.partial(_decode_step, cfg=cfg, greedy=greedy), donate_argnames=("cache",))
-    return pre, dec
+    """The forward steps read the cache; `append` (cache donated) writes their K/V in place."""
+    pre = jax.jit(functools.partial(_prefill, cfg=cfg, greedy=greedy))
+    dec = jax.jit(functools.partial(_decode_step, cfg=cfg, greedy=greedy))
+    app = jax.jit(cache_lib.append, donate_argnames=("cache",))
+    return pre, dec, app
 
 
 @dataclass
 class _Compiled:
     prefill: Callable
     decode: Callable
+    append_prompt: Callable
+    append_token: Callable
     compile_s: float
 
 
@@ -96,22 +102,37 @@ _compiled: dict[tuple, _Compiled] = {}
 
 def _compile(params: TargetParams, cfg: ModelConfig, bucket: int, slots: int, greedy: bool,
              device: jax.Device) -> _Compiled:
-    """AOT-compile prefill and decode for these shapes (persistent cache makes repeats cheap)."""
+    """AOT-compile prefill, decode and the cache writes for these shapes (the persistent cache makes
+    repeats in a new process cheap)."""
     key_ = (id(params), cfg, bucket, slots, greedy, device)
     if key_ in _compiled:
-        return _Compiled(_compiled[key_].prefill, _compiled[key_].decode, 0.0)
+        return dataclasses.replace(_compiled[key_], compile_s=0.0)
     t0 = time.perf_counter()
-    pre, dec = _jitted(cfg, greedy)
-    cache = jax.eval_shape(lambda: init_cache(cfg, slots))
-    sds = jax.ShapeDtypeStruct
+    pre, dec, app = _jitted(cfg, greedy)
     sh = jax.sharding.SingleDeviceSharding(device)
-    cache = jax.tree.map(lambda x: sds(x.shape, x.dtype, sharding=sh), cache)
-    key = sds((2,), jnp.uint32, sharding=sh)
-    scal = (sds((), jnp.float32, sharding=sh), sds((), jnp.int32, sharding=sh), sds((), jnp.float32, sharding=sh))
-    pre_c = pre.lower(params, cache, sds((1, bucket), jnp.int32, sharding=sh), sds((), jnp.int32, sharding=sh),
-                      key, scal).compile()
-    dec_c = dec.lower(params, cache, sds((1,), jnp.int32, sharding=sh), key, scal).compile()
-    out = _Compiled(pre_c, dec_c, time.perf_counter() - t0)
+
+    def spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+
+    def on_device(tree: Any) -> Any:
+        return jax.tree.map(lambda x: spec(x.shape, x.dtype), tree)
+
+    cache = on_device(jax.eval_shape(lambda: init_cache(cfg, slots)))
+    key = spec((2,), jnp.uint32)
+    scal = (spec((), jnp.float32), spec((), jnp.int32), spec((), jnp.float32))
+    n_real = spec((), jnp.int32)
+    pre_l = pre.lower(params, cache, spec((1, bucket), jnp.int32), n_real, key, scal)
+    dec_l = dec.lower(params, cache, spec((1,), jnp.int32), key, scal)
+    upd_prompt = on_device(pre_l.out_info[1])
+    upd_token = on_device(dec_l.out_info[1])
+    out = _Compiled(
+        prefill=pre_l.compile(),
+        decode=dec_l.compile(),
+        append_prompt=app.lower(cache, upd_prompt, n_real).compile(),
+        append_token=app.lower(cache, upd_token).compile(),
+        compile_s=0.0,
+    )
+    out.compile_s = time.perf_counter() - t0
     _compiled[key_] = out
     return out
 
@@ -146,7 +167,9 @@ def generate(
     eos = set() if ignore_eos else set(eos_ids)
 
     t0 = time.perf_counter()
-    tok, cache, key = comp.prefill(params, cache, put(padded), put(np.int32(len(prompt_ids))), key, s)
+    n_real = put(np.int32(len(prompt_ids)))
+    tok, update, key = comp.prefill(params, cache, put(padded), n_real, key, s)
+    cache = comp.append_prompt(cache, update, n_real)
     tok.block_until_ready()
     t1 = time.perf_counter()
 
@@ -155,8 +178,9 @@ def generate(
     while True:
         nxt = None
         if len(out) + 1 < max_new_tokens:  # dispatch the next step before reading this token
-            nxt, cache, key = comp.decode(params, cache, tok, key, s)
-        t = int(tok[0])
+            nxt, update, key = comp.decode(params, cache, tok, key, s)
+            cache = comp.append_token(cache, update)
+        t = int(np.asarray(tok)[0])  # one device-to-host copy (indexing a jax.Array would dispatch a slice)
         out.append(t)
         if on_token is not None:
             on_token(t)

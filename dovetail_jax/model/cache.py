@@ -1,9 +1,14 @@
-"""The KV cache: a preallocated pytree that every jitted step takes in and gives back (donated).
+"""The KV cache: a preallocated pytree, read by the forward and written only by `append` / `commit_path`.
 
-One `[B, S, K, D]` buffer per layer (measured faster on XLA CPU than
-`[B, K, S, D]`) for keys and for values, plus `length`, the number of committed
-slots. A forward writes its T new entries at `length .. length+T-1`; prefill and decode then advance
-`length`, while tree verification leaves it and `commit_path` gathers the accepted path into place.
+One `[B, K, S, D]` buffer per layer for keys and one for values (heads before slots, so attention is a
+plain matmul batched over (B, K)), plus `length`, the number of committed slots; slots beyond it are
+stale and never attended to.
+
+The forward only *reads* the cache and returns the new tokens' K/V (`KVUpdate`); a separate jitted call,
+with the cache donated, writes them in place. Writing inside the same XLA program that reads the cache
+made XLA CPU copy every layer's cache each step (decode at 2048 slots: 44 ms instead of 21 ms). The split
+also suits tree verification: nothing is written until the accepted path is known, so rejected branches
+never touch the cache.
 """
 
 from __future__ import annotations
@@ -17,13 +22,13 @@ from dovetail_jax.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [B, S, K, D]
-    v: tuple[jax.Array, ...]  # per layer [B, S, K, D]
+    k: tuple[jax.Array, ...]  # per layer [B, K, S, D]
+    v: tuple[jax.Array, ...]  # per layer [B, K, S, D]
     length: jax.Array  # int32 scalar: committed slots
 
     @property
     def num_slots(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     @property
     def batch(self) -> int:
@@ -33,9 +38,17 @@ class KVCache:
         return sum(int(x.size) * x.dtype.itemsize for x in self.k + self.v)
 
 
+@struct.dataclass
+class KVUpdate:
+    """Keys and values of the T tokens a forward just ran, not yet in the cache."""
+
+    k: tuple[jax.Array, ...]  # per layer [B, T, K, D]
+    v: tuple[jax.Array, ...]  # per layer [B, T, K, D]
+
+
 def init_cache(cfg: ModelConfig, num_slots: int, batch: int = 1, device: jax.Device | None = None) -> KVCache:
     """Zeroed cache for `num_slots` positions, committed to `device`."""
-    shape = (batch, num_slots, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, num_slots, cfg.head_dim)
 
     def zeros() -> jax.Array:
         return jax.device_put(jnp.zeros(shape, jnp.float32), device)
@@ -47,27 +60,33 @@ def init_cache(cfg: ModelConfig, num_slots: int, batch: int = 1, device: jax.Dev
     )
 
 
-def write(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write `new [B, T, K, D]` into `buf [B, S, K, D]` at slot `start` (in place when donated)."""
-    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, start, 0, 0))
+def _write(buf: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
+    """Write `rows [B, W, K, D]` into `buf [B, K, S, D]` at slot `start` (in place when donated)."""
+    return jax.lax.dynamic_update_slice(buf, rows.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, start, 0))
 
 
-def commit_path(cache: KVCache, path_slots: jax.Array, num_accepted: jax.Array) -> KVCache:
-    """Keep only an accepted tree path: gather its rows into contiguous slots after the prefix.
-
-    `path_slots [W]` are offsets (relative to `length`) of the path's nodes in the slots the verify step
-    wrote, root first, padded with any valid offset; `num_accepted` of them are kept and `length`
-    advances by that much. Gather, no recompute; rows beyond the new length are stale and masked.
-    """
+def append(cache: KVCache, update: KVUpdate, num_valid: jax.Array | int | None = None) -> KVCache:
+    """Write all T new rows at `length` and advance it by `num_valid` (default T; fewer for right padding)."""
     start = cache.length
-    src = start + path_slots
+    t = update.k[0].shape[1]
+    n = t if num_valid is None else num_valid
+    return KVCache(
+        k=tuple(_write(b, u, start) for b, u in zip(cache.k, update.k, strict=True)),
+        v=tuple(_write(b, u, start) for b, u in zip(cache.v, update.v, strict=True)),
+        length=start + jnp.asarray(n, jnp.int32),
+    )
 
-    def gather(buf: jax.Array) -> jax.Array:
-        rows = jnp.take(buf, src, axis=1)  # [B, W, K, D]
-        return write(buf, rows, start)
+
+def commit_path(cache: KVCache, update: KVUpdate, path: jax.Array, num_accepted: jax.Array) -> KVCache:
+    """Commit an accepted tree path: its nodes' K/V (rows `path [W]` of `update`, root first, padded with any
+    valid index) go to slots `length ..`; `length` advances by `num_accepted`. A gather, no recompute."""
+    start = cache.length
+
+    def gather_write(buf: jax.Array, new: jax.Array) -> jax.Array:
+        return _write(buf, jnp.take(new, path, axis=1), start)
 
     return KVCache(
-        k=tuple(gather(b) for b in cache.k),
-        v=tuple(gather(b) for b in cache.v),
-        length=start + num_accepted.astype(jnp.int32),
+        k=tuple(gather_write(b, u) for b, u in zip(cache.k, update.k, strict=True)),
+        v=tuple(gather_write(b, u) for b, u in zip(cache.v, update.v, strict=True)),
+        length=start + jnp.asarray(num_accepted, jnp.int32),
     )
