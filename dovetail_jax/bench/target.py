@@ -47,8 +47,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", type=_prompt, default=DEFAULT_PROMPT,
                    help=f"raw prompt text, no chat template (default {DEFAULT_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="new tokens per run, EOS ignored (128)")
-    p.add_argument("--repeats", type=_positive_int, default=5,
-                   help="timed rounds; each engine runs once per round and its best is reported (5)")
+    p.add_argument("--repeats", type=_positive_int, default=10,
+                   help="timed rounds; each engine runs once per round and its best is reported (10)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT})")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
