@@ -8,41 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 
+from dovetail_jax.argtypes import nonneg_float, nonneg_int, positive_int, probability
 from dovetail_jax.errors import DovetailError
 
 EXIT_USER_ERROR = 2
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    v = float(s)
-    if not v >= 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
-    return v
-
-
-def _top_p(s: str) -> float:
-    v = float(s)
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -52,9 +24,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
-    p.add_argument("--top-k", type=_nonneg_int, default=0, help="keep the k most likely tokens (default 0: off)")
+    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (default 0: off)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
 
 
@@ -112,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="system message for --chat (default: the template's own)")
     add_model_args(g)
     g.add_argument("--mode", choices=["target"], default="target", help="decoding mode (default: target)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most (128)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most (128)")
     add_sampling_args(g)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, ids and timings")

@@ -30,8 +30,25 @@ def pcie_bandwidth(gen: int, lanes: int) -> float:
     return _PCIE_GTS[gen] * 1e9 * _PCIE_CODE[gen] * lanes / 8
 
 
+class _Roofline:
+    """Achieved compute and bandwidth: the peak times the fitted efficiency."""
+
+    peak_flops: float
+    flops_eff: float
+    mem_bw: float
+    bw_eff: float
+
+    @property
+    def flops(self) -> float:
+        return self.peak_flops * self.flops_eff
+
+    @property
+    def bw(self) -> float:
+        return self.mem_bw * self.bw_eff
+
+
 @dataclass(frozen=True)
-class CpuSpec:
+class CpuSpec(_Roofline):
     """The CPU that runs the target. Rates are peaks; `*_eff` are the achieved fractions."""
 
     name: str
@@ -45,14 +62,6 @@ class CpuSpec:
     ram_bytes: float
 
     @property
-    def flops(self) -> float:
-        return self.peak_flops * self.flops_eff
-
-    @property
-    def bw(self) -> float:
-        return self.mem_bw * self.bw_eff
-
-    @property
     def overhead_s(self) -> float:
         return self.dispatch_s
 
@@ -62,7 +71,7 @@ class CpuSpec:
 
 
 @dataclass(frozen=True)
-class GpuSpec:
+class GpuSpec(_Roofline):
     """The accelerator that runs the draft. `shares_cpu` marks a stand-in device on the same cores as the CPU."""
 
     name: str
@@ -75,14 +84,6 @@ class GpuSpec:
     launch_s: float  # per kernel / jit-call launch overhead
     reserved_bytes: float = 0.0  # runtime context and allocator slack not available to the model
     shares_cpu: bool = False
-
-    @property
-    def flops(self) -> float:
-        return self.peak_flops * self.flops_eff
-
-    @property
-    def bw(self) -> float:
-        return self.mem_bw * self.bw_eff
 
     @property
     def overhead_s(self) -> float:

@@ -53,3 +53,19 @@ def hf_smollm2_tokenizer(smollm2_path: Path) -> Any:
     """transformers' tokenizer built from the same GGUF (about 4 s, once per session)."""
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Any:
+    """Call `dovetail` in-process: returns (exit code, stdout, stderr); argparse's exits become codes."""
+    from dovetail_jax import cli
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as e:
+            code = int(e.code)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

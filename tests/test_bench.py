@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize
 
-from dovetail_jax import cli
 from dovetail_jax.bench import peers
 from dovetail_jax.bench.target import first_divergence
 
@@ -116,15 +115,6 @@ def test_first_divergence():
     assert first_divergence([], [4]) is None
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:  # argparse errors
-        code = int(e.code)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.parametrize(
     "argv,needle",
     [
@@ -134,8 +124,8 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
         (["--model", "/nonexistent/model.gguf", "--no-hf", "--no-llama-cpp"], "/nonexistent/model.gguf"),
     ],
 )
-def test_bad_input_is_a_one_line_error(capsys, tmp_path, argv, needle):
-    code, out, err = _run(capsys, "bench", "target", "--out", str(tmp_path / "r.json"), *argv)
+def test_bad_input_is_a_one_line_error(run_cli, tmp_path, argv, needle):
+    code, out, err = run_cli("bench", "target", "--out", str(tmp_path / "r.json"), *argv)
     assert code == 2
     assert needle in err
     assert "Traceback" not in err
@@ -164,7 +154,7 @@ def tiny_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def test_bench_json_schema_on_a_tiny_model(capsys, tmp_path, monkeypatch, tiny_folder):
+def test_bench_json_schema_on_a_tiny_model(run_cli, tmp_path, monkeypatch, tiny_folder):
     from dovetail_jax.bench import machine
 
     monkeypatch.setattr(machine, "memory_read_bandwidth_gbs", lambda: 25.0)  # the real one reads 1 GiB
@@ -173,7 +163,7 @@ def test_bench_json_schema_on_a_tiny_model(capsys, tmp_path, monkeypatch, tiny_f
     argv = ["bench", "target", "--model", str(tiny_folder), "--prompt", "def fib", "--max-new-tokens", str(n),
             "--repeats", "2", "--no-hf", "--no-llama-cpp", "--out", str(out_file), "--json"]
     monkeypatch.setattr(sys, "argv", ["dovetail", *argv])
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_cli(*argv)
     assert code == 0, err
     res = json.loads(out)  # with --json, stdout is the JSON alone
     assert json.loads(out_file.read_text()) == res

@@ -8,17 +8,6 @@ import sys
 
 import pytest
 
-from dovetail_jax import cli
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:  # argparse errors
-        code = int(e.code)
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 @pytest.mark.parametrize(
     "argv,needle",
@@ -32,22 +21,22 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         (["generate", "--prompt", "hi", "--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
     ],
 )
-def test_bad_input_one_message_exit_2(capsys, argv, needle):
-    code, out, err = run_cli(capsys, *argv)
+def test_bad_input_one_message_exit_2(run_cli, argv, needle):
+    code, out, err = run_cli(*argv)
     assert code == 2
     assert needle in err
     assert "Traceback" not in err
 
 
-def test_not_a_model_file(capsys, tmp_path):
+def test_not_a_model_file(run_cli, tmp_path):
     f = tmp_path / "notes.gguf"
     f.write_text("this is not a model\n")
-    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(f))
+    code, _, err = run_cli("generate", "--prompt", "hi", "--model", str(f))
     assert code == 2 and "Traceback" not in err and str(f) in err
 
 
-def test_context_overflow_is_reported(capsys, smollm2_path):
-    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(smollm2_path),
+def test_context_overflow_is_reported(run_cli, smollm2_path):
+    code, _, err = run_cli("generate", "--prompt", "hi", "--model", str(smollm2_path),
                            "--max-new-tokens", "9000")
     assert code == 2 and "exceeds the model's context" in err
 
@@ -86,24 +75,24 @@ def test_help_explains():
         assert flag in proc.stdout
 
 
-def test_unsupported_architecture_gguf(capsys, tmp_path):
+def test_unsupported_architecture_gguf(run_cli, tmp_path):
     from tiny_models import tiny_model, write_gguf
 
     model, _ = tiny_model("gqa_tied")
     p = write_gguf(model, tmp_path / "gpt2.gguf", arch="gpt2")
-    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(p))
+    code, _, err = run_cli("generate", "--prompt", "hi", "--model", str(p))
     assert code == 2 and "unsupported architecture 'gpt2'" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("fmt", ["gguf", "hf"])
-def test_generate_on_tiny_model_files(capsys, tmp_path, fmt):
+def test_generate_on_tiny_model_files(run_cli, tmp_path, fmt):
     """`--model` with a GGUF file and with an HF folder: greedy ids equal HF transformers' own greedy."""
     import torch
     from tiny_models import make_tiny_hf, write_gguf
 
     folder, model, _ = make_tiny_hf(tmp_path / "hf", "gqa_tied")
     path = folder if fmt == "hf" else write_gguf(model, tmp_path / "tiny.gguf")
-    code, out, err = run_cli(capsys, "generate", "--prompt", "hello world", "--model", str(path),
+    code, out, err = run_cli("generate", "--prompt", "hello world", "--model", str(path),
                              "--max-new-tokens", "12", "--ignore-eos", "--json")
     assert code == 0, err
     d = json.loads(out)

@@ -23,31 +23,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dovetail_jax.argtypes import nonempty_text, positive_int
+
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_OUT = Path("analysis/results/bench_target.json")
 SCHEMA = "dovetail.bench.target/1"
 GOALS = {"ours_over_hf": 2.0, "ours_over_llama_cpp_f32": 0.75}
 
 
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def _prompt(s: str) -> str:
-    if not s:
-        raise argparse.ArgumentTypeError("the prompt is empty")
-    return s
-
-
 def add_args(p: argparse.ArgumentParser) -> None:
     """Options of `dovetail bench target` (`--model` is added by the CLI)."""
-    p.add_argument("--prompt", type=_prompt, default=DEFAULT_PROMPT,
+    p.add_argument("--prompt", type=nonempty_text, default=DEFAULT_PROMPT,
                    help=f"raw prompt text, no chat template (default {DEFAULT_PROMPT!r})")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="new tokens per run, EOS ignored (128)")
-    p.add_argument("--repeats", type=_positive_int, default=10,
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="new tokens per run, EOS ignored (128)")
+    p.add_argument("--repeats", type=positive_int, default=10,
                    help="timed rounds; each engine runs once per round and its best is reported (10)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT})")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
