@@ -291,3 +291,48 @@ def test_smollm2_tensors_match_transformers(smollm2_tensors: tuple[ModelConfig, 
     assert set(tensors) == set(ref)
     for name, r in ref.items():  # same dequantisation of the same Q4_1 blocks, and q/k un-permuted the same way
         np.testing.assert_array_equal(tensors[name], r, err_msg=name)
+
+
+QUANTISABLE = ["BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("type_name", QUANTISABLE + K_QUANTS)
+def test_gguf_every_dequantisable_type(tmp_path: Path, type_name: str) -> None:
+    """One weight stored in each ggml type loads as exactly what `gguf` dequantises its blocks to.
+
+    The gguf package cannot quantise K-quants, so those blocks are random bytes with sane float16 scales:
+    the test is about our plumbing (shapes, row order, names), not about llama.cpp's quantiser."""
+    qtype = gguf.GGMLQuantizationType[type_name]
+    model, _ = tiny_model("q8_gqa", seed=4, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2)
+    rows, cols = 256, 256  # ffn_up: [intermediate, hidden]; K-quant blocks span 256 values
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(7)
+    if type_name in QUANTISABLE:
+        raw = gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    else:
+        raw = rng.integers(0, 256, size=(rows, cols // block * type_size), dtype=np.uint8)
+        # keep every float16 field finite and small: overwrite bytes that would decode as inf/nan
+        as_f16 = raw.view(np.float16)
+        bad = ~np.isfinite(as_f16) | (np.abs(as_f16) > 4)
+        as_f16[bad] = np.float16(0.5)
+    path = write_gguf(model, tmp_path / f"{type_name}.gguf", replace={"blk.0.ffn_up.weight": (raw, qtype)})
+    reader = gguf.GGUFReader(path)
+    assert {t.name: t.tensor_type for t in reader.tensors}["blk.0.ffn_up.weight"] == qtype
+    expected = gguf.quants.dequantize(raw, qtype).reshape(rows, cols)
+    _, tensors = load_gguf(path)
+    got = tensors["model.layers.0.mlp.up_proj.weight"]
+    assert got.dtype == np.float32 and got.shape == (rows, cols)
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
+
+
+def test_gguf_type_the_package_cannot_dequantise(tmp_path: Path) -> None:
+    """Q8_K (llama.cpp's activation format) has no dequantiser in `gguf`: one clear error naming the tensor."""
+    model, _ = tiny_model("q8_gqa", seed=4, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2)
+    qtype = gguf.GGMLQuantizationType.Q8_K
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.zeros((256, 256 // block * type_size), np.uint8)
+    path = write_gguf(model, tmp_path / "q8k.gguf", replace={"blk.0.ffn_up.weight": (raw, qtype)})
+    _raises(load_gguf, path, match="blk.0.ffn_up.weight")

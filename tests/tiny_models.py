@@ -26,7 +26,8 @@ Public helpers (all deterministic for a given seed):
         for llama.cpp's RoPE, norms in F32, 2-D weights in `tensor_type` (any type `gguf.quants` can
         quantise: "F32", "F16", "BF16", "Q8_0", ...; rows not divisible by the block fall back to F16, as in
         the converter), no output.weight when tied. `drop` omits GGUF tensors by name and `replace` maps
-        GGUF names to arrays written as-is: both exist to build broken files.
+        GGUF names to arrays written as-is, or to `(raw_bytes, ggml_type)` for pre-quantised blocks (how the
+        tests reach types the `gguf` package can only dequantise, such as the K-quants).
 
     tiny_vocab(vocab_size) -> (tokens, token_types, merges)
         A byte-level BPE vocabulary: <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2 (control), the 256
@@ -228,7 +229,7 @@ def write_gguf(
     arch: str = "llama",
     tokenizer: bool = True,
     drop: Iterable[str] = (),
-    replace: Mapping[str, np.ndarray] | None = None,
+    replace: Mapping[str, np.ndarray | tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None,
 ) -> Path:
     """Write `model` as a llama.cpp-style GGUF file; see module docstring."""
     cfg = model.config
@@ -271,7 +272,11 @@ def write_gguf(
         if tname in drop:
             continue
         if tname in replace:
-            w.add_tensor(tname, replace.pop(tname))
+            new = replace.pop(tname)
+            if isinstance(new, tuple):  # (raw quantised bytes [rows, row_bytes], ggml type)
+                w.add_tensor(tname, new[0], raw_dtype=new[1])
+            else:
+                w.add_tensor(tname, new)
             continue
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         block = gguf.GGML_QUANT_SIZES[qtype][0]
