@@ -69,12 +69,16 @@ def test_prefill_matches_hf(tiny):
     model, cfg, params = tiny
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=19)
     cache = init_cache(cfg, 64, device=devices.target_device())
-    logits, hidden, cache = forward(params, cfg, jnp.asarray(ids[None], jnp.int32), jnp.arange(19)[None],
+    logits, hidden, _ = forward(params, cfg, jnp.asarray(ids[None], jnp.int32), jnp.arange(19)[None],
                                     causal_mask(19), cache)
     np.testing.assert_allclose(np.asarray(logits[0]), hf_logits(model, ids), atol=TOL, rtol=0)
     with torch.no_grad():
         ref_h = model(torch.tensor([ids.tolist()]), output_hidden_states=True).hidden_states[-1][0].numpy()
     np.testing.assert_allclose(np.asarray(hidden[0]), ref_h, atol=TOL, rtol=0)
+    # the fresh-prefill shortcut (no cache attention at all) gives the same result
+    fast, _, _ = forward(params, cfg, jnp.asarray(ids[None], jnp.int32), jnp.arange(19)[None], causal_mask(19),
+                         cache, empty_cache=True)
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(logits), atol=1e-6, rtol=0)
 
 
 def test_decode_through_cache_matches_hf(tiny):

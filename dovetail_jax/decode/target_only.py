@@ -66,7 +66,8 @@ def _prefill(params: TargetParams, cache: KVCache, tokens: jax.Array, n_real: ja
     # tokens [1, P] right-padded; the causal mask keeps pads from touching real tokens
     p = tokens.shape[1]
     positions = (cache.length + jnp.arange(p, dtype=jnp.int32))[None, :]
-    logits, _, update = forward(params, cfg, tokens, positions, causal_mask(p), cache, "last", n_real - 1)
+    logits, _, update = forward(params, cfg, tokens, positions, causal_mask(p), cache, "last", n_real - 1,
+                                empty_cache=True)  # generation always starts from a fresh cache
     tok, key = _pick(logits, key, s, greedy)
     return tok, update, key
 

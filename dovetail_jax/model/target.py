@@ -28,8 +28,8 @@ def decoder_layer(
     x: jax.Array,  # [B, T, H]
     cos: jax.Array,
     sin: jax.Array,
-    k_cache: jax.Array,  # [B, K, S, D]
-    v_cache: jax.Array,
+    k_cache: jax.Array | None,  # [B, K, S, D]; None: no committed prefix
+    v_cache: jax.Array | None,
     prefix_len: jax.Array,
     tree_mask: jax.Array,  # [T, T]
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -54,16 +54,21 @@ def forward(
     cache: KVCache,
     logits_mode: LogitsMode = "all",
     last_index: jax.Array | int = -1,
+    empty_cache: bool = False,
 ) -> tuple[jax.Array | None, jax.Array, KVUpdate]:
     """Returns (logits, hidden, update); the cache is only read.
 
     logits: `[B, T, V]` ("all"), `[B, V]` at `last_index` ("last") or None; hidden `[B, T, H]` after the
     final norm; update: the T tokens' K/V, to be written by `cache.append` or `cache.commit_path`.
+    `empty_cache=True` (static) promises `cache.length == 0`, so attention skips the cache entirely: a
+    fresh prefill then costs O(T^2), not O(T * slots).
     """
     x = jnp.take(params.embed, tokens, axis=0)
     cos, sin = L.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     ks, vs = [], []
     for p, k_cache, v_cache in zip(params.layers, cache.k, cache.v, strict=True):
+        if empty_cache:
+            k_cache = v_cache = None
         x, k, v = decoder_layer(p, cfg, x, cos, sin, k_cache, v_cache, cache.length, tree_mask)
         ks.append(k)
         vs.append(v)
