@@ -38,6 +38,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise DovetailError(f"--mode {args.mode} is not available yet")
     if not args.prompt.strip():
         raise DovetailError("the prompt is empty")
+    if args.system is not None and not args.chat:
+        raise DovetailError("--system only applies to --chat prompts")
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     target = api.load_target(args.model)
     stream = not args.json

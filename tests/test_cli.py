@@ -18,6 +18,7 @@ import pytest
         (["generate", "--prompt", "hi", "--top-p", "1.5"], "(0, 1]"),
         (["generate", "--prompt", "hi", "--top-k", "-2"], ">= 0"),
         (["generate", "--prompt", "   "], "empty"),
+        (["generate", "--prompt", "hi", "--system", "be brief"], "--chat"),
         (["generate", "--prompt", "hi", "--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
     ],
 )
