@@ -21,7 +21,7 @@ from dovetail_jax.decode.stats import GenerationStats
 from dovetail_jax.errors import ConfigError
 from dovetail_jax.io.load import load_model_files
 from dovetail_jax.io.tokenizer import StreamDecoder, Tokenizer
-from dovetail_jax.model.params import TargetParams, params_from_tensors
+from dovetail_jax.model.params import Layout, TargetParams, params_from_tensors
 
 
 @dataclass
@@ -39,12 +39,16 @@ class Target:
         return tuple(self.tokenizer.eos_token_ids) or self.cfg.eos_token_ids
 
 
-def load_target(path: str | Path | None = None) -> Target:
-    """Load a GGUF file or HF folder (None: the embedded default) onto the target (CPU) device."""
+def load_target(path: str | Path | None = None, layout: Layout = "out_in") -> Target:
+    """Load a GGUF file or HF folder (None: the embedded default) onto the target (CPU) device.
+
+    `layout` of the projection weights: "out_in" is fastest for single-token decoding, "in_out" for
+    multi-token forwards such as tree verification (see `model/params.py`).
+    """
     t0 = time.perf_counter()
     cfg, tensors, tokenizer = load_model_files(path)
     source = str(path) if path is not None else "default"
-    params = params_from_tensors(cfg, tensors, devices.target_device(), source=source)
+    params = params_from_tensors(cfg, tensors, devices.target_device(), source=source, layout=layout)
     return Target(cfg, params, tokenizer, source, time.perf_counter() - t0)
 
 

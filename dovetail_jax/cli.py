@@ -71,6 +71,13 @@ def cmd_bench_target(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_forward(args: argparse.Namespace) -> int:
+    from dovetail_jax.bench import forward as bench_forward
+
+    bench_forward.run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dovetail",
@@ -100,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(bt)
     bench_target.add_args(bt)
     bt.set_defaults(func=cmd_bench_target)
+
+    from dovetail_jax.bench import forward as bench_forward
+
+    bf = bsub.add_parser("forward", help="one target forward over T tokens, per weight layout (verification cost)")
+    add_model_args(bf)
+    bench_forward.add_args(bf)
+    bf.set_defaults(func=cmd_bench_forward)
 
     try:
         from simulator import cli as sim_cli

@@ -203,3 +203,23 @@ def test_llama_cpp_is_skipped_for_a_folder_model(tiny_folder):
     from dovetail_jax.bench.target import _llama_skip
 
     assert "not a GGUF" in _llama_skip(Namespace(no_llama_cpp=False), tiny_folder)
+
+
+def test_bench_forward_on_a_tiny_model(run_cli, tmp_path, tiny_folder):
+    out_file = tmp_path / "fwd.json"
+    code, out, err = run_cli("bench", "forward", "--model", str(tiny_folder), "--tokens", "1,3", "--context", "5",
+                             "--repeats", "2", "--calls", "2", "--out", str(out_file))
+    assert code == 0, err
+    res = json.loads(out_file.read_text())
+    assert res["schema"] == "dovetail.bench.forward/1" and res["context"] == 5
+    cells = {(r["layout"], r["tokens"]) for r in res["rows"]}
+    assert cells == {(lay, t) for lay in ("out_in", "in_out") for t in (1, 3)}
+    assert all(len(r["rounds_ms"]) == 2 and 0 < r["best_ms"] <= r["median_ms"] for r in res["rows"])
+    assert set(res["fastest_layout_per_tokens"]) == {"1", "3"}  # JSON object keys are strings
+
+
+@pytest.mark.parametrize("argv", [["--tokens", "0,2"], ["--tokens", "a"], ["--layouts", "rows"],
+                                  ["--context", "9000"]])
+def test_bench_forward_bad_input(run_cli, tmp_path, tiny_folder, argv):
+    code, _, err = run_cli("bench", "forward", "--model", str(tiny_folder), "--out", str(tmp_path / "f.json"), *argv)
+    assert code == 2 and "Traceback" not in err

@@ -192,3 +192,29 @@ def test_logits_from_saved_files_match_hf(tmp_path, name, fmt):
     logits, _, _ = forward(params, cfg, jnp.asarray(ids[None], jnp.int32), jnp.arange(13)[None], causal_mask(13),
                            init_cache(cfg, 16, device=devices.target_device()))
     np.testing.assert_allclose(np.asarray(logits[0]), hf_logits(model, ids), atol=TOL, rtol=0)
+
+
+def test_in_out_layout_gives_the_same_forward(tiny):
+    """The `[in, out]` weight layout (for multi-token verification) computes the same function."""
+    model, cfg, params = tiny
+    tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    params_io = params_from_tensors(cfg, tensors, devices.target_device(), layout="in_out")
+    assert params_io.layout == "in_out" and params_io.layers[0].wqkv.shape == params.layers[0].wqkv.shape[::-1]
+    rng = np.random.default_rng(4)
+    prefix = rng.integers(0, cfg.vocab_size, size=6)
+    parent = random_tree(rng, 9)
+    tokens = rng.integers(0, cfg.vocab_size, size=9)
+    depth = np.array([len(path_to(parent, i)) - 1 for i in range(9)])
+    outs = []
+    for p in (params, params_io):
+        cache = init_cache(cfg, 32, device=devices.target_device())
+        _, _, upd = forward(p, cfg, jnp.asarray(prefix[None], jnp.int32), jnp.arange(6)[None], causal_mask(6), cache,
+                            "none")
+        cache = append(cache, upd)
+        logits, hidden, _ = forward(p, cfg, jnp.asarray(tokens[None], jnp.int32), jnp.asarray((6 + depth)[None]),
+                                    jnp.asarray(ancestors(parent)), cache)
+        outs.append((np.asarray(logits), np.asarray(hidden)))
+    np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-5, rtol=0)

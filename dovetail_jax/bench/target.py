@@ -15,7 +15,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dovetail_jax.argtypes import nonempty_text, positive_int
+from dovetail_jax.bench.results import write_json_atomic
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_OUT = Path("analysis/results/bench_target.json")
@@ -155,16 +155,6 @@ def _llama_skip(args: argparse.Namespace, model: Path) -> str | None:
     if not model.is_file():
         return "the model is not a GGUF file (llama.cpp needs one)"
     return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -300,7 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     text = json.dumps(res, indent=1)
-    _write_atomic(Path(args.out), text + "\n")
+    write_json_atomic(Path(args.out), res)
     table = format_table(res) + f"\nwrote {args.out}"
     print(table, file=sys.stderr if args.json else sys.stdout)
     if args.json:

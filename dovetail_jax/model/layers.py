@@ -1,7 +1,8 @@
 """The LLaMA building blocks as small pure functions (shared by the target and the draft).
 
 Shapes: B batch, T new tokens, S cache slots, N query heads, K kv heads, D head dim, H hidden, F MLP width.
-Weights are stored `[out, in]` (torch's Linear layout) and applied by `linear`.
+Projection weights are `[out, in]` (torch's Linear layout) or `[in, out]`, as `params.py` chose; `linear`
+applies either.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import jax.numpy as jnp
 NEG_INF = jnp.finfo(jnp.float32).min
 
 
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`x [..., in]` times `w [out, in]` -> `[..., out]`, contracting the last axes (no transpose copy)."""
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+def linear(x: jax.Array, w: jax.Array, in_out: bool = False) -> jax.Array:
+    """`x [..., in]` times `w` -> `[..., out]`; `w` is `[out, in]`, or `[in, out]` when `in_out`."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0 if in_out else 1,)), ((), ())))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -80,7 +81,7 @@ def attention(
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * d)
 
 
-def swiglu(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """SwiGLU MLP with gate and up fused in one `[2F, H]` matmul."""
-    gate, up = jnp.split(linear(x, w_gate_up), 2, axis=-1)
-    return linear(jax.nn.silu(gate) * up, w_down)
+def swiglu(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, in_out: bool = False) -> jax.Array:
+    """SwiGLU MLP with gate and up fused in one matmul (`[2F, H]`, or `[H, 2F]` when `in_out`)."""
+    gate, up = jnp.split(linear(x, w_gate_up, in_out), 2, axis=-1)
+    return linear(jax.nn.silu(gate) * up, w_down, in_out)

@@ -32,16 +32,17 @@ def decoder_layer(
     v_cache: jax.Array | None,
     prefix_len: jax.Array,
     tree_mask: jax.Array,  # [T, T]
+    in_out: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One pre-norm LLaMA block. Returns the new hidden state and this layer's new K and V `[B, T, K, D]`."""
     b, t, _ = x.shape
     h = L.rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
-    q, k, v = jnp.split(L.linear(h, p.wqkv), [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+    q, k, v = jnp.split(L.linear(h, p.wqkv, in_out), [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
     q = L.apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
     k = L.apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    x = x + L.linear(L.attention(q, k, v, k_cache, v_cache, prefix_len, tree_mask), p.wo)
-    x = x + L.swiglu(L.rms_norm(x, p.mlp_norm, cfg.rms_norm_eps), p.w_gate_up, p.w_down)
+    x = x + L.linear(L.attention(q, k, v, k_cache, v_cache, prefix_len, tree_mask), p.wo, in_out)
+    x = x + L.swiglu(L.rms_norm(x, p.mlp_norm, cfg.rms_norm_eps), p.w_gate_up, p.w_down, in_out)
     return x, k, v
 
 
@@ -69,7 +70,8 @@ def forward(
     for p, k_cache, v_cache in zip(params.layers, cache.k, cache.v, strict=True):
         if empty_cache:
             k_cache = v_cache = None
-        x, k, v = decoder_layer(p, cfg, x, cos, sin, k_cache, v_cache, cache.length, tree_mask)
+        x, k, v = decoder_layer(p, cfg, x, cos, sin, k_cache, v_cache, cache.length, tree_mask,
+                                params.layout == "in_out")
         ks.append(k)
         vs.append(v)
     hidden = L.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
