@@ -39,14 +39,16 @@ class Target:
         return tuple(self.tokenizer.eos_token_ids) or self.cfg.eos_token_ids
 
 
-def load_target(path: str | Path | None = None, layout: Layout = "out_in") -> Target:
+def load_target(path: str | Path | None = None, layout: Layout = "out_in",
+                tokenizer: str | Path | None = None) -> Target:
     """Load a GGUF file or HF folder (None: the embedded default) onto the target (CPU) device.
 
     `layout` of the projection weights: "out_in" is fastest for single-token decoding, "in_out" for
-    multi-token forwards such as tree verification (see `model/params.py`).
+    multi-token forwards such as tree verification (see `model/params.py`). `tokenizer` (a tokenizer.json or
+    its folder) replaces the model's own, e.g. for a SentencePiece GGUF.
     """
     t0 = time.perf_counter()
-    cfg, tensors, tokenizer = load_model_files(path)
+    cfg, tensors, tokenizer = load_model_files(path, tokenizer=tokenizer)
     source = str(path) if path is not None else "default"
     params = params_from_tensors(cfg, tensors, devices.target_device(), source=source, layout=layout)
     return Target(cfg, params, tokenizer, source, time.perf_counter() - t0)

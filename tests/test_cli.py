@@ -105,3 +105,17 @@ def test_generate_on_tiny_model_files(run_cli, tmp_path, fmt):
         for _ in range(12):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     assert d["token_ids"] == seq[len(ids):]
+
+
+def test_tokenizer_override(run_cli, tmp_path):
+    """`--tokenizer` replaces the model's own: a GGUF without tokenizer metadata runs with a tokenizer.json."""
+    from tiny_models import make_tiny_hf, write_gguf
+
+    folder, model, _ = make_tiny_hf(tmp_path / "hf", "gqa_tied")
+    path = write_gguf(model, tmp_path / "notok.gguf", tokenizer=False)
+    code, _, err = run_cli("generate", "--prompt", "hello", "--model", str(path), "--max-new-tokens", "3")
+    assert code == 2 and "Traceback" not in err
+    code, out, err = run_cli("generate", "--prompt", "hello", "--model", str(path), "--tokenizer", str(folder),
+                             "--max-new-tokens", "3", "--ignore-eos", "--json")
+    assert code == 0, err
+    assert json.loads(out)["new_tokens"] == 3

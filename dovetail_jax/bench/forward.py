@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from dovetail_jax.model.params import params_from_tensors
     from dovetail_jax.model.target import forward
 
-    cfg, tensors, _ = load_model_files(args.model)
+    cfg, tensors, _ = load_model_files(args.model, tokenizer=args.tokenizer)
     dev = devices.target_device()
     ctx = args.context
     slots = 1 << (ctx + max(args.tokens) - 1).bit_length()

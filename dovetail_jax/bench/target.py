@@ -74,7 +74,7 @@ class OursEngine:
 
         self.api = api
         _say(f"dovetail-jax: loading {args.model or 'the default model'}")
-        self.target = api.load_target(args.model)
+        self.target = api.load_target(args.model, tokenizer=args.tokenizer)
         self.ids = api.encode_prompt(self.target, args.prompt)
         self.n = args.max_new_tokens
         _say("dovetail-jax: compiling and warming up")
