@@ -98,19 +98,20 @@ def generate(
     prompt_ids = list(prompt) if isinstance(prompt, list) else encode_prompt(target, prompt, chat, system)
     sampling = sampling or SamplingConfig()
     stream = StreamDecoder(target.tokenizer) if on_text is not None else None
+    eos = target.eos_ids
 
     def on_token(t: int) -> None:
-        if stream is not None and on_text is not None and (ignore_eos or t not in target.eos_ids):
+        if stream is not None and on_text is not None and (ignore_eos or t not in eos):
             piece = stream.push(t)
             if piece:
                 on_text(piece)
 
     new_ids, stats = target_only.generate(
-        target.params, target.cfg, prompt_ids, max_new_tokens, sampling, target.eos_ids, on_token, ignore_eos
+        target.params, target.cfg, prompt_ids, max_new_tokens, sampling, eos, on_token, ignore_eos
     )
     if stream is not None and on_text is not None:
         rest = stream.flush()
         if rest:
             on_text(rest)
-    text_ids = new_ids if ignore_eos or not new_ids or new_ids[-1] not in target.eos_ids else new_ids[:-1]
+    text_ids = new_ids if ignore_eos or not new_ids or new_ids[-1] not in eos else new_ids[:-1]
     return GenerationOutput(target.tokenizer.decode(text_ids), new_ids, prompt_ids, stats)

@@ -63,11 +63,10 @@ def measure_gemm(jax: Any, dev: Any, reps: int) -> dict[int, float]:
 
 
 def measure_read_bw(jax: Any, dev: Any, reps: int, mib: int = 512) -> float:
-    import jax.numpy as jnp
+    """Streaming read bandwidth in B/s: the same measurement `dovetail bench target` reports."""
+    from dovetail_jax.bench.machine import memory_read_bandwidth_gbs
 
-    x = jax.device_put(jnp.ones((mib * 2 ** 20 // 4,), jnp.float32), dev)
-    f = jax.jit(jnp.sum)
-    return x.nbytes / _median_time(lambda: f(x).block_until_ready(), reps)
+    return memory_read_bandwidth_gbs(size_mib=mib, repeats=reps, device=dev) * 1e9
 
 
 def measure_dispatch(jax: Any, dev: Any, reps: int) -> float:

@@ -1,31 +1,9 @@
-"""Timing helpers and the result record of a generation."""
+"""The result record of a generation."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-
-class Timer:
-    """Accumulates wall time per named phase (`with timer("verify"): ...`)."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-
-    def __call__(self, name: str) -> _Phase:
-        return _Phase(self, name)
-
-
-class _Phase:
-    def __init__(self, timer: Timer, name: str) -> None:
-        self.timer, self.name = timer, name
-
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.timer.totals[self.name] = self.timer.totals.get(self.name, 0.0) + time.perf_counter() - self.t0
 
 
 @dataclass

@@ -34,9 +34,6 @@ class KVCache:
     def batch(self) -> int:
         return self.k[0].shape[0]
 
-    def nbytes(self) -> int:
-        return sum(int(x.size) * x.dtype.itemsize for x in self.k + self.v)
-
 
 @struct.dataclass
 class KVUpdate:

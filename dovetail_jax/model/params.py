@@ -130,10 +130,7 @@ def params_from_tensors(
     )
 
 
-def weight_bytes(params: TargetParams, include_embedding: bool = False) -> int:
+def weight_bytes(params: TargetParams) -> int:
     """Bytes of weights one decode step reads (layers, final norm, LM head; not the embedding rows)."""
     leaves = jax.tree_util.tree_leaves(params.layers) + [params.final_norm, params.head]
-    total = sum(int(x.size) * x.dtype.itemsize for x in leaves)
-    if include_embedding and params.lm_head is not None:
-        total += int(params.embed.size) * params.embed.dtype.itemsize
-    return total
+    return sum(int(x.size) * x.dtype.itemsize for x in leaves)
