@@ -1,9 +1,13 @@
-"""The notebook entry point: load a target (and later a draft), generate, read the statistics.
+"""The notebook entry point: load a target and a draft, generate, read the statistics.
 
     from dovetail_jax import api
-    target = api.load_target()                  # the embedded SmolLM2-135M-Instruct
-    out = api.generate(target, "What is JAX?", chat=True, max_new_tokens=64)
-    print(out.text, out.stats.tokens_per_s)
+    target = api.load_target(layout="in_out")   # the embedded SmolLM2-135M-Instruct, on the CPU
+    draft = api.load_draft(target)              # the shipped draft (else a random one), on the accelerator
+    out = api.generate(target, "What is JAX?", chat=True, max_new_tokens=64, draft=draft,
+                       tree=api.TreeConfig(top_k=10, depth=4, total_tokens=7))
+    print(out.text, out.stats.tokens_per_s, out.stats.extra["tau"])
+
+Without `draft`, `generate` decodes with the target alone (the baseline).
 """
 
 from __future__ import annotations
@@ -14,14 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+
 from dovetail_jax import devices
-from dovetail_jax.config import ModelConfig, SamplingConfig
-from dovetail_jax.decode import target_only
+from dovetail_jax.config import DraftConfig, ModelConfig, SamplingConfig, TreeConfig
+from dovetail_jax.decode import dovetail, target_only
+from dovetail_jax.decode.dovetail import Draft
 from dovetail_jax.decode.stats import GenerationStats
-from dovetail_jax.errors import ConfigError
+from dovetail_jax.errors import ConfigError, ModelFormatError
+from dovetail_jax.io import checkpoint
 from dovetail_jax.io.load import load_model_files
+from dovetail_jax.io.registry import default_draft_path, default_model_path
 from dovetail_jax.io.tokenizer import StreamDecoder, Tokenizer
+from dovetail_jax.model import draft as draft_lib
 from dovetail_jax.model.params import Layout, TargetParams, params_from_tensors
+
+__all__ = ["Draft", "DraftConfig", "GenerationOutput", "SamplingConfig", "Target", "TreeConfig", "encode_prompt",
+           "generate", "load_draft", "load_target", "random_draft"]
 
 
 @dataclass
@@ -33,6 +47,16 @@ class Target:
     tokenizer: Tokenizer
     source: str
     load_s: float
+    path: Path | None = None  # the weights file or folder, when loaded from disk
+
+    @property
+    def sha256(self) -> str | None:
+        """SHA-256 of the weights file (GGUF), computed once; drafts record it to name their target."""
+        if self._sha256 is None and self.path is not None and self.path.is_file():
+            self._sha256 = checkpoint.file_sha256(self.path)
+        return self._sha256
+
+    _sha256: str | None = None
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -51,7 +75,50 @@ def load_target(path: str | Path | None = None, layout: Layout = "out_in",
     cfg, tensors, tokenizer = load_model_files(path, tokenizer=tokenizer)
     source = str(path) if path is not None else "default"
     params = params_from_tensors(cfg, tensors, devices.target_device(), source=source, layout=layout)
-    return Target(cfg, params, tokenizer, source, time.perf_counter() - t0)
+    resolved = Path(path).expanduser() if path is not None else default_model_path()
+    return Target(cfg, params, tokenizer, source, time.perf_counter() - t0, path=resolved)
+
+
+def random_draft(target: Target, cfg: DraftConfig = DraftConfig(), seed: int = 0) -> Draft:
+    """An untrained draft (random weights) on the accelerator: lossless, just rarely right. A reduced
+    vocabulary keeps the lowest ids, which in a BPE vocabulary are the earliest, most frequent merges."""
+    dev = devices.accelerator_device()
+    params = draft_lib.init_draft(jax.random.key(seed), target.cfg, cfg, dev)
+    vocab_map = None if cfg.draft_vocab_size is None else np.arange(min(cfg.draft_vocab_size, target.cfg.vocab_size))
+    shared = draft_lib.make_shared(target.params, target.cfg, vocab_map, dev)
+    return Draft(cfg, params, shared, source=f"random (seed {seed})")
+
+
+def load_draft(target: Target, path: str | Path | None = None, *, fallback_random: DraftConfig | None = None,
+               seed: int = 0) -> Draft:
+    """Load a draft for `target` onto the accelerator.
+
+    `path`: a draft checkpoint folder (`card.json` + `weights.safetensors`), or a whole LLaMA with the same
+    vocabulary (GGUF or HF folder) used as a standalone draft; None: the draft shipped for the target, if
+    any, else a random draft shaped by `fallback_random` (an error when that is None too).
+    """
+    dev = devices.accelerator_device()
+    if path is None:
+        path = default_draft_path(target.cfg.name)
+        if path is None:
+            if fallback_random is None:
+                raise ConfigError(f"no trained draft is shipped for {target.cfg.name}; pass a draft path")
+            return random_draft(target, fallback_random, seed)
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / checkpoint.CARD).is_file():
+        dcfg, params, vocab_map, card = checkpoint.load_draft(p, target.cfg, dev, target.sha256)
+        shared = draft_lib.make_shared(target.params, target.cfg, vocab_map, dev)
+        return Draft(dcfg, params, shared, source=str(p))
+    lm_cfg, tensors, _ = load_model_files(p)
+    if lm_cfg.vocab_size != target.cfg.vocab_size:
+        raise ModelFormatError(f"{p}: a standalone draft needs the target's vocabulary ({target.cfg.vocab_size} "
+                               f"tokens), it has {lm_cfg.vocab_size}")
+    lm = params_from_tensors(lm_cfg, tensors, None, source=str(p))
+    dcfg, params, shared = draft_lib.draft_from_lm(lm, lm_cfg, dev)
+    if lm_cfg.hidden_size != target.cfg.hidden_size or lm_cfg.num_heads != target.cfg.num_heads:
+        raise ModelFormatError(f"{p}: standalone drafts with other shapes than the target's are not supported yet "
+                               f"(hidden {lm_cfg.hidden_size} vs {target.cfg.hidden_size})")
+    return Draft(dcfg, params, shared, source=str(p))
 
 
 def encode_prompt(target: Target, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
@@ -93,8 +160,12 @@ def generate(
     sampling: SamplingConfig | None = None,
     ignore_eos: bool = False,
     on_text: Callable[[str], None] | None = None,
+    draft: Draft | None = None,
+    tree: TreeConfig | None = None,
 ) -> GenerationOutput:
-    """Target-only generation. `on_text` receives decoded text pieces as tokens arrive (streaming)."""
+    """Dovetail generation with `draft` (tree shape `tree`), else target-only. `on_text` receives decoded
+    text pieces as tokens arrive (streaming). Greedy output is the target's own; sampling follows the target's
+    distribution exactly."""
     prompt_ids = list(prompt) if isinstance(prompt, list) else encode_prompt(target, prompt, chat, system)
     sampling = sampling or SamplingConfig()
     stream = StreamDecoder(target.tokenizer) if on_text is not None else None
@@ -106,9 +177,13 @@ def generate(
             if piece:
                 on_text(piece)
 
-    new_ids, stats = target_only.generate(
-        target.params, target.cfg, prompt_ids, max_new_tokens, sampling, eos, on_token, ignore_eos
-    )
+    if draft is None:
+        new_ids, stats = target_only.generate(
+            target.params, target.cfg, prompt_ids, max_new_tokens, sampling, eos, on_token, ignore_eos
+        )
+    else:
+        new_ids, stats = dovetail.generate(target.params, target.cfg, draft, prompt_ids, max_new_tokens,
+                                           tree or TreeConfig(), sampling, eos, on_token, ignore_eos)
     if stream is not None and on_text is not None:
         rest = stream.flush()
         if rest:

@@ -12,7 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from dovetail_jax.argtypes import nonneg_float, nonneg_int, positive_int, probability
-from dovetail_jax.errors import DovetailError
+from dovetail_jax.config import TREE_PRESETS, TreeConfig
+from dovetail_jax.errors import ConfigError, DovetailError
 
 EXIT_USER_ERROR = 2
 
@@ -32,18 +33,68 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
 
 
+def add_dovetail_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dovetail mode (draft on the accelerator, tree verified on the CPU)")
+    g.add_argument("--draft", metavar="PATH", default=None,
+                   help="a draft checkpoint folder (card.json + weights.safetensors), or a whole LLaMA with the "
+                        "target's vocabulary (GGUF / HF folder) used as a standalone draft; default: the draft "
+                        "shipped for the target, else a random (untrained) draft, which stays lossless but slow")
+    g.add_argument("--tree", choices=sorted(TREE_PRESETS), default=None,
+                   help="a preset tree: server = 10/7/16, laptop = 10/4/7 (the paper's), eagle2 = 10/5/60")
+    g.add_argument("--tree-top-k", type=positive_int, default=None, metavar="K",
+                   help="branching: frontier nodes kept per level and children per node (default 10; 1 = chain). "
+                        "(--top-k is the sampling option, as in target mode)")
+    g.add_argument("--depth", "--tree-depth", dest="depth", type=positive_int, default=None, metavar="D",
+                   help="draft expansion passes per cycle; the tree has up to D+1 levels below the root (default 4)")
+    g.add_argument("--total-tokens", "--tree-total-tokens", dest="total_tokens", type=positive_int, default=None,
+                   metavar="N", help="tokens the target verifies per cycle, the root included (default 7)")
+    g.add_argument("--draft-layers", type=positive_int, default=None, metavar="L",
+                   help="decoder layers of the random draft used when no trained one is given (1..6, default 1)")
+    g.add_argument("--draft-fusion", choices=["dgf", "eagle"], default=None,
+                   help="fusion of the random draft: dgf (Dovetail, default) or eagle")
+    g.add_argument("--draft-vocab", type=positive_int, default=None, metavar="V",
+                   help="reduced vocabulary of the random draft: its head scores only V tokens")
+
+
+def tree_from_args(args: argparse.Namespace) -> TreeConfig:
+    base = TREE_PRESETS[args.tree] if args.tree else TreeConfig()
+    try:
+        return TreeConfig(top_k=args.tree_top_k or base.top_k, depth=args.depth or base.depth,
+                          total_tokens=args.total_tokens or base.total_tokens)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from dovetail_jax import api
-    from dovetail_jax.config import SamplingConfig
+    from dovetail_jax.config import DraftConfig, SamplingConfig
 
-    if args.mode != "target":
-        raise DovetailError(f"--mode {args.mode} is not available yet")
     if not args.prompt.strip():
         raise DovetailError("the prompt is empty")
     if args.system is not None and not args.chat:
         raise DovetailError("--system only applies to --chat prompts")
+    dovetail = args.mode == "dovetail"
+    random_opts = [f for f in ("draft_layers", "draft_fusion", "draft_vocab") if getattr(args, f) is not None]
+    tree_opts = [f for f in ("tree", "tree_top_k", "depth", "total_tokens") if getattr(args, f) is not None]
+    if not dovetail and (args.draft or random_opts or tree_opts):
+        raise DovetailError("draft and tree options need --mode dovetail")
+    if args.draft and random_opts:
+        raise DovetailError(f"--{random_opts[0].replace('_', '-')} shapes a random draft; it cannot change --draft")
+    tree = tree_from_args(args) if dovetail else None
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    target = api.load_target(args.model, tokenizer=args.tokenizer)
+    # tree verification runs multi-token forwards, where the [in, out] weight layout is faster (params.py)
+    target = api.load_target(args.model, layout="in_out" if dovetail else "out_in", tokenizer=args.tokenizer)
+    draft = None
+    if dovetail:
+        fallback = DraftConfig(num_layers=args.draft_layers or 1, fusion=args.draft_fusion or "dgf",
+                               draft_vocab_size=args.draft_vocab)
+        if random_opts:
+            draft = api.random_draft(target, fallback, seed=args.seed)
+        else:
+            draft = api.load_draft(target, args.draft, fallback_random=fallback, seed=args.seed)
+        if draft.source.startswith("random"):
+            print(f"dovetail: note: using an untrained ({draft.source}) draft: output is still exactly the "
+                  f"target's, but few drafts are accepted", file=sys.stderr)
     stream = not args.json
 
     def on_text(piece: str) -> None:
@@ -51,7 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     out = api.generate(target, args.prompt, chat=args.chat, system=args.system, max_new_tokens=args.max_new_tokens,
-                       sampling=sampling, ignore_eos=args.ignore_eos, on_text=on_text if stream else None)
+                       sampling=sampling, ignore_eos=args.ignore_eos, on_text=on_text if stream else None,
+                       draft=draft, tree=tree)
     if args.json:
         d = out.to_dict()
         d["mode"] = args.mode
@@ -61,8 +113,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         s = out.stats
         sys.stdout.write("\n")
+        extra = ""
+        if dovetail:
+            x = s.extra
+            extra = (f", tau {x['tau']:.2f} over {x['cycles']} cycles, "
+                     f"{x['bytes_to_draft'] / 1024:.0f} KiB to the draft, {x['bytes_to_target'] / 1024:.1f} KiB back")
         print(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s decode, prefill {s.prefill_s * 1e3:.0f} ms, "
-              f"compile {s.compile_s:.1f} s, stop: {s.stop_reason}]", file=sys.stderr)
+              f"compile {s.compile_s:.1f} s, stop: {s.stop_reason}{extra}]", file=sys.stderr)
     return 0
 
 
@@ -94,11 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (one user turn)")
     g.add_argument("--system", default=None, help="system message for --chat (default: the template's own)")
     add_model_args(g)
-    g.add_argument("--mode", choices=["target"], default="target", help="decoding mode (default: target)")
+    g.add_argument("--mode", choices=["target", "dovetail"], default="target",
+                   help="target: the target alone (the baseline); dovetail: speculative decoding with a draft on "
+                        "the accelerator (default: target)")
     g.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most (128)")
     add_sampling_args(g)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    g.add_argument("--json", action="store_true", help="print one JSON object with text, ids and timings")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object with text, ids and timings (dovetail adds tau, cycles, accept_hist, "
+                        "bytes_to_draft, bytes_to_target and time_s split into draft/verify/transfer/host)")
+    add_dovetail_args(g)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks writing JSON under analysis/results/")

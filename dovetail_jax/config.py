@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -119,4 +120,81 @@ KNOWN_MODELS: dict[str, ModelConfig] = {
     "llama2-7b": LLAMA2_7B,
     "llama2-13b": LLAMA2_13B,
     "llama3-8b": LLAMA3_8B,
+}
+
+
+Fusion = Literal["dgf", "eagle", "none"]
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """Architecture of a draft; its decoder blocks take their shapes from the target's `ModelConfig`.
+
+    fusion: "dgf" (Dovetail's Dynamic Gating Fusion of the target feature and the token embedding), "eagle"
+    (EAGLE's one linear layer over [embedding; feature], with bias) or "none" (a standalone LM draft that
+    reads only tokens: every block has its input norm and the output goes through a final norm).
+    draft_vocab_size: score only the V' most frequent tokens in the draft's head (None: the full vocabulary).
+    """
+
+    num_layers: int = 1
+    fusion: Fusion = "dgf"
+    draft_vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1:
+            raise ValueError(f"the draft needs at least one decoder layer, got {self.num_layers}")
+        if self.fusion not in ("dgf", "eagle", "none"):
+            raise ValueError(f"fusion must be 'dgf', 'eagle' or 'none', got {self.fusion!r}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ValueError(f"draft_vocab_size must be positive, got {self.draft_vocab_size}")
+
+    @property
+    def reads_features(self) -> bool:
+        return self.fusion != "none"
+
+    def replace(self, **kw) -> DraftConfig:
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """The EAGLE-2 dynamic tree: `depth` draft expansion passes keeping the `top_k` best frontier nodes, then
+    the best `total_tokens - 1` candidates plus the root are verified. As in EAGLE-2 and Dovetail, the root's
+    own top-k is one more level, so a tree has up to `depth + 1` levels below the root and a cycle commits at
+    most `min(depth + 1, total_tokens - 1) + 1` tokens. `top_k == 1` is a chain."""
+
+    top_k: int = 10
+    depth: int = 4
+    total_tokens: int = 7
+
+    def __post_init__(self) -> None:
+        for f in ("top_k", "depth", "total_tokens"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"tree {f} must be >= 1, got {getattr(self, f)}")
+        if self.total_tokens - 1 > self.pool_size:
+            raise ValueError(
+                f"total_tokens {self.total_tokens} exceeds 1 + the {self.pool_size} candidates that top_k "
+                f"{self.top_k} and depth {self.depth} can draft"
+            )
+
+    @property
+    def pool_size(self) -> int:
+        """Candidates drafted per cycle: the root's top-k, then top_k^2 per expansion."""
+        return self.top_k + self.depth * self.top_k * self.top_k
+
+    @property
+    def max_accepted(self) -> int:
+        """Most draft tokens one cycle can accept."""
+        return min(self.depth + 1, self.total_tokens - 1)
+
+    @property
+    def width(self) -> int:
+        """Nodes on the longest root-to-node path (root included)."""
+        return self.max_accepted + 1
+
+
+TREE_PRESETS: dict[str, TreeConfig] = {
+    "server": TreeConfig(top_k=10, depth=7, total_tokens=16),  # the paper's RTX 2080S / 3090 setting
+    "laptop": TreeConfig(top_k=10, depth=4, total_tokens=7),  # the paper's GTX 1050 laptop setting
+    "eagle2": TreeConfig(top_k=10, depth=5, total_tokens=60),  # EAGLE-2's GPU default
 }

@@ -20,7 +20,9 @@ from dovetail_jax.errors import ModelFormatError
 SUPPORTED_MODEL_TYPES = ("llama",)
 _DTYPES: dict[str, Any] = {
     "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+    "I32": np.int32, "I64": np.int64,
 }
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 # Buffers some old checkpoints carry; they are recomputed from the config, never learned.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -36,7 +38,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file as float32 arrays; errors name the file and the tensor."""
+    """All tensors of one .safetensors file, floats as float32 (integers keep their type); errors name the file
+    and the tensor."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -60,8 +63,31 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         begin, end = (int(x) for x in info["data_offsets"])
         if end > body or end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
             raise ModelFormatError(f"{path}: tensor '{name}' data is out of bounds (truncated file?)")
-        out[name] = data[begin:end].view(dtype).reshape(shape).astype(np.float32)
+        x = data[begin:end].view(dtype).reshape(shape)
+        out[name] = x.astype(np.float32) if np.issubdtype(np.dtype(dtype), np.floating) or dtype is ml_dtypes.bfloat16 \
+            else np.array(x)
     return out
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (keeping each array's dtype: float32, bfloat16, int32...) as one .safetensors file."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    arrays = []
+    for name in sorted(tensors):
+        x = np.ascontiguousarray(tensors[name])
+        if x.dtype not in _NAMES:
+            raise ValueError(f"tensor '{name}': dtype {x.dtype} cannot be stored in safetensors here")
+        header[name] = {"dtype": _NAMES[x.dtype], "shape": list(x.shape), "data_offsets": [offset, offset + x.nbytes]}
+        offset += x.nbytes
+        arrays.append(x)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for x in arrays:
+            f.write(x.tobytes())
 
 
 def _rope_theta(cfg: dict[str, Any], source: str) -> float:

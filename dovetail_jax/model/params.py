@@ -26,7 +26,7 @@ Layout = Literal["out_in", "in_out"]
 
 @struct.dataclass
 class LayerParams:
-    attn_norm: jax.Array  # [H]
+    attn_norm: jax.Array | None  # [H]; None in a draft's first block (no input norm)
     wqkv: jax.Array  # [q + 2 kv, H] (out, in), or its transpose with layout "in_out"
     wo: jax.Array  # [H, q]
     mlp_norm: jax.Array  # [H]

@@ -16,34 +16,11 @@ import jax.numpy as jnp
 
 from dovetail_jax.config import ModelConfig
 from dovetail_jax.model import layers as L
+from dovetail_jax.model.block import decoder_layer
 from dovetail_jax.model.cache import KVCache, KVUpdate
-from dovetail_jax.model.params import LayerParams, TargetParams
+from dovetail_jax.model.params import TargetParams
 
 LogitsMode = Literal["all", "last", "none"]
-
-
-def decoder_layer(
-    p: LayerParams,
-    cfg: ModelConfig,
-    x: jax.Array,  # [B, T, H]
-    cos: jax.Array,
-    sin: jax.Array,
-    k_cache: jax.Array | None,  # [B, K, S, D]; None: no committed prefix
-    v_cache: jax.Array | None,
-    prefix_len: jax.Array,
-    tree_mask: jax.Array,  # [T, T]
-    in_out: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One pre-norm LLaMA block. Returns the new hidden state and this layer's new K and V `[B, T, K, D]`."""
-    b, t, _ = x.shape
-    h = L.rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
-    q, k, v = jnp.split(L.linear(h, p.wqkv, in_out), [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
-    q = L.apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
-    k = L.apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    x = x + L.linear(L.attention(q, k, v, k_cache, v_cache, prefix_len, tree_mask), p.wo, in_out)
-    x = x + L.swiglu(L.rms_norm(x, p.mlp_norm, cfg.rms_norm_eps), p.w_gate_up, p.w_down, in_out)
-    return x, k, v
 
 
 def forward(

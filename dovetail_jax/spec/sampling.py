@@ -10,15 +10,20 @@ import jax
 import jax.numpy as jnp
 
 
-def processed_log_probs(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+def processed_log_probs(
+    logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *, filtered: bool = True
+) -> jax.Array:
     """Log-probabilities `[..., V]` of the distribution tokens are sampled from (temperature > 0).
 
     top_k <= 0 disables top-k (ties at the k-th value are kept, as HF does); top_p >= 1 disables top-p.
     Top-p keeps the smallest prefix of tokens, by descending probability, whose mass reaches top_p
-    (always at least the most likely token).
+    (always at least the most likely token). `filtered=False` (static) skips top-k/top-p altogether,
+    saving a `[..., V]` sort when the caller knows top_k == 0 and top_p == 1.
     """
     v = logits.shape[-1]
     x = logits.astype(jnp.float32) / temperature
+    if not filtered:
+        return jax.nn.log_softmax(x, axis=-1)
     srt = jnp.sort(x, axis=-1)[..., ::-1]  # descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
     kth = jnp.take_along_axis(srt, jnp.broadcast_to(k - 1, srt.shape[:-1] + (1,)).astype(jnp.int32), axis=-1)
@@ -33,8 +38,10 @@ def processed_log_probs(logits: jax.Array, temperature: jax.Array, top_k: jax.Ar
     return jax.nn.log_softmax(x, axis=-1)
 
 
-def processed_probs(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    return jnp.exp(processed_log_probs(logits, temperature, top_k, top_p))
+def processed_probs(
+    logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *, filtered: bool = True
+) -> jax.Array:
+    return jnp.exp(processed_log_probs(logits, temperature, top_k, top_p, filtered=filtered))
 
 
 def sample(key: jax.Array, logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

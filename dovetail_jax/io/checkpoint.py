@@ -1,0 +1,134 @@
+"""Draft checkpoints: a folder with `weights.safetensors` (the trainable weights only) and `card.json`.
+
+The card says which target the draft belongs to (name, shapes and, when known, the SHA-256 of the target's
+weights file), the draft's architecture, and whatever training and evaluation recorded. Loading is strict:
+a card for another target, a missing, unexpected or mis-shaped tensor, or a damaged file is refused with one
+message naming the mismatch. A draft is never loaded partly (the official code's `strict=False` silently
+left the gate at its random initialisation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from dovetail_jax.config import DraftConfig, ModelConfig
+from dovetail_jax.errors import ModelFormatError
+from dovetail_jax.io.hf import read_safetensors, write_safetensors
+from dovetail_jax.model.draft import DraftParams, draft_params_from_tensors, draft_tensors
+
+FORMAT = "dovetail-draft/1"
+WEIGHTS = "weights.safetensors"
+CARD = "card.json"
+VOCAB_MAP = "vocab_map"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_draft(folder: str | Path, cfg: ModelConfig, dcfg: DraftConfig, params: DraftParams,
+               vocab_map: np.ndarray | None = None, target_sha256: str | None = None,
+               dtype: str = "bfloat16", card_extra: dict[str, Any] | None = None) -> Path:
+    """Write the draft's weights (bfloat16 or float32) and its card; files are replaced atomically."""
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    tensors: dict[str, np.ndarray] = {k: v.astype(np_dtype) for k, v in draft_tensors(params, cfg).items()}
+    if vocab_map is not None:
+        tensors[VOCAB_MAP] = np.asarray(vocab_map, np.int32)
+    card = {
+        "format": FORMAT,
+        "target": {"name": cfg.name, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+                   "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
+                   "intermediate_size": cfg.intermediate_size, "sha256": target_sha256},
+        "draft": {"num_layers": dcfg.num_layers, "fusion": dcfg.fusion, "draft_vocab_size": dcfg.draft_vocab_size},
+        "dtype": dtype,
+        **(card_extra or {}),
+    }
+    tmp = folder / (WEIGHTS + ".tmp")
+    write_safetensors(tmp, tensors, {"format": FORMAT})
+    os.replace(tmp, folder / WEIGHTS)
+    tmp = folder / (CARD + ".tmp")
+    tmp.write_text(json.dumps(card, indent=1) + "\n")
+    os.replace(tmp, folder / CARD)
+    return folder
+
+
+def read_card(folder: str | Path) -> dict[str, Any]:
+    p = Path(folder)
+    card_path = p / CARD
+    if not p.is_dir() or not card_path.is_file():
+        raise ModelFormatError(f"{p}: not a draft checkpoint (expected a folder with {CARD} and {WEIGHTS})")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{card_path}: cannot read the card ({e})") from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise ModelFormatError(f"{card_path}: not a {FORMAT} card")
+    return card
+
+
+def draft_config_from_card(card: dict[str, Any], where: str) -> DraftConfig:
+    d = card.get("draft")
+    if not isinstance(d, dict):
+        raise ModelFormatError(f"{where}: the card has no 'draft' section")
+    try:
+        return DraftConfig(num_layers=int(d["num_layers"]), fusion=d["fusion"],
+                           draft_vocab_size=None if d.get("draft_vocab_size") is None else int(d["draft_vocab_size"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFormatError(f"{where}: bad 'draft' section in the card ({e})") from None
+
+
+def check_card_target(card: dict[str, Any], cfg: ModelConfig, where: str, target_sha256: str | None = None) -> None:
+    """Refuse a draft made for another target: name, shapes, and the weights' hash when both sides know it."""
+    t = card.get("target") or {}
+    for field, want in (("hidden_size", cfg.hidden_size), ("vocab_size", cfg.vocab_size),
+                        ("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads),
+                        ("intermediate_size", cfg.intermediate_size)):
+        if field in t and t[field] != want:
+            raise ModelFormatError(f"{where}: the draft was made for a target with {field} {t[field]}, "
+                                   f"this target has {want} ({cfg.name})")
+    if t.get("name") and t["name"] != cfg.name:
+        raise ModelFormatError(f"{where}: the draft belongs to target '{t['name']}', not '{cfg.name}'")
+    if t.get("sha256") and target_sha256 and t["sha256"] != target_sha256:
+        raise ModelFormatError(f"{where}: the draft belongs to another weights file of {cfg.name} "
+                               f"(sha256 {t['sha256'][:12]}..., this target's is {target_sha256[:12]}...)")
+
+
+def load_draft(folder: str | Path, cfg: ModelConfig, device: jax.Device | None = None,
+               target_sha256: str | None = None) -> tuple[DraftConfig, DraftParams, np.ndarray | None, dict[str, Any]]:
+    """(architecture, float32 weights on `device`, vocab_map or None, card) of a draft checkpoint."""
+    folder = Path(folder)
+    where = str(folder)
+    card = read_card(folder)
+    check_card_target(card, cfg, where, target_sha256)
+    dcfg = draft_config_from_card(card, where)
+    wpath = folder / WEIGHTS
+    if not wpath.is_file():
+        raise ModelFormatError(f"{where}: {WEIGHTS} is missing")
+    tensors = read_safetensors(wpath)
+    vocab_map = tensors.pop(VOCAB_MAP, None)
+    if dcfg.draft_vocab_size is not None:
+        if vocab_map is None or vocab_map.shape != (dcfg.draft_vocab_size,):
+            raise ModelFormatError(f"{wpath}: a reduced vocabulary of {dcfg.draft_vocab_size} needs a "
+                                   f"'{VOCAB_MAP}' tensor of that length")
+        if vocab_map.min() < 0 or vocab_map.max() >= cfg.vocab_size or len(np.unique(vocab_map)) != vocab_map.size:
+            raise ModelFormatError(f"{wpath}: '{VOCAB_MAP}' must hold distinct ids below {cfg.vocab_size}")
+    elif vocab_map is not None:
+        raise ModelFormatError(f"{wpath}: unexpected '{VOCAB_MAP}' for a full-vocabulary draft")
+    params = draft_params_from_tensors(cfg, dcfg, tensors, device, source=str(wpath))
+    return dcfg, params, None if vocab_map is None else vocab_map.astype(np.int32), card

@@ -1,0 +1,49 @@
+"""One pre-norm LLaMA decoder block, shared by the target and the draft.
+
+The block only reads the KV cache and returns its new keys and values; see `cache.py` for why writes are a
+separate call. The draft's tree expansion also passes `lead_k`/`lead_v`: keys of earlier tokens of the same
+cycle that are not in the cache (the freshly accepted context and the tree levels drafted so far), so rejected
+branches never touch the cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dovetail_jax.config import ModelConfig
+from dovetail_jax.model import layers as L
+from dovetail_jax.model.params import LayerParams
+
+
+def decoder_layer(
+    p: LayerParams,
+    cfg: ModelConfig,
+    x: jax.Array,  # [B, T, H]
+    cos: jax.Array,  # [B, T, D/2]
+    sin: jax.Array,
+    k_cache: jax.Array | None,  # [B, K, S, D]; None: no committed prefix
+    v_cache: jax.Array | None,
+    prefix_len: jax.Array,
+    mask: jax.Array,  # [T, P + T]: new token i sees lead/new key j
+    in_out: bool = False,
+    lead_k: jax.Array | None = None,  # [B, P, K, D] uncommitted keys that precede the T new tokens
+    lead_v: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns the new hidden state `[B, T, H]` and this layer's K and V of the T new tokens `[B, T, K, D]`.
+
+    `p.attn_norm` may be None: the first block of an EAGLE/Dovetail draft has no input norm.
+    """
+    b, t, _ = x.shape
+    h = x if p.attn_norm is None else L.rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
+    q, k, v = jnp.split(L.linear(h, p.wqkv, in_out), [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+    q = L.apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
+    k = L.apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    k_all, v_all = k, v
+    if lead_k is not None:
+        k_all = jnp.concatenate([lead_k, k], axis=1)
+        v_all = jnp.concatenate([lead_v, v], axis=1)
+    x = x + L.linear(L.attention(q, k_all, v_all, k_cache, v_cache, prefix_len, mask), p.wo, in_out)
+    x = x + L.swiglu(L.rms_norm(x, p.mlp_norm, cfg.rms_norm_eps), p.w_gate_up, p.w_down, in_out)
+    return x, k, v

@@ -1,0 +1,323 @@
+"""The draft model: Dynamic Gating Fusion (or EAGLE's fusion) of the target's feature and the next token's
+embedding, then a few LLaMA blocks, scored by a frozen copy of the target's LM head.
+
+The draft reads pairs (f_i, t_{i+1}): f_i is the target's final-norm hidden state at position i and t_{i+1}
+the token that follows it; its output at i regresses f_{i+1}, and the head turns that into a distribution
+over t_{i+2}. During tree expansion the draft feeds its own output back as the feature.
+
+    DGF:   h1 = f W1,  h2 = SiLU(RMSNorm(e) W2),  z = sigmoid([h1; h2] Wz),  x = z * h1 + (1 - z) * h2
+    EAGLE: x = [e; f] W + b
+    none:  x = e   (a standalone LLaMA used as the draft: the features are ignored)
+
+then `num_layers` LLaMA blocks (the first without its input norm, no final norm; "none" keeps both norms).
+The trainable weights (`DraftParams`) are separate from the frozen embedding and head copies
+(`DraftShared`), which live on the draft's device and are never trained or stored with the draft. With a
+reduced vocabulary the head scores only V' tokens (`vocab_map` maps draft ids to target ids): drafting gets
+cheaper, and losslessness does not depend on it (the target verifies every token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from dovetail_jax.config import DraftConfig, ModelConfig
+from dovetail_jax.errors import ModelFormatError
+from dovetail_jax.model import layers as L
+from dovetail_jax.model.block import decoder_layer
+from dovetail_jax.model.cache import KVCache, KVUpdate
+from dovetail_jax.model.params import LayerParams, Layout, TargetParams
+
+
+@struct.dataclass
+class DGFParams:
+    emb_norm: jax.Array  # [H]
+    w1: jax.Array  # [H, H] (in, out): feature branch
+    w2: jax.Array  # [H, H] (in, out): token branch
+    wz: jax.Array  # [2H, H] (in, out): the gate over [h1; h2]
+
+
+@struct.dataclass
+class EagleFusionParams:
+    w: jax.Array  # [2H, H] (in, out) over [embedding; feature]
+    b: jax.Array  # [H]
+
+
+@struct.dataclass
+class DraftParams:
+    """The trainable weights of a draft (what a draft checkpoint stores)."""
+
+    fusion: DGFParams | EagleFusionParams | None
+    layers: tuple[LayerParams, ...]  # layers[0].attn_norm is None unless fusion == "none"
+    final_norm: jax.Array | None  # only for fusion "none"
+    layout: Layout = struct.field(pytree_node=False, default="in_out")
+
+
+@struct.dataclass
+class DraftShared:
+    """Frozen copies of the target's embedding and LM head on the draft's device."""
+
+    embed: jax.Array  # [V, H]
+    head: jax.Array  # [V', H]: the target head's rows `vocab_map` (all V rows without a reduced vocabulary)
+    vocab_map: jax.Array | None  # [V'] int32 draft id -> target id; None: identity
+
+
+def draft_model_config(cfg: ModelConfig, dcfg: DraftConfig) -> ModelConfig:
+    """Shapes of the draft's blocks: the target's, with the draft's layer count (used to size its KV cache)."""
+    return cfg.replace(num_layers=dcfg.num_layers)
+
+
+# --- forward -------------------------------------------------------------------------------------------------
+
+
+def fuse(params: DraftParams, dcfg: DraftConfig, cfg: ModelConfig, feats: jax.Array, emb: jax.Array) -> jax.Array:
+    """Combine the feature `[B, T, H]` and the embedding `[B, T, H]` into the first block's input."""
+    f = params.fusion
+    if dcfg.fusion == "dgf":
+        assert isinstance(f, DGFParams)
+        h1 = feats @ f.w1
+        h2 = jax.nn.silu(L.rms_norm(emb, f.emb_norm, cfg.rms_norm_eps) @ f.w2)
+        z = jax.nn.sigmoid(jnp.concatenate([h1, h2], axis=-1) @ f.wz)
+        return z * h1 + (1.0 - z) * h2
+    if dcfg.fusion == "eagle":
+        assert isinstance(f, EagleFusionParams)
+        return jnp.concatenate([emb, feats], axis=-1) @ f.w + f.b
+    return emb
+
+
+def forward(
+    params: DraftParams,
+    shared: DraftShared,
+    cfg: ModelConfig,
+    dcfg: DraftConfig,
+    feats: jax.Array,  # [B, T, H] target features (or the draft's own outputs during expansion)
+    tokens: jax.Array,  # [B, T] int32 target ids of the following tokens
+    positions: jax.Array,  # [B, T] int32
+    mask: jax.Array,  # [T, P + T] bool over the lead keys and the new tokens
+    cache: KVCache,
+    lead: KVUpdate | None = None,  # per layer [B, P, K, D] uncommitted keys/values before the new tokens
+) -> tuple[jax.Array, KVUpdate]:
+    """Returns the draft's output features `[B, T, H]` (the input of the head) and the new tokens' K/V."""
+    x = fuse(params, dcfg, cfg, feats, jnp.take(shared.embed, tokens, axis=0))
+    cos, sin = L.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    ks, vs = [], []
+    for i, (p, kc, vc) in enumerate(zip(params.layers, cache.k, cache.v, strict=True)):
+        x, k, v = decoder_layer(p, cfg, x, cos, sin, kc, vc, cache.length, mask, params.layout == "in_out",
+                                None if lead is None else lead.k[i], None if lead is None else lead.v[i])
+        ks.append(k)
+        vs.append(v)
+    if params.final_norm is not None:
+        x = L.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    return x, KVUpdate(k=tuple(ks), v=tuple(vs))
+
+
+def log_probs(shared: DraftShared, hidden: jax.Array) -> jax.Array:
+    """Draft log-probabilities `[..., V']` over the draft vocabulary."""
+    return jax.nn.log_softmax(L.linear(hidden, shared.head), axis=-1)
+
+
+def to_target_ids(shared: DraftShared, draft_ids: jax.Array) -> jax.Array:
+    return draft_ids if shared.vocab_map is None else jnp.take(shared.vocab_map, draft_ids)
+
+
+# --- construction --------------------------------------------------------------------------------------------
+
+
+def make_shared(target: TargetParams, cfg: ModelConfig, vocab_map: np.ndarray | None = None,
+                device: jax.Device | None = None) -> DraftShared:
+    """Copy the target's embedding and (rows of) its LM head to the draft's device."""
+    head = np.asarray(target.head)
+    vm = None
+    if vocab_map is not None:
+        vm = np.asarray(vocab_map, np.int32)
+        bad = vm.ndim != 1 or vm.size == 0 or vm.min() < 0 or vm.max() >= cfg.vocab_size
+        if bad or len(np.unique(vm)) != vm.size:
+            raise ModelFormatError(f"vocab_map must hold distinct target ids in [0, {cfg.vocab_size})")
+        head = head[vm]
+    put = (lambda x: jax.device_put(x, device)) if device is not None else jnp.asarray
+    return DraftShared(embed=put(np.asarray(target.embed)), head=put(np.ascontiguousarray(head)),
+                       vocab_map=None if vm is None else put(vm))
+
+
+def init_draft(key: jax.Array, cfg: ModelConfig, dcfg: DraftConfig, device: jax.Device | None = None,
+               layout: Layout = "in_out") -> DraftParams:
+    """A randomly initialised draft: Xavier-uniform fusion (as EAGLE/Dovetail), N(0, 0.02) blocks, unit norms."""
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    keys = iter(jax.random.split(key, 4 + 8 * dcfg.num_layers))
+
+    def xavier(shape: tuple[int, int]) -> np.ndarray:
+        lim = np.sqrt(6.0 / (shape[0] + shape[1]))
+        return np.asarray(jax.random.uniform(next(keys), shape, jnp.float32, -lim, lim))
+
+    def normal(shape: tuple[int, ...]) -> np.ndarray:
+        return np.asarray(0.02 * jax.random.normal(next(keys), shape, jnp.float32))
+
+    tensors: dict[str, np.ndarray] = {}
+    if dcfg.fusion == "dgf":
+        tensors |= {"emb_norm.weight": np.ones(h, np.float32), "W_1": xavier((h, h)), "W_2": xavier((h, h)),
+                    "W_z": xavier((2 * h, h))}
+    elif dcfg.fusion == "eagle":
+        tensors |= {"fc.weight": xavier((h, 2 * h)), "fc.bias": np.zeros(h, np.float32)}
+    else:
+        tensors["norm.weight"] = np.ones(h, np.float32)
+    for i in range(dcfg.num_layers):
+        p = f"layers.{i}."
+        if i > 0 or dcfg.fusion == "none":
+            tensors[p + "input_layernorm.weight"] = np.ones(h, np.float32)
+        tensors |= {
+            p + "post_attention_layernorm.weight": np.ones(h, np.float32),
+            p + "self_attn.q_proj.weight": normal((cfg.q_size, h)),
+            p + "self_attn.k_proj.weight": normal((cfg.kv_size, h)),
+            p + "self_attn.v_proj.weight": normal((cfg.kv_size, h)),
+            p + "self_attn.o_proj.weight": normal((h, cfg.q_size)),
+            p + "mlp.gate_proj.weight": normal((f, h)),
+            p + "mlp.up_proj.weight": normal((f, h)),
+            p + "mlp.down_proj.weight": normal((h, f)),
+        }
+    return draft_params_from_tensors(cfg, dcfg, tensors, device, layout=layout)
+
+
+def draft_from_lm(lm: TargetParams, lm_cfg: ModelConfig, device: jax.Device | None = None,
+                  layout: Layout = "in_out") -> tuple[DraftConfig, DraftParams, DraftShared]:
+    """Use a whole LLaMA (e.g. a smaller model with the same tokenizer, or the target itself in tests) as
+    the draft: fusion "none", its own embedding, blocks, final norm and head, copied to `device`."""
+    dcfg = DraftConfig(num_layers=lm_cfg.num_layers, fusion="none")
+    tensors = {"norm.weight": np.asarray(lm.final_norm)}
+    orient = (lambda w: w.T) if lm.layout == "in_out" else (lambda w: w)
+    q, kv = lm_cfg.q_size, lm_cfg.kv_size
+    for i, p in enumerate(lm.layers):
+        pre = f"layers.{i}."
+        qkv = orient(np.asarray(p.wqkv))
+        gate, up = np.split(orient(np.asarray(p.w_gate_up)), 2, axis=0)
+        tensors |= {
+            pre + "input_layernorm.weight": np.asarray(p.attn_norm),
+            pre + "post_attention_layernorm.weight": np.asarray(p.mlp_norm),
+            pre + "self_attn.q_proj.weight": qkv[:q], pre + "self_attn.k_proj.weight": qkv[q:q + kv],
+            pre + "self_attn.v_proj.weight": qkv[q + kv:], pre + "self_attn.o_proj.weight": orient(np.asarray(p.wo)),
+            pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up,
+            pre + "mlp.down_proj.weight": orient(np.asarray(p.w_down)),
+        }
+    params = draft_params_from_tensors(lm_cfg, dcfg, tensors, device, layout=layout)
+    return dcfg, params, make_shared(lm, lm_cfg, None, device)
+
+
+# --- tensors <-> params (the checkpoint format) ---------------------------------------------------------------
+
+
+def expected_draft_shapes(cfg: ModelConfig, dcfg: DraftConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a draft checkpoint: EAGLE/Dovetail's names, `[out, in]` for the blocks'
+    Linear weights and `[in, out]` for W_1, W_2, W_z (so PyTorch checkpoints map without transposes)."""
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if dcfg.fusion == "dgf":
+        shapes |= {"emb_norm.weight": (h,), "W_1": (h, h), "W_2": (h, h), "W_z": (2 * h, h)}
+    elif dcfg.fusion == "eagle":
+        shapes |= {"fc.weight": (h, 2 * h), "fc.bias": (h,)}
+    else:
+        shapes["norm.weight"] = (h,)
+    for i in range(dcfg.num_layers):
+        p = f"layers.{i}."
+        if i > 0 or dcfg.fusion == "none":
+            shapes[p + "input_layernorm.weight"] = (h,)
+        shapes |= {
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (cfg.q_size, h),
+            p + "self_attn.k_proj.weight": (cfg.kv_size, h),
+            p + "self_attn.v_proj.weight": (cfg.kv_size, h),
+            p + "self_attn.o_proj.weight": (h, cfg.q_size),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        }
+    return shapes
+
+
+def check_draft_tensors(cfg: ModelConfig, dcfg: DraftConfig, tensors: Mapping[str, np.ndarray],
+                        source: str = "draft checkpoint") -> None:
+    """Refuse a draft that does not match the target: missing, unexpected or mis-shaped tensors, named."""
+    want = expected_draft_shapes(cfg, dcfg)
+    missing = [k for k in want if k not in tensors]
+    extra = sorted(k for k in tensors if k not in want)
+    if missing:
+        raise ModelFormatError(f"{source}: missing tensor(s) {', '.join(missing[:5])}"
+                               f"{' ...' if len(missing) > 5 else ''} for a {dcfg.num_layers}-layer "
+                               f"'{dcfg.fusion}' draft of {cfg.name}")
+    if extra:
+        raise ModelFormatError(f"{source}: unexpected tensor(s) {', '.join(extra[:5])}"
+                               f"{' ...' if len(extra) > 5 else ''} for a {dcfg.num_layers}-layer "
+                               f"'{dcfg.fusion}' draft of {cfg.name}")
+    for k, shape in want.items():
+        got = tuple(np.shape(tensors[k]))
+        if got != shape:
+            raise ModelFormatError(f"{source}: tensor '{k}' has shape {got}, expected {shape} "
+                                   f"(hidden size {cfg.hidden_size} of {cfg.name})")
+
+
+def draft_params_from_tensors(cfg: ModelConfig, dcfg: DraftConfig, tensors: Mapping[str, np.ndarray],
+                              device: jax.Device | None = None, source: str = "draft checkpoint",
+                              layout: Layout = "in_out") -> DraftParams:
+    """Validate strictly (never load a draft partly) and place the float32 weights on `device`."""
+    check_draft_tensors(cfg, dcfg, tensors, source)
+    orient = (lambda w: w.T) if layout == "in_out" else (lambda w: w)
+
+    def put(x: np.ndarray) -> jax.Array:
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        return jax.device_put(x, device) if device is not None else jnp.asarray(x)
+
+    def t(name: str) -> np.ndarray:
+        return np.asarray(tensors[name], dtype=np.float32)
+
+    fusion: DGFParams | EagleFusionParams | None = None
+    if dcfg.fusion == "dgf":
+        fusion = DGFParams(emb_norm=put(t("emb_norm.weight")), w1=put(t("W_1")), w2=put(t("W_2")), wz=put(t("W_z")))
+    elif dcfg.fusion == "eagle":
+        fusion = EagleFusionParams(w=put(t("fc.weight").T), b=put(t("fc.bias")))
+    layers = []
+    for i in range(dcfg.num_layers):
+        p = f"layers.{i}."
+        qkv = np.concatenate([t(p + "self_attn.q_proj.weight"), t(p + "self_attn.k_proj.weight"),
+                              t(p + "self_attn.v_proj.weight")], axis=0)
+        gate_up = np.concatenate([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")], axis=0)
+        norm = p + "input_layernorm.weight"
+        layers.append(LayerParams(
+            attn_norm=put(t(norm)) if norm in tensors else None,
+            wqkv=put(orient(qkv)),
+            wo=put(orient(t(p + "self_attn.o_proj.weight"))),
+            mlp_norm=put(t(p + "post_attention_layernorm.weight")),
+            w_gate_up=put(orient(gate_up)),
+            w_down=put(orient(t(p + "mlp.down_proj.weight"))),
+        ))
+    final_norm = put(t("norm.weight")) if dcfg.fusion == "none" else None
+    return DraftParams(fusion=fusion, layers=tuple(layers), final_norm=final_norm, layout=layout)
+
+
+def draft_tensors(params: DraftParams, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The inverse of `draft_params_from_tensors`: checkpoint names and layouts, float32 numpy."""
+    orient = (lambda w: w.T) if params.layout == "in_out" else (lambda w: w)
+    out: dict[str, np.ndarray] = {}
+    f = params.fusion
+    if isinstance(f, DGFParams):
+        out |= {"emb_norm.weight": f.emb_norm, "W_1": f.w1, "W_2": f.w2, "W_z": f.wz}
+    elif isinstance(f, EagleFusionParams):
+        out |= {"fc.weight": np.asarray(f.w).T, "fc.bias": f.b}
+    if params.final_norm is not None:
+        out["norm.weight"] = params.final_norm
+    q, kv = cfg.q_size, cfg.kv_size
+    for i, p in enumerate(params.layers):
+        pre = f"layers.{i}."
+        qkv = orient(np.asarray(p.wqkv))
+        gate, up = np.split(orient(np.asarray(p.w_gate_up)), 2, axis=0)
+        if p.attn_norm is not None:
+            out[pre + "input_layernorm.weight"] = p.attn_norm
+        out |= {
+            pre + "post_attention_layernorm.weight": p.mlp_norm,
+            pre + "self_attn.q_proj.weight": qkv[:q], pre + "self_attn.k_proj.weight": qkv[q:q + kv],
+            pre + "self_attn.v_proj.weight": qkv[q + kv:], pre + "self_attn.o_proj.weight": orient(np.asarray(p.wo)),
+            pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up,
+            pre + "mlp.down_proj.weight": orient(np.asarray(p.w_down)),
+        }
+    return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
