@@ -119,3 +119,90 @@ def test_tokenizer_override(run_cli, tmp_path):
                              "--max-new-tokens", "3", "--ignore-eos", "--json")
     assert code == 0, err
     assert json.loads(out)["new_tokens"] == 3
+
+
+# --- --mode dovetail -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    from tiny_models import make_tiny_hf, write_gguf
+
+    folder, model, _ = make_tiny_hf(tmp_path / "hf", "gqa_tied")
+    return write_gguf(model, tmp_path / "tiny.gguf"), folder
+
+
+def _gen(run_cli, path, *extra):
+    code, out, err = run_cli("generate", "--prompt", "hello world", "--model", str(path), "--max-new-tokens", "20",
+                             "--ignore-eos", "--json", *extra)
+    assert code == 0, err
+    return json.loads(out), err
+
+
+def test_dovetail_mode_json_and_lossless(run_cli, tiny_gguf):
+    path, _ = tiny_gguf
+    ref, _ = _gen(run_cli, path)
+    d, err = _gen(run_cli, path, "--mode", "dovetail", "--draft-vocab", "64", "--tree", "laptop")
+    assert "untrained" in err  # the random draft is announced
+    assert d["token_ids"] == ref["token_ids"] and d["mode"] == "dovetail"
+    for key in ("tau", "cycles", "accept_hist", "bytes_to_draft", "bytes_to_target", "time_s", "tree", "draft"):
+        assert key in d, key
+    assert set(d["time_s"]) == {"draft", "verify", "transfer", "host"}
+    assert d["tree"] == {"top_k": 10, "depth": 4, "total_tokens": 7} and d["draft"]["vocab"] == 64
+    # the model itself as a standalone draft: same tokens, long accepted paths
+    s, _ = _gen(run_cli, path, "--mode", "dovetail", "--draft", str(path), "--tree-top-k", "2", "--depth", "3",
+                "--total-tokens", "6")
+    assert s["token_ids"] == ref["token_ids"] and s["tau"] > 2.5 and s["draft"]["fusion"] == "none"
+
+
+def test_dovetail_draft_checkpoint_from_cli(run_cli, tiny_gguf, tmp_path):
+    import jax
+
+    from dovetail_jax.config import DraftConfig
+    from dovetail_jax.io.checkpoint import save_draft
+    from dovetail_jax.io.load import load_model_files
+    from dovetail_jax.model.draft import init_draft
+
+    path, _ = tiny_gguf
+    cfg = load_model_files(path)[0]
+    dcfg = DraftConfig(2, "dgf")
+    save_draft(tmp_path / "draft", cfg, dcfg, init_draft(jax.random.key(0), cfg, dcfg))
+    ref, _ = _gen(run_cli, path)
+    d, _ = _gen(run_cli, path, "--mode", "dovetail", "--draft", str(tmp_path / "draft"))
+    assert d["token_ids"] == ref["token_ids"] and d["draft"]["n_layers"] == 2
+    other = cfg.replace(hidden_size=64, head_dim=64 // cfg.num_heads, name="other")
+    save_draft(tmp_path / "other", other, dcfg, init_draft(jax.random.key(0), other, dcfg))
+    code, _, err = run_cli("generate", "--prompt", "hi", "--model", str(path), "--mode", "dovetail", "--draft",
+                           str(tmp_path / "other"))
+    assert code == 2 and "hidden_size 64" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--mode", "dovetail", "--total-tokens", "0"], "positive"),
+        (["--mode", "dovetail", "--depth", "0"], "positive"),
+        (["--mode", "dovetail", "--tree-top-k", "0"], "positive"),
+        (["--mode", "dovetail", "--tree-top-k", "2", "--depth", "1", "--total-tokens", "9"], "exceeds"),
+        (["--depth", "3"], "--mode dovetail"),
+        (["--mode", "dovetail", "--draft", "/nonexistent/draft"], "/nonexistent/draft"),
+        (["--mode", "dovetail", "--draft", "/tmp", "--draft-layers", "2"], "random draft"),
+        (["--mode", "dovetail", "--max-new-tokens", "8188"], "exceeds the model's context"),
+    ],
+)
+def test_dovetail_bad_input(run_cli, smollm2_path, extra, needle):
+    code, _, err = run_cli("generate", "--prompt", "hi", "--model", str(smollm2_path), *extra)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+
+
+def test_single_device_is_said_once(caplog):
+    import jax
+
+    from dovetail_jax.decode import dovetail as DV
+
+    DV._warned_single_device = False
+    cpu = jax.devices("cpu")[0]
+    with caplog.at_level("WARNING"):
+        DV._device_note(cpu, cpu)
+        DV._device_note(cpu, cpu)
+    assert sum("only one device" in r.message for r in caplog.records) == 1

@@ -44,6 +44,13 @@ def save_draft(folder: str | Path, cfg: ModelConfig, dcfg: DraftConfig, params: 
     """Write the draft's weights (bfloat16 or float32) and its card; files are replaced atomically."""
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+    n_map = None if vocab_map is None else int(np.shape(vocab_map)[0])
+    if n_map != dcfg.draft_vocab_size:
+        raise ValueError(f"vocab_map of length {n_map} does not match draft_vocab_size {dcfg.draft_vocab_size} "
+                         f"(a reduced-vocabulary draft needs its map, a full-vocabulary one none)")
+    reserved = {"format", "target", "draft", "dtype"} & set(card_extra or {})
+    if reserved:
+        raise ValueError(f"card_extra cannot replace the card's own fields: {sorted(reserved)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32

@@ -75,7 +75,9 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
     offset = 0
     arrays = []
     for name in sorted(tensors):
-        x = np.ascontiguousarray(tensors[name])
+        x = np.asarray(tensors[name])
+        if not x.flags.c_contiguous:  # (np.ascontiguousarray would also turn a 0-d array into 1-d)
+            x = np.ascontiguousarray(x)
         if x.dtype not in _NAMES:
             raise ValueError(f"tensor '{name}': dtype {x.dtype} cannot be stored in safetensors here")
         header[name] = {"dtype": _NAMES[x.dtype], "shape": list(x.shape), "data_offsets": [offset, offset + x.nbytes]}

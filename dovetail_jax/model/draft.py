@@ -181,15 +181,21 @@ def init_draft(key: jax.Array, cfg: ModelConfig, dcfg: DraftConfig, device: jax.
     return draft_params_from_tensors(cfg, dcfg, tensors, device, layout=layout)
 
 
-def draft_from_lm(lm: TargetParams, lm_cfg: ModelConfig, device: jax.Device | None = None,
-                  layout: Layout = "in_out") -> tuple[DraftConfig, DraftParams, DraftShared]:
+def draft_from_lm(
+    lm: TargetParams, lm_cfg: ModelConfig, device: jax.Device | None = None, layout: Layout = "in_out",
+    num_layers: int | None = None,
+) -> tuple[DraftConfig, DraftParams, DraftShared]:
     """Use a whole LLaMA (e.g. a smaller model with the same tokenizer, or the target itself in tests) as
-    the draft: fusion "none", its own embedding, blocks, final norm and head, copied to `device`."""
-    dcfg = DraftConfig(num_layers=lm_cfg.num_layers, fusion="none")
+    the draft: fusion "none", its own embedding, blocks, final norm and head, copied to `device`.
+    `num_layers` keeps only the first blocks (an early-exit "self-speculative" draft of the target)."""
+    n = lm_cfg.num_layers if num_layers is None else num_layers
+    if not 1 <= n <= lm_cfg.num_layers:
+        raise ValueError(f"num_layers must be in 1..{lm_cfg.num_layers}, got {n}")
+    dcfg = DraftConfig(num_layers=n, fusion="none")
     tensors = {"norm.weight": np.asarray(lm.final_norm)}
     orient = (lambda w: w.T) if lm.layout == "in_out" else (lambda w: w)
     q, kv = lm_cfg.q_size, lm_cfg.kv_size
-    for i, p in enumerate(lm.layers):
+    for i, p in enumerate(lm.layers[:n]):
         pre = f"layers.{i}."
         qkv = orient(np.asarray(p.wqkv))
         gate, up = np.split(orient(np.asarray(p.w_gate_up)), 2, axis=0)

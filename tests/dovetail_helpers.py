@@ -1,0 +1,42 @@
+"""Helpers for the Dovetail loop tests: tiny random targets and drafts built directly from numpy (no torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dovetail_jax import devices
+from dovetail_jax.config import DraftConfig, ModelConfig
+from dovetail_jax.decode.dovetail import Draft
+from dovetail_jax.model import draft as D
+from dovetail_jax.model.params import TargetParams, expected_shapes, params_from_tensors
+
+
+def tiny_target(vocab: int = 64, seed: int = 0, scale: float = 0.3, layout: str = "in_out", layers: int = 2,
+                tied: bool = True) -> tuple[ModelConfig, TargetParams]:
+    """A random LLaMA (GQA, H 32) on the target device; `scale` sets how peaked its distributions are."""
+    cfg = ModelConfig(name="tiny", vocab_size=vocab, hidden_size=32, intermediate_size=48, num_layers=layers,
+                      num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0, max_position_embeddings=512,
+                      tie_word_embeddings=tied)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in expected_shapes(cfg).items():
+        if len(shape) == 1:
+            tensors[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            tensors[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
+    return cfg, params_from_tensors(cfg, tensors, devices.target_device(), layout=layout)
+
+
+def random_draft(cfg: ModelConfig, params: TargetParams, dcfg: DraftConfig = DraftConfig(), seed: int = 0) -> Draft:
+    import jax
+
+    dev = devices.accelerator_device()
+    p = D.init_draft(jax.random.key(seed), cfg, dcfg, dev)
+    vm = None if dcfg.draft_vocab_size is None else np.arange(dcfg.draft_vocab_size)[::-1].copy()
+    return Draft(dcfg, p, D.make_shared(params, cfg, vm, dev), source="random")
+
+
+def self_draft(cfg: ModelConfig, params: TargetParams) -> Draft:
+    """The target itself as a standalone draft: it agrees with the target almost always (long paths)."""
+    dcfg, p, shared = D.draft_from_lm(params, cfg, devices.accelerator_device())
+    return Draft(dcfg, p, shared, source="self")

@@ -1,0 +1,102 @@
+"""Greedy losslessness on the real SmolLM2-135M-Instruct: `--mode dovetail` emits exactly the tokens of
+`--mode target`, prompt by prompt, with an untrained draft and with a draft that agrees with the target (the
+target itself as a standalone draft, so long paths are accepted), over several tree shapes.
+
+The default run checks a subset; `pytest -m slow` runs the full matrix (20 prompts x 128 new tokens x 4 tree
+shapes x 2 drafts; about 15 minutes on 2 cores), which CI runs too.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dovetail_jax import api, devices
+from dovetail_jax.config import DraftConfig, TreeConfig
+from dovetail_jax.decode.dovetail import Draft
+from dovetail_jax.model import draft as draft_lib
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that checks whether a number is prime.",
+    "Explain how a hash map works.",
+    "Give me three tips for a job interview.",
+    "Write a haiku about the sea.",
+    "What is the difference between a list and a tuple in Python?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "How do I reverse a string in JavaScript?",
+    "Why is the sky blue?",
+    "Write a SQL query that counts the rows of a table named users.",
+    "What are the health benefits of drinking water?",
+    "Translate 'good morning' into Spanish, French and German.",
+    "Write a short story about a robot who learns to paint.",
+    "Explain recursion to a ten-year-old.",
+    "What is 17 times 23? Show your work.",
+    "List the planets of the solar system in order.",
+    "Write a bash command that finds all .txt files in a directory.",
+    "What is photosynthesis?",
+    "Give me a recipe for pancakes.",
+    "Describe the water cycle.",
+]
+NEW_TOKENS = 128
+TREES = {"chain": TreeConfig(1, 4, 5), "small": TreeConfig(3, 3, 8), "server": TreeConfig(10, 7, 16),
+         "laptop": TreeConfig(10, 4, 7)}
+
+
+@pytest.fixture(scope="module")
+def target(smollm2_path):
+    return api.load_target(smollm2_path, layout="in_out")
+
+
+@pytest.fixture(scope="module")
+def reference(target):
+    """Target-only greedy tokens per prompt (computed on first use)."""
+    cache: dict[int, list[int]] = {}
+
+    def get(i: int) -> list[int]:
+        if i not in cache:
+            cache[i] = api.generate(target, PROMPTS[i], chat=True, max_new_tokens=NEW_TOKENS).token_ids
+        return cache[i]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def drafts(target):
+    untrained = api.random_draft(target, DraftConfig(1, "dgf", draft_vocab_size=2048), seed=0)
+    dcfg, p, shared = draft_lib.draft_from_lm(target.params, target.cfg, devices.accelerator_device())
+    return {"untrained": untrained, "agreeing": Draft(dcfg, p, shared, source="the target itself")}
+
+
+def check(target, reference, draft: Draft, tree: TreeConfig, prompts: list[int]) -> list[int]:
+    taus = []
+    for i in prompts:
+        out = api.generate(target, PROMPTS[i], chat=True, max_new_tokens=NEW_TOKENS, draft=draft, tree=tree)
+        ref = reference(i)
+        if out.token_ids != ref:
+            first = next((j for j, (a, b) in enumerate(zip(out.token_ids, ref, strict=False)) if a != b),
+                         min(len(out.token_ids), len(ref)))
+            pytest.fail(f"prompt {i} ({PROMPTS[i]!r}), draft {draft.source}, tree {tree}: first divergence at "
+                        f"token {first}: dovetail {out.token_ids[first:first + 5]} vs target {ref[first:first + 5]}")
+        taus.append(out.stats.extra["tau"])
+        hist = out.stats.extra["accept_hist"]
+        if draft.source == "the target itself":
+            assert max(k for k, n in enumerate(hist) if n) >= min(tree.max_accepted, 3), hist
+    return taus
+
+
+@pytest.mark.parametrize("tree", ["chain", "laptop"])
+def test_untrained_draft_is_lossless_subset(target, reference, drafts, tree):
+    check(target, reference, drafts["untrained"], TREES[tree], list(range(0, 20, 3)))
+
+
+@pytest.mark.parametrize("tree", ["server", "small"])
+def test_agreeing_draft_is_lossless_subset(target, reference, drafts, tree):
+    taus = check(target, reference, drafts["agreeing"], TREES[tree], [1, 8])
+    assert min(taus) > 2.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft", ["untrained", "agreeing"])
+@pytest.mark.parametrize("tree", list(TREES))
+def test_lossless_full_matrix(target, reference, drafts, tree, draft):
+    check(target, reference, drafts[draft], TREES[tree], list(range(len(PROMPTS))))
