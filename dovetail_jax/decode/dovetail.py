@@ -260,7 +260,7 @@ def _run(fns: dict[str, Callable], params: TargetParams, cfg: ModelConfig, draft
     cache = fns["append"](cache, update, n_real)
     first = int(np.asarray(tok)[0])
     t1 = clock()
-    f_d, i_d, n_d = to_d(hidden), to_d(ids), to_d(n_real)
+    f_d, i_d, n_d = to_d((hidden, ids, n_real))  # one transfer call for the three arrays
     jax.block_until_ready((f_d, i_d, n_d))
     prefill_bytes = _nbytes(hidden, ids, n_real)
     c.bytes_to_draft += prefill_bytes
@@ -270,7 +270,7 @@ def _run(fns: dict[str, Callable], params: TargetParams, cfg: ModelConfig, draft
     dcache = fns["append"](dcache, stable, n_d)
     jax.block_until_ready((tokens, parents))
     t3 = clock()
-    tokens_t, parents_t = to_t(tokens), to_t(parents)
+    tokens_t, parents_t = to_t((tokens, parents))
     jax.block_until_ready((tokens_t, parents_t))
     t4 = clock()
     c.bytes_to_target += _nbytes(tokens, parents)
@@ -288,6 +288,7 @@ def _run(fns: dict[str, Callable], params: TargetParams, cfg: ModelConfig, draft
         update, path, n_acc, ids, feats, key = fns["verify"](params, cache, tokens_t, parents_t, key, s)
         cache = fns["commit"](cache, update, path, n_acc)
         n = int(np.asarray(n_acc))
+        cache.length.block_until_ready()  # the commit belongs to verification (else the next transfer waits on it)
         tb = clock()
         new = np.asarray(ids)[0, :n].tolist()
         hist[n - 1] += 1
@@ -306,7 +307,7 @@ def _run(fns: dict[str, Callable], params: TargetParams, cfg: ModelConfig, draft
         c.host += tc - tb
         if done and not warm:
             break
-        f_d, i_d, n_d = to_d(feats), to_d(ids), to_d(n_acc)
+        f_d, i_d, n_d = to_d((feats, ids, n_acc))
         jax.block_until_ready((f_d, i_d, n_d))
         td = clock()
         c.bytes_to_draft += _nbytes(feats, ids, n_acc)
@@ -315,7 +316,7 @@ def _run(fns: dict[str, Callable], params: TargetParams, cfg: ModelConfig, draft
         dcache = fns["append"](dcache, stable, n_d)
         jax.block_until_ready((tokens, parents, dcache.length))
         te = clock()
-        tokens_t, parents_t = to_t(tokens), to_t(parents)
+        tokens_t, parents_t = to_t((tokens, parents))
         jax.block_until_ready((tokens_t, parents_t))
         tf = clock()
         c.bytes_to_target += _nbytes(tokens, parents)
