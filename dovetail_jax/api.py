@@ -94,10 +94,15 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
     """Load a draft for `target` onto the accelerator.
 
     `path`: a draft checkpoint folder (`card.json` + `weights.safetensors`), or a whole LLaMA with the same
-    vocabulary (GGUF or HF folder) used as a standalone draft; None: the draft shipped for the target, if
-    any, else a random draft shaped by `fallback_random` (an error when that is None too).
+    vocabulary (GGUF or HF folder) used as a standalone draft, or "self" (the target itself as a standalone
+    draft: accepts long paths, for tests and upper bounds; far too slow to speed anything up); None: the draft
+    shipped for the target, if any, else a random draft shaped by `fallback_random` (an error when that is
+    None too).
     """
     dev = devices.accelerator_device()
+    if path == "self":  # the target as its own standalone draft: agrees almost always, costs a target forward
+        dcfg, params, shared = draft_lib.draft_from_lm(target.params, target.cfg, dev)
+        return Draft(dcfg, params, shared, source="self (the target itself)")
     if path is None:
         path = default_draft_path(target.cfg.name)
         if path is None:

@@ -37,7 +37,8 @@ def add_dovetail_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dovetail mode (draft on the accelerator, tree verified on the CPU)")
     g.add_argument("--draft", metavar="PATH", default=None,
                    help="a draft checkpoint folder (card.json + weights.safetensors), or a whole LLaMA with the "
-                        "target's vocabulary (GGUF / HF folder) used as a standalone draft; default: the draft "
+                        "target's vocabulary (GGUF / HF folder) used as a standalone draft, or 'self' (the target "
+                        "as its own draft: long accepted paths, but slow; for tests); default: the draft "
                         "shipped for the target, else a random (untrained) draft, which stays lossless but slow")
     g.add_argument("--tree", choices=sorted(TREE_PRESETS), default=None,
                    help="a preset tree: server = 10/7/16, laptop = 10/4/7 (the paper's), eagle2 = 10/5/60")

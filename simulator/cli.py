@@ -182,7 +182,8 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-dtype", default="f16", help="draft (and GPU-resident target layers) dtype")
     g.add_argument("--draft-layers", type=int, default=1)
     g.add_argument("--draft-vocab", type=int, default=None, help="reduced draft-head vocabulary V'")
-    g.add_argument("--draft-kind", default="dgf", choices=("dgf", "eagle"))
+    g.add_argument("--draft-kind", default="dgf", choices=("dgf", "eagle", "none"),
+                   help="draft fusion: dgf (Dovetail), eagle (EAGLE's fc), none (a standalone LLaMA draft)")
     g.add_argument("--top-k", type=int, default=10)
     g.add_argument("--depth", type=int, default=7)
     g.add_argument("--total-tokens", type=int, default=16)

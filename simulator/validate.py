@@ -37,6 +37,13 @@ LONG_PROMPT = ("Explain, step by step and with examples, how a hash table works:
 
 # name, prompt, max_new_tokens, extra CLI args. Dovetail-mode flags follow the planned `--mode dovetail`; edit
 # them here (or pass --configs FILE with the same fields) once that mode's options are final.
+def _dt(name: str, top_k: int, depth: int, total: int, *draft: str) -> dict[str, Any]:
+    return {"name": name, "prompt": "def fibonacci(n):", "max_new_tokens": 128,
+            "args": ["--mode", "dovetail", "--tree-top-k", str(top_k), "--depth", str(depth), "--total-tokens",
+                     str(total), *draft]}
+
+
+V8K = ("--draft-vocab", "8192")
 DEFAULT_CONFIGS: list[dict[str, Any]] = [
     {"name": "t-fib-64", "prompt": "def fibonacci(n):", "max_new_tokens": 64, "args": []},
     {"name": "t-fib-200", "prompt": "def fibonacci(n):", "max_new_tokens": 200, "args": []},
@@ -44,16 +51,17 @@ DEFAULT_CONFIGS: list[dict[str, Any]] = [
     {"name": "t-long-64", "prompt": LONG_PROMPT, "max_new_tokens": 64, "args": []},
     {"name": "t-long-200", "prompt": LONG_PROMPT, "max_new_tokens": 200, "args": []},
     {"name": "t-sort-120", "prompt": "def quicksort(items):", "max_new_tokens": 120, "args": []},
-    {"name": "dt-k4-d3-t8", "prompt": "def fibonacci(n):", "max_new_tokens": 128,
-     "args": ["--mode", "dovetail", "--tree-top-k", "4", "--tree-depth", "3", "--tree-total-tokens", "8"]},
-    {"name": "dt-k4-d5-t12", "prompt": "def fibonacci(n):", "max_new_tokens": 128,
-     "args": ["--mode", "dovetail", "--tree-top-k", "4", "--tree-depth", "5", "--tree-total-tokens", "12"]},
-    {"name": "dt-k8-d4-t16", "prompt": "def fibonacci(n):", "max_new_tokens": 128,
-     "args": ["--mode", "dovetail", "--tree-top-k", "8", "--tree-depth", "4", "--tree-total-tokens", "16"]},
-    {"name": "dt-k2-d2-t4", "prompt": "def fibonacci(n):", "max_new_tokens": 128,
-     "args": ["--mode", "dovetail", "--tree-top-k", "2", "--tree-depth", "2", "--tree-total-tokens", "4"]},
+    # random drafts (tau = 1: the cost model alone), 1-3 layers, reduced or full vocabulary
+    _dt("dt-r1-k4-d3-t8", 4, 3, 8, *V8K),
+    _dt("dt-r1-k10-d4-t7", 10, 4, 7, *V8K),
+    _dt("dt-r2-k4-d5-t12", 4, 5, 12, "--draft-layers", "2", *V8K),
+    _dt("dt-r3-k2-d2-t4", 2, 2, 4, "--draft-layers", "3", *V8K),
+    _dt("dt-r1full-k8-d4-t16", 8, 4, 16),
+    # the target as its own draft: long accepted paths (tau 4-5), a 30-layer full-vocabulary draft
+    _dt("dt-self-k1-d4-t5", 1, 4, 5, "--draft", "self"),
+    _dt("dt-self-k4-d3-t8", 4, 3, 8, "--draft", "self"),
 ]
-DEFAULT_CALIBRATION = ("t-fib-64", "dt-k4-d3-t8", "dt-k8-d4-t16")
+DEFAULT_CALIBRATION = ("t-fib-64", "dt-r1-k4-d3-t8", "dt-self-k4-d3-t8")
 
 
 def kv_slots(prompt: int, new: int, tree: int, limit: int) -> int:
@@ -117,7 +125,11 @@ def run_workload(run: dict[str, Any], model: ModelConfig) -> Workload:
     layers = stats.draft_layers if stats is not None and stats.draft_layers else 1
     slots = int(run.get("cache_slots") or kv_slots(prompt, new, tree.total_tokens if stats else 0,
                                                    model.max_position_embeddings))
-    return Workload(model, DraftShape(layers), tree, "f32", "f32", prompt, new, kv_slots=slots)
+    d = run.get("draft") if isinstance(run.get("draft"), dict) else {}
+    vocab = d.get("vocab")
+    vocab = int(vocab) if vocab and int(vocab) != model.vocab_size else None
+    kind = d.get("fusion", "dgf") if d.get("fusion") in ("dgf", "eagle", "none") else "dgf"
+    return Workload(model, DraftShape(layers, vocab, kind), tree, "f32", "f32", prompt, new, kv_slots=slots)
 
 
 def _phase(run: dict[str, Any], name: str) -> float:
@@ -163,7 +175,15 @@ def calibrate(cal_runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelC
 
 
 def check(runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelConfig, measured: dict[str, Any] | None,
-          calibration: list[str], cycles: int = 4000) -> dict[str, Any]:
+          calibration: list[str], cycles: int = 4000, acceptance: str = "own") -> dict[str, Any]:
+    """Calibrate costs on the `calibration` runs and predict the others' tokens/s.
+
+    `acceptance`: "own" feeds each held-out run's own accept histogram to the simulator (the question is then
+    "what speed does this acceptance give on this hardware?": acceptance is an input, time is predicted);
+    "calibration" pools the calibration runs' histograms (right only when the drafts and trees match).
+    """
+    if acceptance not in ("own", "calibration"):
+        raise SimulatorInputError(f"acceptance must be 'own' or 'calibration', got {acceptance!r}")
     names = [r.get("name", f"run{i}") for i, r in enumerate(runs)]
     for i, r in enumerate(runs):
         r.setdefault("name", names[i])
@@ -187,19 +207,22 @@ def check(runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelConfig, m
     for r in held:
         wl = run_workload(r, model)
         if _is_dovetail(r):
-            if acc is None:
+            acc_r = RunsAcceptance([parse_run(r, r["name"])]) if acceptance == "own" else acc
+            if acc_r is None:
                 raise SimulatorInputError(f"{r['name']} is a dovetail run but no dovetail run was used for "
                                           f"calibration, so there is no acceptance model")
-            p = simulate("dovetail", hw, wl, acc, opts=SimOptions(cycles=cycles), cost_factory=factory)
+            p = simulate("dovetail", hw, wl, acc_r, opts=SimOptions(cycles=cycles), cost_factory=factory)
         else:
             p = simulate("target-cpu", hw, wl, opts=SimOptions(), cost_factory=factory)
         meas = float(r["tokens_per_s"])
         rows.append({"name": r["name"], "mode": r.get("mode", "target"), "prompt_tokens": wl.prompt_len,
                      "new_tokens": wl.new_tokens, "tree": [wl.tree.top_k, wl.tree.depth, wl.tree.total_tokens]
-                     if _is_dovetail(r) else None, "predicted_tokens_per_s": p.tokens_per_s,
+                     if _is_dovetail(r) else None, "draft": r.get("draft") if _is_dovetail(r) else None,
+                     "tau": r.get("tau"), "predicted_tokens_per_s": p.tokens_per_s,
                      "measured_tokens_per_s": meas, "error": p.tokens_per_s / meas - 1})
     errs = [abs(x["error"]) for x in rows]
     summary = {"profile": hw.name, "model": model.name, "calibration": calibration, "validated": len(rows),
+               "acceptance": acceptance,
                "median_abs_error": statistics.median(errs), "max_abs_error": max(errs),
                "goal": {"median": GOAL_MEDIAN, "max": GOAL_MAX},
                "meets_goal": statistics.median(errs) <= GOAL_MEDIAN and max(errs) <= GOAL_MAX,
@@ -234,12 +257,13 @@ def _load_runs_file(path: str | Path) -> list[dict[str, Any]]:
 
 
 def validate_file(path: str | Path, hw: HardwareProfile, model: ModelConfig, measured: dict[str, Any] | None,
-                  calibrate: str | None = None, out: str | Path | None = None) -> dict[str, Any]:
+                  calibrate: str | None = None, out: str | Path | None = None,
+                  acceptance: str = "own") -> dict[str, Any]:
     """`dovetail simulate --validate RUNS`: check, write JSON, and return the report with its text."""
     runs = _load_runs_file(path)
     names = {r.get("name") for r in runs}
     cal = calibrate.split(",") if calibrate else [n for n in DEFAULT_CALIBRATION if n in names]
-    rep = check(runs, hw, model, measured, cal)
+    rep = check(runs, hw, model, measured, cal, acceptance=acceptance)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(rep, indent=1) + "\n")
@@ -264,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--measured", help="op timings JSON from profile-hw --ops")
     k.add_argument("--calibrate", help=f"comma-separated run names (default: {','.join(DEFAULT_CALIBRATION)})")
     k.add_argument("--out", default=str(RESULTS / "sim_validation.json"))
+    k.add_argument("--acceptance", choices=("own", "calibration"), default="own",
+                   help="own: each held-out run's measured accept histogram drives its prediction (default); "
+                        "calibration: the calibration runs' pooled histograms")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "collect":
@@ -275,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         measured = json.loads(Path(args.measured).read_text()) if args.measured else None
         rep = validate_file(args.runs, load_profile(args.profile), resolve_model(args.model), measured,
-                            args.calibrate, args.out)
+                            args.calibrate, args.out, args.acceptance)
         print(rep["text"])
         return 0
     except DovetailError as e:

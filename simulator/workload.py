@@ -37,15 +37,15 @@ class DraftShape:
 
     n_layers: int = 1
     vocab: int | None = None  # reduced draft-head vocabulary V'; None = target vocabulary
-    kind: str = "dgf"  # "dgf" | "eagle"
+    kind: str = "dgf"  # "dgf" | "eagle" | "none" (a standalone LLaMA draft: no fusion)
 
     def __post_init__(self) -> None:
         if self.n_layers < 1:
             raise SimulatorInputError(f"draft layers must be >= 1, got {self.n_layers}")
         if self.vocab is not None and self.vocab < 1:
             raise SimulatorInputError(f"draft vocabulary must be >= 1, got {self.vocab}")
-        if self.kind not in ("dgf", "eagle"):
-            raise SimulatorInputError(f"draft kind must be 'dgf' or 'eagle', got {self.kind!r}")
+        if self.kind not in ("dgf", "eagle", "none"):
+            raise SimulatorInputError(f"draft kind must be 'dgf', 'eagle' or 'none', got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -116,11 +116,11 @@ class Workload:
     @property
     def fusion_params(self) -> int:
         h = self.model.hidden_size
-        return 4 * h * h if self.draft.kind == "dgf" else 2 * h * h + h
+        return {"dgf": 4 * h * h, "eagle": 2 * h * h + h, "none": 0}[self.draft.kind]
 
     @property
     def draft_layers(self) -> int:
-        return 1 if self.draft.kind == "eagle" else self.draft.n_layers
+        return self.draft.n_layers
 
     def draft_params(self) -> int:
         """Fusion + layers + embedding copy + head copy (one copy when the target ties them and V' = V)."""

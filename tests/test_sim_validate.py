@@ -57,4 +57,8 @@ def test_check_refuses_unusable_splits() -> None:
     with pytest.raises(SimulatorInputError, match="nothing is left"):
         check(runs, HW, SMOLLM2_135M, None, ["t-64", "d-4-3-8"])
     with pytest.raises(SimulatorInputError, match="no acceptance model"):
-        check(runs, HW, SMOLLM2_135M, None, ["t-64"])
+        check(runs, HW, SMOLLM2_135M, None, ["t-64"], acceptance="calibration")
+    with pytest.raises(SimulatorInputError, match="'own' or 'calibration'"):
+        check(runs, HW, SMOLLM2_135M, None, ["t-64"], acceptance="mine")
+    # with its own acceptance a dovetail run is predicted from a target-only calibration (draft factor 1)
+    assert check(runs, HW, SMOLLM2_135M, None, ["t-64"])["summary"]["validated"] == 1
