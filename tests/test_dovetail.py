@@ -90,6 +90,11 @@ def test_statistics_and_bytes(tiny):
     assert set(x["time_s"]) == {"draft", "verify", "transfer", "host"}
     assert sum(x["time_s"].values()) <= st.decode_s + 1e-3
     assert x["depth_accept_rates"] and all(0 <= r <= 1 for r in x["depth_accept_rates"])
+    # placement: the draft (weights, embedding and head copies) on the accelerator, the target on the CPU
+    acc, cpu = devices.accelerator_device(), devices.target_device()
+    assert acc != cpu  # the package made a second host device
+    assert all(leaf.devices() == {acc} for leaf in jax.tree.leaves((d.params, d.shared)))
+    assert all(leaf.devices() == {cpu} for leaf in jax.tree.leaves(params))
 
 
 def test_bad_requests_are_refused(tiny):
