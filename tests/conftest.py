@@ -69,3 +69,14 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Any:
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Any:
+    """torch's intra-op threads and XLA's spinning CPU threads fight over two cores (4x slower): one torch
+    thread while a module that uses torch as its reference runs; restored after."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -40,3 +40,27 @@ def self_draft(cfg: ModelConfig, params: TargetParams) -> Draft:
     """The target itself as a standalone draft: it agrees with the target almost always (long paths)."""
     dcfg, p, shared = D.draft_from_lm(params, cfg, devices.accelerator_device())
     return Draft(dcfg, p, shared, source="self")
+
+
+def hf_llama(cfg: ModelConfig, seed: int, tie: bool = False, scale: float = 0.2, max_pos: int = 256):
+    """A float32 transformers LlamaForCausalLM of `cfg`'s shapes with random weights (linears N(0, scale),
+    norms 1 +- 0.2), the matching config and its HF-named tensors (no lm_head when tied)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hc = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=tie, max_position_embeddings=max_pos, rms_norm_eps=1e-5)
+    model = transformers.LlamaForCausalLM(hc).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, scale)
+            else:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    tensors = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    if tie:
+        tensors.pop("lm_head.weight", None)
+    return model, cfg.replace(tie_word_embeddings=tie), tensors

@@ -7,6 +7,7 @@ against transformers' LlamaModel; the target forward (and transformers) for a wh
 
 from __future__ import annotations
 
+import dovetail_helpers as helpers
 import numpy as np
 import pytest
 
@@ -162,32 +163,10 @@ def random_shared(cfg: ModelConfig, seed: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 def hf_llama(seed: int, tie: bool = False):
-    torch.manual_seed(seed)
-    hc = transformers.LlamaConfig(
-        vocab_size=CFG.vocab_size, hidden_size=CFG.hidden_size, intermediate_size=CFG.intermediate_size,
-        num_hidden_layers=CFG.num_layers, num_attention_heads=CFG.num_heads, num_key_value_heads=CFG.num_kv_heads,
-        rope_theta=CFG.rope_theta, tie_word_embeddings=tie, max_position_embeddings=256, rms_norm_eps=1e-5)
-    model = transformers.LlamaForCausalLM(hc).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.2)
-            else:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    cfg = CFG.replace(tie_word_embeddings=tie)
-    tensors = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    if tie:
-        tensors.pop("lm_head.weight", None)
-    return model, cfg, tensors
+    return helpers.hf_llama(CFG, seed, tie)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """torch's intra-op threads and XLA's spinning CPU threads fight over the cores; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from dovetail_helpers import hf_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -42,31 +43,13 @@ SLOTS = 32
 # --------------------------------------------------------------------------------------------- the LM
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """torch's intra-op threads and XLA's spinning CPU threads fight over the cores (4x slower); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def lm():
     """(float64 HF model for the reference, target params, (dcfg, draft params, shared) on the accelerator)."""
-    torch.manual_seed(0)
-    hc = transformers.LlamaConfig(
-        vocab_size=CFG.vocab_size, hidden_size=CFG.hidden_size, intermediate_size=CFG.intermediate_size,
-        num_hidden_layers=CFG.num_layers, num_attention_heads=CFG.num_heads, num_key_value_heads=CFG.num_kv_heads,
-        rope_theta=CFG.rope_theta, tie_word_embeddings=False, max_position_embeddings=128, rms_norm_eps=1e-5)
-    model = transformers.LlamaForCausalLM(hc).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.25)
-            else:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    tensors = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    model, _, tensors = hf_llama(CFG, 0, scale=0.25, max_pos=128)
     target = params_from_tensors(CFG, tensors, devices.target_device())
     draft = D.draft_from_lm(target, CFG, devices.accelerator_device())
     return model.double(), target, draft

@@ -167,6 +167,20 @@ class _Counters:
     transfers_to_draft: int = 0
     transfers_to_target: int = 0
 
+    def cross(self, arrays: tuple[jax.Array, ...], device: jax.Device, to_draft: bool) -> tuple[Any, int]:
+        """Move `arrays` to `device` in one call, wait, and count it; returns (arrays there, bytes moved)."""
+        t0 = time.perf_counter()
+        moved = jax.block_until_ready(jax.device_put(arrays, device))
+        self.transfer += time.perf_counter() - t0
+        n = _nbytes(*arrays)
+        if to_draft:
+            self.bytes_to_draft += n
+            self.transfers_to_draft += 1
+        else:
+            self.bytes_to_target += n
+            self.transfers_to_target += 1
+        return moved, n
+
 
 def _nbytes(*xs: Any) -> int:
     return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in xs)
@@ -253,6 +267,19 @@ def _run(fns: dict[str, Callable], params: TargetParams, cfg: ModelConfig, draft
     padded = np.zeros((1, bucket), np.int32)
     padded[0, : len(prompt_ids)] = prompt_ids
 
+    tdev, ddev = to_t.keywords["device"], to_d.keywords["device"]
+
+    def draft_step(feats_d: Any, dcache: KVCache) -> tuple[jax.Array, jax.Array, KVCache]:
+        """The draft's tree from the accepted pairs, its stable cache advanced; the tree back on the CPU."""
+        t0 = clock()
+        f_d, i_d, n_d = feats_d
+        tokens, parents, stable = fns["draft"](draft.params, draft.shared, dcache, f_d, i_d, n_d)
+        dcache = fns["append"](dcache, stable, n_d)
+        jax.block_until_ready((tokens, parents, dcache.length))
+        c.draft += clock() - t0
+        (tokens_t, parents_t), _ = c.cross((tokens, parents), tdev, to_draft=False)
+        return tokens_t, parents_t, dcache
+
     # prefill: the target over the prompt, its features to the draft, the first tree
     t0 = clock()
     n_real = to_t(np.int32(len(prompt_ids)))
@@ -260,22 +287,11 @@ def _run(fns: dict[str, Callable], params: TargetParams, cfg: ModelConfig, draft
     cache = fns["append"](cache, update, n_real)
     first = int(np.asarray(tok)[0])
     t1 = clock()
-    f_d, i_d, n_d = to_d((hidden, ids, n_real))  # one transfer call for the three arrays
-    jax.block_until_ready((f_d, i_d, n_d))
-    prefill_bytes = _nbytes(hidden, ids, n_real)
-    c.bytes_to_draft += prefill_bytes
-    c.transfers_to_draft += 1
-    t2 = clock()
-    tokens, parents, stable = fns["draft"](draft.params, draft.shared, dcache, f_d, i_d, n_d)
-    dcache = fns["append"](dcache, stable, n_d)
-    jax.block_until_ready((tokens, parents))
-    t3 = clock()
-    tokens_t, parents_t = to_t((tokens, parents))
-    jax.block_until_ready((tokens_t, parents_t))
+    moved, prefill_bytes = c.cross((hidden, ids, n_real), ddev, to_draft=True)
+    tokens_t, parents_t, dcache = draft_step(moved, dcache)
     t4 = clock()
-    c.bytes_to_target += _nbytes(tokens, parents)
-    c.transfers_to_target += 1
-    prefill = {"target": t1 - t0, "transfer": (t2 - t1) + (t4 - t3), "draft": t3 - t2}
+    prefill = {"target": t1 - t0, "transfer": c.transfer, "draft": c.draft}
+    c.transfer = c.draft = 0.0
 
     out = [first]
     if on_token is not None:
@@ -302,27 +318,12 @@ def _run(fns: dict[str, Callable], params: TargetParams, cfg: ModelConfig, draft
             if len(out) >= max_new:
                 done = True
                 break
-        tc = clock()
         c.verify += tb - ta
-        c.host += tc - tb
+        c.host += clock() - tb
         if done and not warm:
             break
-        f_d, i_d, n_d = to_d((feats, ids, n_acc))
-        jax.block_until_ready((f_d, i_d, n_d))
-        td = clock()
-        c.bytes_to_draft += _nbytes(feats, ids, n_acc)
-        c.transfers_to_draft += 1
-        tokens, parents, stable = fns["draft"](draft.params, draft.shared, dcache, f_d, i_d, n_d)
-        dcache = fns["append"](dcache, stable, n_d)
-        jax.block_until_ready((tokens, parents, dcache.length))
-        te = clock()
-        tokens_t, parents_t = to_t((tokens, parents))
-        jax.block_until_ready((tokens_t, parents_t))
-        tf = clock()
-        c.bytes_to_target += _nbytes(tokens, parents)
-        c.transfers_to_target += 1
-        c.transfer += (td - tc) + (tf - te)
-        c.draft += te - td
+        moved, _ = c.cross((feats, ids, n_acc), ddev, to_draft=True)
+        tokens_t, parents_t, dcache = draft_step(moved, dcache)
         if warm:
             break
     t_end = clock()

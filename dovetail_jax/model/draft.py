@@ -30,7 +30,14 @@ from dovetail_jax.errors import ModelFormatError
 from dovetail_jax.model import layers as L
 from dovetail_jax.model.block import decoder_layer
 from dovetail_jax.model.cache import KVCache, KVUpdate
-from dovetail_jax.model.params import LayerParams, Layout, TargetParams
+from dovetail_jax.model.params import (
+    LayerParams,
+    Layout,
+    TargetParams,
+    layer_from_tensors,
+    layer_shapes,
+    layer_to_tensors,
+)
 
 
 @struct.dataclass
@@ -64,6 +71,11 @@ class DraftShared:
     embed: jax.Array  # [V, H]
     head: jax.Array  # [V', H]: the target head's rows `vocab_map` (all V rows without a reduced vocabulary)
     vocab_map: jax.Array | None  # [V'] int32 draft id -> target id; None: identity
+
+
+def _input_norm(dcfg: DraftConfig, i: int) -> bool:
+    """EAGLE/Dovetail drafts drop the first block's input norm (its input is already the fused feature)."""
+    return i > 0 or dcfg.fusion == "none"
 
 
 def draft_model_config(cfg: ModelConfig, dcfg: DraftConfig) -> ModelConfig:
@@ -146,7 +158,7 @@ def make_shared(target: TargetParams, cfg: ModelConfig, vocab_map: np.ndarray | 
 def init_draft(key: jax.Array, cfg: ModelConfig, dcfg: DraftConfig, device: jax.Device | None = None,
                layout: Layout = "in_out") -> DraftParams:
     """A randomly initialised draft: Xavier-uniform fusion (as EAGLE/Dovetail), N(0, 0.02) blocks, unit norms."""
-    h, f = cfg.hidden_size, cfg.intermediate_size
+    h = cfg.hidden_size
     keys = iter(jax.random.split(key, 4 + 8 * dcfg.num_layers))
 
     def xavier(shape: tuple[int, int]) -> np.ndarray:
@@ -165,19 +177,8 @@ def init_draft(key: jax.Array, cfg: ModelConfig, dcfg: DraftConfig, device: jax.
     else:
         tensors["norm.weight"] = np.ones(h, np.float32)
     for i in range(dcfg.num_layers):
-        p = f"layers.{i}."
-        if i > 0 or dcfg.fusion == "none":
-            tensors[p + "input_layernorm.weight"] = np.ones(h, np.float32)
-        tensors |= {
-            p + "post_attention_layernorm.weight": np.ones(h, np.float32),
-            p + "self_attn.q_proj.weight": normal((cfg.q_size, h)),
-            p + "self_attn.k_proj.weight": normal((cfg.kv_size, h)),
-            p + "self_attn.v_proj.weight": normal((cfg.kv_size, h)),
-            p + "self_attn.o_proj.weight": normal((h, cfg.q_size)),
-            p + "mlp.gate_proj.weight": normal((f, h)),
-            p + "mlp.up_proj.weight": normal((f, h)),
-            p + "mlp.down_proj.weight": normal((h, f)),
-        }
+        for name, shape in layer_shapes(cfg, f"layers.{i}.", _input_norm(dcfg, i)).items():
+            tensors[name] = np.ones(shape, np.float32) if len(shape) == 1 else normal(shape)
     return draft_params_from_tensors(cfg, dcfg, tensors, device, layout=layout)
 
 
@@ -193,20 +194,8 @@ def draft_from_lm(
         raise ValueError(f"num_layers must be in 1..{lm_cfg.num_layers}, got {n}")
     dcfg = DraftConfig(num_layers=n, fusion="none")
     tensors = {"norm.weight": np.asarray(lm.final_norm)}
-    orient = (lambda w: w.T) if lm.layout == "in_out" else (lambda w: w)
-    q, kv = lm_cfg.q_size, lm_cfg.kv_size
     for i, p in enumerate(lm.layers[:n]):
-        pre = f"layers.{i}."
-        qkv = orient(np.asarray(p.wqkv))
-        gate, up = np.split(orient(np.asarray(p.w_gate_up)), 2, axis=0)
-        tensors |= {
-            pre + "input_layernorm.weight": np.asarray(p.attn_norm),
-            pre + "post_attention_layernorm.weight": np.asarray(p.mlp_norm),
-            pre + "self_attn.q_proj.weight": qkv[:q], pre + "self_attn.k_proj.weight": qkv[q:q + kv],
-            pre + "self_attn.v_proj.weight": qkv[q + kv:], pre + "self_attn.o_proj.weight": orient(np.asarray(p.wo)),
-            pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up,
-            pre + "mlp.down_proj.weight": orient(np.asarray(p.w_down)),
-        }
+        tensors |= layer_to_tensors(p, lm_cfg, f"layers.{i}.", lm.layout)
     params = draft_params_from_tensors(lm_cfg, dcfg, tensors, device, layout=layout)
     return dcfg, params, make_shared(lm, lm_cfg, None, device)
 
@@ -217,7 +206,7 @@ def draft_from_lm(
 def expected_draft_shapes(cfg: ModelConfig, dcfg: DraftConfig) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a draft checkpoint: EAGLE/Dovetail's names, `[out, in]` for the blocks'
     Linear weights and `[in, out]` for W_1, W_2, W_z (so PyTorch checkpoints map without transposes)."""
-    h, f = cfg.hidden_size, cfg.intermediate_size
+    h = cfg.hidden_size
     shapes: dict[str, tuple[int, ...]] = {}
     if dcfg.fusion == "dgf":
         shapes |= {"emb_norm.weight": (h,), "W_1": (h, h), "W_2": (h, h), "W_z": (2 * h, h)}
@@ -226,19 +215,7 @@ def expected_draft_shapes(cfg: ModelConfig, dcfg: DraftConfig) -> dict[str, tupl
     else:
         shapes["norm.weight"] = (h,)
     for i in range(dcfg.num_layers):
-        p = f"layers.{i}."
-        if i > 0 or dcfg.fusion == "none":
-            shapes[p + "input_layernorm.weight"] = (h,)
-        shapes |= {
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (cfg.q_size, h),
-            p + "self_attn.k_proj.weight": (cfg.kv_size, h),
-            p + "self_attn.v_proj.weight": (cfg.kv_size, h),
-            p + "self_attn.o_proj.weight": (h, cfg.q_size),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-        }
+        shapes |= layer_shapes(cfg, f"layers.{i}.", _input_norm(dcfg, i))
     return shapes
 
 
@@ -268,7 +245,6 @@ def draft_params_from_tensors(cfg: ModelConfig, dcfg: DraftConfig, tensors: Mapp
                               layout: Layout = "in_out") -> DraftParams:
     """Validate strictly (never load a draft partly) and place the float32 weights on `device`."""
     check_draft_tensors(cfg, dcfg, tensors, source)
-    orient = (lambda w: w.T) if layout == "in_out" else (lambda w: w)
 
     def put(x: np.ndarray) -> jax.Array:
         x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
@@ -282,28 +258,13 @@ def draft_params_from_tensors(cfg: ModelConfig, dcfg: DraftConfig, tensors: Mapp
         fusion = DGFParams(emb_norm=put(t("emb_norm.weight")), w1=put(t("W_1")), w2=put(t("W_2")), wz=put(t("W_z")))
     elif dcfg.fusion == "eagle":
         fusion = EagleFusionParams(w=put(t("fc.weight").T), b=put(t("fc.bias")))
-    layers = []
-    for i in range(dcfg.num_layers):
-        p = f"layers.{i}."
-        qkv = np.concatenate([t(p + "self_attn.q_proj.weight"), t(p + "self_attn.k_proj.weight"),
-                              t(p + "self_attn.v_proj.weight")], axis=0)
-        gate_up = np.concatenate([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")], axis=0)
-        norm = p + "input_layernorm.weight"
-        layers.append(LayerParams(
-            attn_norm=put(t(norm)) if norm in tensors else None,
-            wqkv=put(orient(qkv)),
-            wo=put(orient(t(p + "self_attn.o_proj.weight"))),
-            mlp_norm=put(t(p + "post_attention_layernorm.weight")),
-            w_gate_up=put(orient(gate_up)),
-            w_down=put(orient(t(p + "mlp.down_proj.weight"))),
-        ))
+    layers = [layer_from_tensors(tensors, f"layers.{i}.", put, layout) for i in range(dcfg.num_layers)]
     final_norm = put(t("norm.weight")) if dcfg.fusion == "none" else None
     return DraftParams(fusion=fusion, layers=tuple(layers), final_norm=final_norm, layout=layout)
 
 
 def draft_tensors(params: DraftParams, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The inverse of `draft_params_from_tensors`: checkpoint names and layouts, float32 numpy."""
-    orient = (lambda w: w.T) if params.layout == "in_out" else (lambda w: w)
     out: dict[str, np.ndarray] = {}
     f = params.fusion
     if isinstance(f, DGFParams):
@@ -312,18 +273,6 @@ def draft_tensors(params: DraftParams, cfg: ModelConfig) -> dict[str, np.ndarray
         out |= {"fc.weight": np.asarray(f.w).T, "fc.bias": f.b}
     if params.final_norm is not None:
         out["norm.weight"] = params.final_norm
-    q, kv = cfg.q_size, cfg.kv_size
     for i, p in enumerate(params.layers):
-        pre = f"layers.{i}."
-        qkv = orient(np.asarray(p.wqkv))
-        gate, up = np.split(orient(np.asarray(p.w_gate_up)), 2, axis=0)
-        if p.attn_norm is not None:
-            out[pre + "input_layernorm.weight"] = p.attn_norm
-        out |= {
-            pre + "post_attention_layernorm.weight": p.mlp_norm,
-            pre + "self_attn.q_proj.weight": qkv[:q], pre + "self_attn.k_proj.weight": qkv[q:q + kv],
-            pre + "self_attn.v_proj.weight": qkv[q + kv:], pre + "self_attn.o_proj.weight": orient(np.asarray(p.wo)),
-            pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up,
-            pre + "mlp.down_proj.weight": orient(np.asarray(p.w_down)),
-        }
+        out |= layer_to_tensors(p, cfg, f"layers.{i}.", params.layout)
     return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}

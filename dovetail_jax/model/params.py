@@ -10,7 +10,7 @@ verification) 12-25% faster. Keeping both would double the weights, so the calle
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import jax
@@ -47,9 +47,62 @@ class TargetParams:
         return self.embed if self.lm_head is None else self.lm_head
 
 
+def layer_shapes(cfg: ModelConfig, prefix: str, input_norm: bool = True) -> dict[str, tuple[int, ...]]:
+    """HF names and shapes of one decoder layer's tensors (`[out, in]` projections)."""
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {prefix + "input_layernorm.weight": (h,)} if input_norm else {}
+    return shapes | {
+        prefix + "post_attention_layernorm.weight": (h,),
+        prefix + "self_attn.q_proj.weight": (cfg.q_size, h),
+        prefix + "self_attn.k_proj.weight": (cfg.kv_size, h),
+        prefix + "self_attn.v_proj.weight": (cfg.kv_size, h),
+        prefix + "self_attn.o_proj.weight": (h, cfg.q_size),
+        prefix + "mlp.gate_proj.weight": (f, h),
+        prefix + "mlp.up_proj.weight": (f, h),
+        prefix + "mlp.down_proj.weight": (h, f),
+    }
+
+
+def layer_from_tensors(tensors: Mapping[str, np.ndarray], prefix: str, put: Callable[[np.ndarray], jax.Array],
+                       layout: Layout) -> LayerParams:
+    """Fuse q/k/v and gate/up of one layer and place it; no input norm when its tensor is absent."""
+    orient = (lambda w: w.T) if layout == "in_out" else (lambda w: w)
+
+    def t(name: str) -> np.ndarray:
+        return np.asarray(tensors[prefix + name], dtype=np.float32)
+
+    qkv = np.concatenate([t("self_attn.q_proj.weight"), t("self_attn.k_proj.weight"), t("self_attn.v_proj.weight")])
+    gate_up = np.concatenate([t("mlp.gate_proj.weight"), t("mlp.up_proj.weight")])
+    return LayerParams(
+        attn_norm=put(t("input_layernorm.weight")) if prefix + "input_layernorm.weight" in tensors else None,
+        wqkv=put(orient(qkv)),
+        wo=put(orient(t("self_attn.o_proj.weight"))),
+        mlp_norm=put(t("post_attention_layernorm.weight")),
+        w_gate_up=put(orient(gate_up)),
+        w_down=put(orient(t("mlp.down_proj.weight"))),
+    )
+
+
+def layer_to_tensors(p: LayerParams, cfg: ModelConfig, prefix: str, layout: Layout) -> dict[str, np.ndarray]:
+    """The inverse of `layer_from_tensors`: HF names, `[out, in]`, float32 numpy."""
+    orient = (lambda w: w.T) if layout == "in_out" else (lambda w: w)
+    q, kv = cfg.q_size, cfg.kv_size
+    qkv = orient(np.asarray(p.wqkv))
+    gate, up = np.split(orient(np.asarray(p.w_gate_up)), 2, axis=0)
+    out = {} if p.attn_norm is None else {prefix + "input_layernorm.weight": np.asarray(p.attn_norm)}
+    out |= {
+        prefix + "post_attention_layernorm.weight": np.asarray(p.mlp_norm),
+        prefix + "self_attn.q_proj.weight": qkv[:q], prefix + "self_attn.k_proj.weight": qkv[q:q + kv],
+        prefix + "self_attn.v_proj.weight": qkv[q + kv:], prefix + "self_attn.o_proj.weight": orient(np.asarray(p.wo)),
+        prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
+        prefix + "mlp.down_proj.weight": orient(np.asarray(p.w_down)),
+    }
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor names and shapes a checkpoint of `cfg` must provide."""
-    h, f = cfg.hidden_size, cfg.intermediate_size
+    h = cfg.hidden_size
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (cfg.vocab_size, h),
         "model.norm.weight": (h,),
@@ -57,18 +110,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (cfg.q_size, h),
-            p + "self_attn.k_proj.weight": (cfg.kv_size, h),
-            p + "self_attn.v_proj.weight": (cfg.kv_size, h),
-            p + "self_attn.o_proj.weight": (h, cfg.q_size),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-        }
+        shapes |= layer_shapes(cfg, f"model.layers.{i}.")
     return shapes
 
 
@@ -93,7 +135,6 @@ def params_from_tensors(
     if layout not in ("out_in", "in_out"):
         raise ValueError(f"layout must be 'out_in' or 'in_out', got {layout!r}")
     check_tensors(cfg, tensors, source)
-    orient = (lambda w: w.T) if layout == "in_out" else (lambda w: w)
 
     def put(x: np.ndarray) -> jax.Array:
         x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
@@ -102,24 +143,7 @@ def params_from_tensors(
     def t(name: str) -> np.ndarray:
         return np.asarray(tensors[name], dtype=np.float32)
 
-    layers = []
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        qkv = np.concatenate(
-            [t(p + "self_attn.q_proj.weight"), t(p + "self_attn.k_proj.weight"), t(p + "self_attn.v_proj.weight")],
-            axis=0,
-        )
-        gate_up = np.concatenate([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")], axis=0)
-        layers.append(
-            LayerParams(
-                attn_norm=put(t(p + "input_layernorm.weight")),
-                wqkv=put(orient(qkv)),
-                wo=put(orient(t(p + "self_attn.o_proj.weight"))),
-                mlp_norm=put(t(p + "post_attention_layernorm.weight")),
-                w_gate_up=put(orient(gate_up)),
-                w_down=put(orient(t(p + "mlp.down_proj.weight"))),
-            )
-        )
+    layers = [layer_from_tensors(tensors, f"model.layers.{i}.", put, layout) for i in range(cfg.num_layers)]
     lm_head = None if cfg.tie_word_embeddings else put(t("lm_head.weight"))
     return TargetParams(
         embed=put(t("model.embed_tokens.weight")),
