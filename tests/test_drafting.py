@@ -416,3 +416,19 @@ def test_select_nodes_hand_made_ties():
     sel, par = _select(jnp.asarray(scores), jnp.asarray(parents), 6)
     assert np.asarray(sel).tolist() == [0, 1, 2, 3, 5, 6]
     assert np.asarray(par).tolist() == [0, 0, 0, 1, 2, 4]
+
+
+def test_empty_cache_path_gives_the_same_tree(lm):
+    """The prompt's first tree skips attending over the (empty) cache: same tree and stable K/V."""
+    _, _, draft = lm
+    dcfg, params, shared = draft
+    tree = TreeConfig(top_k=2, depth=3, total_tokens=7)
+    ids = padded_ids(np.random.default_rng(9), 6)
+    tokens, parents, stable = run_draft(draft, none_cache(), ids, 4, tree)
+    put = functools.partial(jax.device_put, device=devices.accelerator_device())
+    feats = np.random.default_rng(6 * 7 + 4).standard_normal((6, CFG.hidden_size)).astype(np.float32)
+    fast = jax.jit(functools.partial(draft_tree, cfg=CFG, dcfg=dcfg, tree=tree, empty_cache=True))
+    t2, p2, s2 = fast(params, shared, none_cache(), put(feats[None]), put(ids[None]), put(np.int32(4)))
+    assert np.asarray(t2).tolist() == tokens.tolist() and np.asarray(p2).tolist() == parents.tolist()
+    for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(stable), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

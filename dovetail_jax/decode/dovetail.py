@@ -115,6 +115,7 @@ def _jitted(cfg: ModelConfig, dcfg: DraftConfig, tree: TreeConfig, greedy: bool,
         "verify": jax.jit(functools.partial(_verify, cfg=cfg, tree=tree, **kw)),
         "commit": jax.jit(cache_lib.commit_path, donate_argnames=("cache",)),
         "draft": jax.jit(functools.partial(draft_tree, cfg=cfg, dcfg=dcfg, tree=tree)),
+        "draft_first": jax.jit(functools.partial(draft_tree, cfg=cfg, dcfg=dcfg, tree=tree, empty_cache=True)),
     }
 
 
@@ -269,11 +270,12 @@ def _run(fns: dict[str, Callable], params: TargetParams, cfg: ModelConfig, draft
 
     tdev, ddev = to_t.keywords["device"], to_d.keywords["device"]
 
-    def draft_step(feats_d: Any, dcache: KVCache) -> tuple[jax.Array, jax.Array, KVCache]:
+    def draft_step(feats_d: Any, dcache: KVCache, first: bool = False) -> tuple[jax.Array, jax.Array, KVCache]:
         """The draft's tree from the accepted pairs, its stable cache advanced; the tree back on the CPU."""
         t0 = clock()
         f_d, i_d, n_d = feats_d
-        tokens, parents, stable = fns["draft"](draft.params, draft.shared, dcache, f_d, i_d, n_d)
+        tokens, parents, stable = fns["draft_first" if first else "draft"](draft.params, draft.shared, dcache, f_d,
+                                                                          i_d, n_d)
         dcache = fns["append"](dcache, stable, n_d)
         jax.block_until_ready((tokens, parents, dcache.length))
         c.draft += clock() - t0
@@ -288,7 +290,7 @@ def _run(fns: dict[str, Callable], params: TargetParams, cfg: ModelConfig, draft
     first = int(np.asarray(tok)[0])
     t1 = clock()
     moved, prefill_bytes = c.cross((hidden, ids, n_real), ddev, to_draft=True)
-    tokens_t, parents_t, dcache = draft_step(moved, dcache)
+    tokens_t, parents_t, dcache = draft_step(moved, dcache, first=True)
     t4 = clock()
     prefill = {"target": t1 - t0, "transfer": c.transfer, "draft": c.draft}
     c.transfer = c.draft = 0.0

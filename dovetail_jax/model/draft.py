@@ -112,12 +112,16 @@ def forward(
     mask: jax.Array,  # [T, P + T] bool over the lead keys and the new tokens
     cache: KVCache,
     lead: KVUpdate | None = None,  # per layer [B, P, K, D] uncommitted keys/values before the new tokens
+    empty_cache: bool = False,
 ) -> tuple[jax.Array, KVUpdate]:
-    """Returns the draft's output features `[B, T, H]` (the input of the head) and the new tokens' K/V."""
+    """Returns the draft's output features `[B, T, H]` (the input of the head) and the new tokens' K/V.
+    `empty_cache=True` (static) promises an empty cache, so attention skips it (a prompt's first tree)."""
     x = fuse(params, dcfg, cfg, feats, jnp.take(shared.embed, tokens, axis=0))
     cos, sin = L.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     ks, vs = [], []
     for i, (p, kc, vc) in enumerate(zip(params.layers, cache.k, cache.v, strict=True)):
+        if empty_cache:
+            kc = vc = None
         x, k, v = decoder_layer(p, cfg, x, cos, sin, kc, vc, cache.length, mask, params.layout == "in_out",
                                 None if lead is None else lead.k[i], None if lead is None else lead.v[i])
         ks.append(k)

@@ -55,14 +55,16 @@ def draft_tree(
     cfg: ModelConfig,
     dcfg: DraftConfig,
     tree: TreeConfig,
+    empty_cache: bool = False,
 ) -> tuple[jax.Array, jax.Array, KVUpdate]:
-    """Draft one tree. Returns (tokens [T] int32, parents [T] int32, the stable pairs' K/V to append)."""
+    """Draft one tree. Returns (tokens [T] int32, parents [T] int32, the stable pairs' K/V to append).
+    `empty_cache=True` (static; the prompt's first tree) skips attending over the still empty cache."""
     m = feats.shape[1]
     k, depth, t = tree.top_k, tree.depth, tree.total_tokens
     start = cache.length
     positions = (start + jnp.arange(m, dtype=jnp.int32))[None]
     hidden, stable = D.forward(params, shared, cfg, dcfg, feats, ids, positions, jnp.tril(jnp.ones((m, m), bool)),
-                               cache)
+                               cache, empty_cache=empty_cache)
     last = n_new - 1
     root = jnp.take(ids[0], last)
     out = jnp.take(hidden[0], last, axis=0)  # [H]: the draft's guess of the root's feature
@@ -80,7 +82,7 @@ def draft_tree(
     for i in range(depth):
         pos = jnp.broadcast_to(start + n_new + i, (1, k)).astype(jnp.int32)
         mask = jnp.concatenate([valid, anc], axis=1)
-        h, upd = D.forward(params, shared, cfg, dcfg, f_h[None], f_tok[None], pos, mask, cache, lead)
+        h, upd = D.forward(params, shared, cfg, dcfg, f_h[None], f_tok[None], pos, mask, cache, lead, empty_cache)
         lp, child = jax.lax.top_k(D.log_probs(shared, h[0]), k)  # [k, k]
         value = (f_score[:, None] + lp).reshape(-1)  # [k^2]: cumulative log-probability
         pool_tok.append(D.to_target_ids(shared, child).reshape(-1))
