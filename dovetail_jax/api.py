@@ -12,6 +12,7 @@ Without `draft`, `generate` decodes with the target alone (the baseline).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,14 +50,10 @@ class Target:
     load_s: float
     path: Path | None = None  # the weights file or folder, when loaded from disk
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str | None:
         """SHA-256 of the weights file (GGUF), computed once; drafts record it to name their target."""
-        if self._sha256 is None and self.path is not None and self.path.is_file():
-            self._sha256 = checkpoint.file_sha256(self.path)
-        return self._sha256
-
-    _sha256: str | None = None
+        return checkpoint.file_sha256(self.path) if self.path is not None and self.path.is_file() else None
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -118,11 +115,11 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
     if lm_cfg.vocab_size != target.cfg.vocab_size:
         raise ModelFormatError(f"{p}: a standalone draft needs the target's vocabulary ({target.cfg.vocab_size} "
                                f"tokens), it has {lm_cfg.vocab_size}")
-    lm = params_from_tensors(lm_cfg, tensors, None, source=str(p))
-    dcfg, params, shared = draft_lib.draft_from_lm(lm, lm_cfg, dev)
     if lm_cfg.hidden_size != target.cfg.hidden_size or lm_cfg.num_heads != target.cfg.num_heads:
         raise ModelFormatError(f"{p}: standalone drafts with other shapes than the target's are not supported yet "
                                f"(hidden {lm_cfg.hidden_size} vs {target.cfg.hidden_size})")
+    lm = params_from_tensors(lm_cfg, tensors, None, source=str(p))
+    dcfg, params, shared = draft_lib.draft_from_lm(lm, lm_cfg, dev)
     return Draft(dcfg, params, shared, source=str(p))
 
 
