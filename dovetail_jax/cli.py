@@ -138,6 +138,43 @@ def cmd_bench_forward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_dovetail(args: argparse.Namespace) -> int:
+    from dovetail_jax.bench import dovetail as bench_dovetail
+
+    bench_dovetail.run(args)
+    return 0
+
+
+def cmd_train_draft(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dovetail_jax import api
+    from dovetail_jax.config import DraftConfig
+    from dovetail_jax.train import pipeline
+    from dovetail_jax.train.trainer import TrainConfig
+
+    try:
+        dcfg = DraftConfig(num_layers=args.layers, fusion=args.fusion,
+                           draft_vocab_size=args.draft_vocab if args.draft_vocab else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    tc = TrainConfig(steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr, warmup=args.warmup,
+                     noise=args.noise, seed=args.seed, save_every=args.save_every, eval_every=args.eval_every)
+    target = api.load_target(args.model, layout="in_out", tokenizer=args.tokenizer)
+    work = Path(args.work) if args.work else pipeline.default_work_dir(target)
+    try:
+        summary = pipeline.run(target, dcfg, tc, work=work, run_dir=Path(args.run) if args.run else None,
+                               out=Path(args.out) if args.out else None, num_prompts=args.num_prompts,
+                               max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch,
+                               eval_prompts=args.eval_prompts, stages=args.stage, stop_at=args.stop_at)
+    except KeyboardInterrupt as e:
+        print(f"dovetail: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(summary, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dovetail",
@@ -179,6 +216,57 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(bf)
     bench_forward.add_args(bf)
     bf.set_defaults(func=cmd_bench_forward)
+
+    from dovetail_jax.bench import dovetail as bench_dovetail
+
+    bd = bsub.add_parser("dovetail", help="Dovetail vs target-only (and llama.cpp) on HumanEval / MT-bench prompts",
+                         description="Dovetail decoding on the evaluation prompts (chat template, EOS stops), "
+                                     "round-robin with target-only and llama.cpp F32 per prompt; JSON rewritten "
+                                     "after every prompt.")
+    add_model_args(bd)
+    bench_dovetail.add_args(bd)
+    add_sampling_args(bd)
+    add_dovetail_args(bd)
+    bd.set_defaults(func=cmd_bench_dovetail)
+
+    t = sub.add_parser(
+        "train-draft", help="train a Dovetail draft for the target (self-distillation; resumable)",
+        description="Make training data and train a draft: (1) the target answers offline prompts (Python "
+                    "standard-library functions, templated chat requests) in batches, (2) its hidden features over "
+                    "those conversations are written in shards, (3) the draft is trained with optax (SmoothL1 on "
+                    "the next feature + 0.1 x soft cross-entropy through the frozen head), with orbax checkpoints, "
+                    "(4) a checkpoint folder with its card (held-out top-1 and tau) is written. Every stage "
+                    "resumes where it stopped: rerun the same command after an interruption.")
+    add_model_args(t)
+    t.add_argument("--work", metavar="DIR", default=None,
+                   help="data and runs folder (default: ~/.cache/dovetail_jax/train/<target>-<sha>)")
+    t.add_argument("--stage", choices=["all", "data", "train"], default="all",
+                   help="all (default); data: answers and features only; train: train on existing data")
+    t.add_argument("--num-prompts", type=positive_int, default=None, help="use the first N training prompts")
+    t.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest answer (256)")
+    t.add_argument("--gen-batch", type=positive_int, default=48, help="prompts answered per batch (48)")
+    t.add_argument("--fusion", choices=["dgf", "eagle"], default="dgf", help="dgf (Dovetail, default) or eagle")
+    t.add_argument("--layers", type=positive_int, default=1, help="decoder layers of the draft (1)")
+    t.add_argument("--draft-vocab", type=nonneg_int, default=8192, metavar="V",
+                   help="reduced draft vocabulary: the V most frequent tokens of the answers (8192; 0 = full)")
+    t.add_argument("--steps", type=positive_int, default=1000, help="optimiser steps in all (1000)")
+    t.add_argument("--batch-tokens", type=positive_int, default=4096, help="padded tokens per step (4096)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (1e-3)")
+    t.add_argument("--warmup", type=nonneg_int, default=100, help="warm-up steps (100)")
+    t.add_argument("--noise", type=nonneg_float, default=0.2, help="width of the uniform feature noise (0.2)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--stop-at", type=positive_int, default=None, metavar="STEP",
+                   help="end this sitting at STEP with a checkpoint (the schedule still spans --steps); "
+                        "rerun without it to finish")
+    t.add_argument("--save-every", type=positive_int, default=100, help="orbax checkpoint interval in steps (100)")
+    t.add_argument("--eval-every", type=positive_int, default=100, help="held-out evaluation interval (100)")
+    t.add_argument("--run", metavar="DIR", default=None, help="run folder (default: <work>/runs/<architecture>)")
+    t.add_argument("--out", metavar="DIR", default=None,
+                   help="where to write the draft checkpoint (default: <run>/export)")
+    t.add_argument("--eval-prompts", type=nonneg_int, default=8,
+                   help="held-out prompts for the card's tau (0: skip)")
+    t.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    t.set_defaults(func=cmd_train_draft)
 
     try:
         from simulator import cli as sim_cli

@@ -29,6 +29,7 @@ def decoder_layer(
     in_out: bool = False,
     lead_k: jax.Array | None = None,  # [B, P, K, D] uncommitted keys that precede the T new tokens
     lead_v: jax.Array | None = None,
+    kv_start: jax.Array | None = None,  # [B]: cache slots before it are hidden from that row
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns the new hidden state `[B, T, H]` and this layer's K and V of the T new tokens `[B, T, K, D]`.
 
@@ -44,6 +45,6 @@ def decoder_layer(
     if lead_k is not None:
         k_all = jnp.concatenate([lead_k, k], axis=1)
         v_all = jnp.concatenate([lead_v, v], axis=1)
-    x = x + L.linear(L.attention(q, k_all, v_all, k_cache, v_cache, prefix_len, mask), p.wo, in_out)
+    x = x + L.linear(L.attention(q, k_all, v_all, k_cache, v_cache, prefix_len, mask, kv_start), p.wo, in_out)
     x = x + L.swiglu(L.rms_norm(x, p.mlp_norm, cfg.rms_norm_eps), p.w_gate_up, p.w_down, in_out)
     return x, k, v

@@ -46,14 +46,16 @@ def attention(
     k_cache: jax.Array | None,  # [B, K, S, D] committed keys (slots >= prefix_len are stale); None: no prefix
     v_cache: jax.Array | None,  # [B, K, S, D]
     prefix_len: jax.Array,  # scalar: committed slots, all visible
-    tree_mask: jax.Array,  # [T, U] bool: new query i sees new key j
+    tree_mask: jax.Array,  # [T, U] bool: new query i sees new key j; or [B, T, U] per row
+    kv_start: jax.Array | None = None,  # [B] int32: slots before it are hidden from that row (left padding)
 ) -> jax.Array:
     """Grouped-query attention of T new tokens over the committed prefix and over each other.
 
     The cache is read as it was *before* this step's write, as two matmuls batched over (B, K), and the new
     keys are scored separately; one softmax spans both. Reading the just-written cache instead makes XLA
     CPU materialise a copy of every layer's cache each step (measured 2x slower decode at 2048 slots).
-    Without a cache (a prefill from empty) only the new tokens are scored. Returns `[B, T, N*D]`.
+    Without a cache (a prefill from empty) only the new tokens are scored. A per-row `[B, T, U]` mask and
+    `kv_start` serve batched generation over left-padded prompts. Returns `[B, T, N*D]`.
     """
     b, t, n, d = q.shape
     u, kh = k_new.shape[1], k_new.shape[2]
@@ -64,11 +66,17 @@ def attention(
     kn = k_new.transpose(0, 2, 1, 3)  # [B, K, T, D]
     vn = v_new.transpose(0, 2, 1, 3)
     s_new = jax.lax.dot_general(qh, kn, dims).reshape(b, kh, g, t, u)  # [B, K, G, T, U]
+    if tree_mask.ndim == 3:
+        tree_mask = tree_mask[:, None, None]  # [B, 1, 1, T, U]
     s_new = jnp.where(tree_mask, s_new, NEG_INF)
     m = s_new.max(-1, keepdims=True)
     if k_cache is not None:
         s_cache = jax.lax.dot_general(qh, k_cache, dims).reshape(b, kh, g, t, -1)  # [B, K, G, T, S]
-        s_cache = jnp.where(jnp.arange(k_cache.shape[2]) < prefix_len, s_cache, NEG_INF)
+        slot = jnp.arange(k_cache.shape[2])
+        visible = slot < prefix_len
+        if kv_start is not None:
+            visible = visible & (slot >= kv_start[:, None])[:, None, None, None, :]  # [B, 1, 1, 1, S]
+        s_cache = jnp.where(visible, s_cache, NEG_INF)
         m = jnp.maximum(m, s_cache.max(-1, keepdims=True))
     e_new = jnp.exp(s_new - m)
     denom = e_new.sum(-1, keepdims=True)

@@ -28,18 +28,20 @@ def forward(
     cfg: ModelConfig,
     tokens: jax.Array,  # [B, T] int32
     positions: jax.Array,  # [B, T] int32 (RoPE positions)
-    tree_mask: jax.Array,  # [T, T] bool: new token i may see new token j
+    tree_mask: jax.Array,  # [T, T] bool: new token i may see new token j ([B, T, T]: per row)
     cache: KVCache,
     logits_mode: LogitsMode = "all",
     last_index: jax.Array | int = -1,
     empty_cache: bool = False,
+    kv_start: jax.Array | None = None,  # [B]: cache slots before it are hidden from that row
 ) -> tuple[jax.Array | None, jax.Array, KVUpdate]:
     """Returns (logits, hidden, update); the cache is only read.
 
     logits: `[B, T, V]` ("all"), `[B, V]` at `last_index` ("last") or None; hidden `[B, T, H]` after the
     final norm; update: the T tokens' K/V, to be written by `cache.append` or `cache.commit_path`.
     `empty_cache=True` (static) promises `cache.length == 0`, so attention skips the cache entirely: a
-    fresh prefill then costs O(T^2), not O(T * slots).
+    fresh prefill then costs O(T^2), not O(T * slots). A `[B, T, T]` mask with `kv_start` runs a batch of
+    left-padded sequences (batched generation of training data).
     """
     x = jnp.take(params.embed, tokens, axis=0)
     cos, sin = L.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
@@ -48,7 +50,7 @@ def forward(
         if empty_cache:
             k_cache = v_cache = None
         x, k, v = decoder_layer(p, cfg, x, cos, sin, k_cache, v_cache, cache.length, tree_mask,
-                                params.layout == "in_out")
+                                params.layout == "in_out", kv_start=kv_start)
         ks.append(k)
         vs.append(v)
     hidden = L.rms_norm(x, params.final_norm, cfg.rms_norm_eps)

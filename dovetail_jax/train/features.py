@@ -1,0 +1,217 @@
+"""Feature extraction: the target's final-norm hidden states over the self-distilled conversations, in shards.
+
+A shard is a folder `shard-NNNNN/` holding, for `SHARD_RECORDS` conversations concatenated:
+`feats.npy` (bfloat16 bits as uint16, `[N, H]`), `ids.npy` (`[N]` int32 token ids), `argmax.npy` (`[N]`
+int32, the target's greedy next token after each position, for top-1 agreement), `offsets.npy` (`[S+1]`
+int64 row ranges), `prompt_len.npy` (`[S]` int32; the loss covers the answer only) and `index.npy` (`[S]`
+int64, each conversation's prompt index, which decides the held-out split), plus `meta.json`
+naming the target (name and weights sha256). Shards are written to a temporary folder and renamed, so a
+shard either exists whole or not at all, and an interrupted extraction resumes at the first missing one.
+The forwards are the target's fast prefill path (`empty_cache`), batched over sequences of similar length.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from dovetail_jax.config import ModelConfig
+from dovetail_jax.errors import ModelFormatError
+from dovetail_jax.model.cache import init_cache
+from dovetail_jax.model.params import TargetParams
+from dovetail_jax.model.target import causal_mask, forward, lm_head
+
+FORMAT = "dovetail-features/1"
+SHARD_RECORDS = 128
+MAX_LEN = 512
+_FILES = ("feats.npy", "ids.npy", "argmax.npy", "offsets.npy", "prompt_len.npy", "index.npy")
+
+
+def _features(params: TargetParams, tokens: jax.Array, *, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cache = init_cache(cfg, 1, batch=b)  # never read: empty_cache
+    _, hidden, _ = forward(params, cfg, tokens, positions, causal_mask(t), cache, "none", empty_cache=True)
+    logits = lm_head(hidden, params.head)  # [B, T, V]
+    return hidden.astype(jnp.bfloat16), jnp.argmax(logits, -1).astype(jnp.int32)
+
+
+@functools.cache
+def _jitted(cfg: ModelConfig):
+    return jax.jit(functools.partial(_features, cfg=cfg))
+
+
+def sequences(records: Sequence[dict[str, Any]], max_len: int = MAX_LEN) -> list[tuple[list[int], int]]:
+    """(prompt + answer ids cut to `max_len`, prompt length) per record."""
+    return [((r["prompt_ids"] + r["answer_ids"])[:max_len], len(r["prompt_ids"])) for r in records]
+
+
+def extract_shard(params: TargetParams, cfg: ModelConfig, seqs: Sequence[tuple[list[int], int]],
+                  tokens_per_batch: int = 4096) -> dict[str, np.ndarray]:
+    """Arrays of one shard (see the module docstring), computed in batches of similar length."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    h = cfg.hidden_size
+    feats = [np.zeros((0, h), np.uint16)] * len(seqs)
+    argmax = [np.zeros(0, np.int32)] * len(seqs)
+    fn = _jitted(cfg)
+    k = 0
+    while k < len(order):
+        longest = len(seqs[order[min(k + 7, len(order) - 1)]][0])
+        t = max(64, 1 << (longest - 1).bit_length())
+        b = max(1, min(len(order) - k, tokens_per_batch // t))
+        rows = order[k:k + b]
+        t = max(64, 1 << (max(len(seqs[i][0]) for i in rows) - 1).bit_length())
+        tok = np.zeros((b, t), np.int32)
+        for j, i in enumerate(rows):
+            tok[j, : len(seqs[i][0])] = seqs[i][0]
+        hid, am = fn(params, jnp.asarray(tok))
+        hid = np.asarray(hid).view(np.uint16)
+        am = np.asarray(am)
+        for j, i in enumerate(rows):
+            n = len(seqs[i][0])
+            feats[i], argmax[i] = hid[j, :n], am[j, :n]
+        k += b
+    lengths = np.array([len(s[0]) for s in seqs], np.int64)
+    return {
+        "feats": np.concatenate(feats),
+        "ids": np.concatenate([np.asarray(s[0], np.int32) for s in seqs]),
+        "argmax": np.concatenate(argmax),
+        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "prompt_len": np.array([s[1] for s in seqs], np.int32),
+    }
+
+
+def _meta(target_name: str, sha256: str, cfg: ModelConfig, first: int, count: int, n_tokens: int) -> dict:
+    return {"format": FORMAT, "target": {"name": target_name, "sha256": sha256}, "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size, "feature_dtype": "bfloat16", "first_record": first, "records": count,
+            "tokens": n_tokens, "max_len": MAX_LEN}
+
+
+def shard_dir(folder: Path, k: int) -> Path:
+    return folder / f"shard-{k:05d}"
+
+
+def read_meta(shard: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((shard / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{shard}: unreadable meta.json ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ModelFormatError(f"{shard}: not a feature shard (format {meta.get('format')!r}, expected {FORMAT!r})")
+    return meta
+
+
+def extract_all(target: Any, records: Sequence[dict[str, Any]], folder: Path, progress: bool = True) -> dict:
+    """Write every missing shard of `records` under `folder`; existing shards must belong to this target."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n_shards = (len(records) + SHARD_RECORDS - 1) // SHARD_RECORDS
+    todo = []
+    for k in range(n_shards):
+        d = shard_dir(folder, k)
+        if d.exists():
+            meta = check_shard(d, target.sha256, target.cfg.hidden_size)
+            if meta["records"] == min(SHARD_RECORDS, len(records) - k * SHARD_RECORDS):
+                continue
+            shutil.rmtree(d)  # a short last shard, written before more answers arrived
+        todo.append(k)
+    bar = tqdm(total=n_shards, initial=n_shards - len(todo), unit="shard", desc="features", disable=not progress)
+    t0, tokens = time.perf_counter(), 0
+    for k in todo:
+        first = k * SHARD_RECORDS
+        recs = records[first:first + SHARD_RECORDS]
+        arrays = extract_shard(target.params, target.cfg, sequences(recs))
+        arrays["index"] = np.array([r["index"] for r in recs], np.int64)
+        tmp = folder / f".tmp-{k:05d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name, arr in arrays.items():
+            np.save(tmp / f"{name}.npy", arr)
+        meta = _meta(target.cfg.name, target.sha256, target.cfg, first, len(recs), int(arrays["ids"].size))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        tmp.rename(shard_dir(folder, k))
+        tokens += int(arrays["ids"].size)
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    return {"shards": n_shards, "extracted": len(todo), "tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+def check_shard(shard: Path, sha256: str | None, hidden_size: int) -> dict[str, Any]:
+    """The shard's meta, after checking it belongs to this target and has all its files."""
+    meta = read_meta(shard)
+    if sha256 is not None and meta["target"]["sha256"] != sha256:
+        raise ModelFormatError(
+            f"{shard}: features of another model ({meta['target']['name']}, weights sha256 "
+            f"{meta['target']['sha256'][:12]}…), not of this target ({sha256[:12]}…); use another --work folder")
+    if meta.get("hidden_size") != hidden_size:
+        raise ModelFormatError(f"{shard}: hidden size {meta.get('hidden_size')} != the target's {hidden_size}")
+    missing = [f for f in _FILES if not (shard / f).is_file()]
+    if missing:
+        raise ModelFormatError(f"{shard}: missing {', '.join(missing)}; delete the shard folder to re-extract it")
+    return meta
+
+
+@dataclass
+class FeatureSet:
+    """All shards of a folder in memory (bfloat16 features: ~1.2 kB per token for SmolLM2)."""
+
+    feats: np.ndarray  # [N, H] bfloat16
+    ids: np.ndarray  # [N] int32
+    argmax: np.ndarray  # [N] int32
+    offsets: np.ndarray  # [S+1] int64
+    prompt_len: np.ndarray  # [S] int32
+    record_index: np.ndarray  # [S] int64: prompt index of each conversation (decides the held-out split)
+    meta: dict[str, Any]
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.prompt_len.size)
+
+
+def load_features(folder: Path, sha256: str | None, hidden_size: int) -> FeatureSet:
+    shards = sorted(p for p in folder.glob("shard-*") if p.is_dir())
+    if not shards:
+        raise ModelFormatError(f"{folder}: no feature shards; run `dovetail train-draft` data preparation first")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("feats", "ids", "argmax", "prompt_len", "lengths", "rec")}
+    meta = {}
+    for shard in shards:
+        meta = check_shard(shard, sha256, hidden_size)
+        try:
+            arr = {n: np.load(shard / f"{n}.npy") for n in ("feats", "ids", "argmax", "offsets", "prompt_len", "index")}
+        except (OSError, ValueError) as e:
+            raise ModelFormatError(f"{shard}: damaged array file ({e}); delete the shard folder to re-extract it") \
+                from None
+        n = int(arr["offsets"][-1])
+        ok = (arr["feats"].shape == (n, hidden_size) and arr["ids"].shape == (n,) and arr["argmax"].shape == (n,)
+              and arr["prompt_len"].size == arr["offsets"].size - 1 == meta["records"] == arr["index"].size)
+        if not ok:
+            raise ModelFormatError(f"{shard}: array shapes disagree with each other or with meta.json; "
+                                   "delete the shard folder to re-extract it")
+        parts["feats"].append(arr["feats"])
+        parts["ids"].append(arr["ids"])
+        parts["argmax"].append(arr["argmax"])
+        parts["prompt_len"].append(arr["prompt_len"])
+        parts["lengths"].append(np.diff(arr["offsets"]))
+        parts["rec"].append(arr["index"])
+    lengths = np.concatenate(parts["lengths"])
+    return FeatureSet(
+        feats=np.concatenate(parts["feats"]).view(ml_dtypes.bfloat16),
+        ids=np.concatenate(parts["ids"]),
+        argmax=np.concatenate(parts["argmax"]),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        prompt_len=np.concatenate(parts["prompt_len"]),
+        record_index=np.concatenate(parts["rec"]).astype(np.int64),
+        meta=meta,
+    )

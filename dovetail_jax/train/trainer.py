@@ -1,0 +1,277 @@
+"""Training the draft: optax AdamW with warm-up and value clipping, a jitted step, orbax checkpoints.
+
+A run lives in one folder: `run.json` (what was asked: draft architecture, training options, the target and
+the feature set), `vocab_map.npy` (the reduced vocabulary, chosen once from the training split),
+`ckpt/` (orbax: params, optimiser state, step; saved every `save_every` steps, on Ctrl-C and at the end)
+and `log.jsonl` (held-out metrics). Rerunning the same command resumes from the last checkpoint; the batch
+order is a pure function of (seed, step), so a resumed run sees the batches it would have seen. Asking a
+run folder for a different architecture or target is refused rather than silently mixing two runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from dovetail_jax.config import DraftConfig, ModelConfig
+from dovetail_jax.errors import ConfigError
+from dovetail_jax.model import draft as D
+from dovetail_jax.model.params import TargetParams
+from dovetail_jax.train.features import FeatureSet
+from dovetail_jax.train.loss import Batch, losses
+
+MIN_BUCKET = 64
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_tokens: int = 4096  # padded tokens per step
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.1  # cosine decay to lr * this at the last step
+    weight_decay: float = 0.01
+    clip_value: float = 0.5  # EAGLE clips gradients by value
+    noise: float = 0.2  # uniform feature noise of this width
+    p_weight: float = 0.1  # weight of the soft cross-entropy
+    seed: int = 0
+    save_every: int = 200
+    eval_every: int = 200
+    heldout_every: int = 20  # every 20th conversation (by index in the answers file) is held out
+
+
+def split(fs: FeatureSet, every: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) sequence numbers; held out: answers-file index divisible by `every`."""
+    held = fs.record_index % every == 0
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def choose_vocab(fs: FeatureSet, seqs: np.ndarray, size: int, always: tuple[int, ...] = ()) -> np.ndarray:
+    """The `size` target ids most frequent among the answers' tokens and the target's greedy choices of the
+    training split (EOS ids always kept): the reduced draft vocabulary."""
+    counts = np.zeros(int(max(fs.ids.max(), fs.argmax.max())) + 1, np.int64)
+    for s in seqs:
+        a, b = int(fs.offsets[s]) + int(fs.prompt_len[s]), int(fs.offsets[s + 1])
+        counts += np.bincount(fs.ids[a:b], minlength=counts.size)[: counts.size]
+        counts += np.bincount(fs.argmax[a:b], minlength=counts.size)[: counts.size]
+    order = np.argsort(-counts, kind="stable")
+    keep = list(dict.fromkeys(int(i) for i in always))
+    for i in order:
+        if len(keep) >= size:
+            break
+        if int(i) not in keep:
+            keep.append(int(i))
+    return np.asarray(keep[:size], np.int32)
+
+
+def _bucket(n: int) -> int:
+    return max(MIN_BUCKET, 1 << max(0, (n - 1).bit_length()))
+
+
+def batch_plan(lengths: np.ndarray, seqs: np.ndarray, batch_tokens: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """One epoch's batches: a seeded shuffle, then groups of 64 sorted by length so each batch pads little;
+    each batch holds as many sequences as fit `batch_tokens` at its power-of-two length."""
+    rng = np.random.default_rng([seed, epoch])
+    order = seqs[rng.permutation(seqs.size)]
+    batches = []
+    for g in range(0, order.size, 64):
+        group = sorted(order[g:g + 64].tolist(), key=lambda s: lengths[s])
+        k = 0
+        while k < len(group):
+            t = _bucket(int(lengths[group[min(len(group) - 1, k + 1)]]))
+            n = max(1, batch_tokens // t)
+            chunk = group[k:k + n]
+            while len(chunk) > 1 and _bucket(int(max(lengths[s] for s in chunk))) * len(chunk) > batch_tokens:
+                chunk = chunk[:-1]
+            batches.append(np.asarray(chunk))
+            k += len(chunk)
+    order2 = rng.permutation(len(batches))
+    return [batches[i] for i in order2]
+
+
+def make_batch(fs: FeatureSet, seqs: np.ndarray) -> Batch:
+    """Pad the sequences to a power-of-two length T (+1 row for the shifted targets)."""
+    lengths = (fs.offsets[seqs + 1] - fs.offsets[seqs]).astype(np.int64)
+    t = _bucket(int(lengths.max()) - 1)
+    b, h = seqs.size, fs.feats.shape[1]
+    feats = np.zeros((b, t + 1, h), np.float32)
+    ids = np.zeros((b, t + 1), np.int32)
+    am = np.zeros((b, t + 1), np.int32)
+    mask = np.zeros((b, t), np.float32)
+    for j, s in enumerate(seqs):
+        a, n, p = int(fs.offsets[s]), int(lengths[j]), int(fs.prompt_len[s])
+        feats[j, :n] = fs.feats[a:a + n]
+        ids[j, :n] = fs.ids[a:a + n]
+        am[j, :n] = fs.argmax[a:a + n]
+        mask[j, max(0, p - 1): n - 1] = 1.0  # predictions from the last prompt token to the last answer one
+    return Batch(feats=jnp.asarray(feats), ids=jnp.asarray(ids), argmax=jnp.asarray(am), mask=jnp.asarray(mask))
+
+
+def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(1, tc.warmup), max(tc.steps, tc.warmup + 1),
+                                                  tc.lr * tc.min_lr_ratio)
+    return optax.chain(optax.clip(tc.clip_value),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay))
+
+
+@functools.cache
+def _step_fn(cfg: ModelConfig, dcfg: DraftConfig, tc: TrainConfig) -> Callable:
+    opt = optimizer(tc)
+    loss = functools.partial(losses, cfg=cfg, dcfg=dcfg, noise=tc.noise, p_weight=tc.p_weight)
+
+    def step(params, opt_state, shared, batch, key):
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, shared, batch, key)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+@functools.cache
+def _eval_fn(cfg: ModelConfig, dcfg: DraftConfig, p_weight: float) -> Callable:
+    return jax.jit(functools.partial(losses, key=None, cfg=cfg, dcfg=dcfg, noise=0.0, p_weight=p_weight))
+
+
+def evaluate(params: D.DraftParams, shared: D.DraftShared, fs: FeatureSet, seqs: np.ndarray, cfg: ModelConfig,
+             dcfg: DraftConfig, tc: TrainConfig) -> dict[str, float]:
+    """Held-out metrics, weighted by trained positions (clean features)."""
+    fn = _eval_fn(cfg, dcfg, tc.p_weight)
+    lengths = fs.offsets[1:] - fs.offsets[:-1]
+    tot: dict[str, float] = {}
+    n = 0.0
+    for chunk in batch_plan(lengths, seqs, tc.batch_tokens, seed=12345, epoch=0):
+        _, m = fn(params, shared, make_batch(fs, chunk))
+        w = float(m["positions"])
+        for k in ("loss", "vloss", "ploss", "top1"):
+            tot[k] = tot.get(k, 0.0) + float(m[k]) * w
+        n += w
+    return {k: v / max(n, 1.0) for k, v in tot.items()} | {"positions": n}
+
+
+def _batches(lengths: np.ndarray, seqs: np.ndarray, tc: TrainConfig, start: int) -> Iterator[np.ndarray]:
+    """Batches for steps `start`, `start+1`, ... (epochs follow each other; a pure function of seed and step)."""
+    epoch, skip = 0, start
+    while True:
+        plan = batch_plan(lengths, seqs, tc.batch_tokens, tc.seed, epoch)
+        if skip >= len(plan):
+            skip -= len(plan)
+            epoch += 1
+            continue
+        yield from plan[skip:]
+        skip = 0
+        epoch += 1
+
+
+def run_record(cfg: ModelConfig, dcfg: DraftConfig, tc: TrainConfig, target_sha256: str | None,
+               features: dict[str, Any]) -> dict[str, Any]:
+    return {"target": {"name": cfg.name, "sha256": target_sha256}, "draft": dataclasses.asdict(dcfg),
+            "train": dataclasses.asdict(tc), "features": features}
+
+
+def check_run(run: Path, record: dict[str, Any]) -> None:
+    """Refuse to resume a run folder that was started for another draft, target or option set (steps may grow)."""
+    path = run / "run.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    for key in ("target", "draft", "features"):
+        if old.get(key) != record[key]:
+            raise ConfigError(f"{run} holds a run for {key} {old.get(key)}, not {record[key]}; "
+                              "use another run folder or the same options")
+    a = {k: v for k, v in old.get("train", {}).items() if k not in ("steps", "save_every", "eval_every")}
+    b = {k: v for k, v in record["train"].items() if k not in ("steps", "save_every", "eval_every")}
+    if a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ConfigError(f"{run} was started with other training options ({', '.join(diff)}); "
+                          "use another run folder or the same options")
+
+
+@dataclass
+class TrainResult:
+    params: D.DraftParams
+    step: int
+    heldout: dict[str, float]
+    seconds: float
+    interrupted: bool
+
+
+def train(target: TargetParams, cfg: ModelConfig, dcfg: DraftConfig, tc: TrainConfig, fs: FeatureSet,
+          vocab_map: np.ndarray | None, run: Path, target_sha256: str | None, progress: bool = True,
+          stop_at: int | None = None) -> TrainResult:
+    """Train (or resume) the draft in `run`; returns the final parameters and held-out metrics.
+
+    `stop_at` ends this sitting early (with a checkpoint) without changing the schedule, which spans
+    `tc.steps`; the next call resumes from there.
+    """
+    train_seqs, held_seqs = split(fs, tc.heldout_every)
+    if train_seqs.size == 0 or held_seqs.size == 0:
+        raise ConfigError(f"need both training and held-out conversations; have {train_seqs.size} and "
+                          f"{held_seqs.size} (held out: every {tc.heldout_every}th)")
+    shared = D.make_shared(target, cfg, vocab_map)
+    params = D.init_draft(jax.random.key(tc.seed), cfg, dcfg)
+    opt_state = optimizer(tc).init(params)
+    mngr = ocp.CheckpointManager(
+        (run / "ckpt").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False))
+    step = 0
+    latest = mngr.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
+        restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+        params, opt_state, step = restored["params"], restored["opt_state"], latest
+    lengths = fs.offsets[1:] - fs.offsets[:-1]
+    step_fn = _step_fn(cfg, dcfg, tc)
+    key = jax.random.key(tc.seed + 1)
+    log = (run / "log.jsonl").open("a")
+    bar = tqdm(total=tc.steps, initial=step, unit="step", desc="train", disable=not progress)
+    t0, interrupted = time.perf_counter(), False
+    ema: dict[str, float] = {}
+
+    def save(s: int) -> None:
+        mngr.save(s, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
+        mngr.wait_until_finished()
+
+    try:
+        batches = _batches(lengths, train_seqs, tc, step)
+        end = tc.steps if stop_at is None else min(tc.steps, stop_at)
+        while step < end:
+            chunk = next(batches)
+            params, opt_state, m = step_fn(params, opt_state, shared, make_batch(fs, chunk),
+                                           jax.random.fold_in(key, step))
+            step += 1
+            for k in ("loss", "top1"):
+                ema[k] = float(m[k]) if k not in ema else 0.95 * ema[k] + 0.05 * float(m[k])
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema['loss']:.3f}", top1=f"{ema['top1']:.3f}")
+            if step % tc.eval_every == 0 or step == tc.steps:
+                ev = evaluate(params, shared, fs, held_seqs, cfg, dcfg, tc)
+                log.write(json.dumps({"step": step, "heldout": ev, "train_ema": dict(ema),
+                                      "time": time.time()}) + "\n")
+                log.flush()
+                bar.write(f"step {step}: held-out loss {ev['loss']:.4f} top-1 {ev['top1']:.3f}")
+            if step % tc.save_every == 0 or step == end:
+                save(step)
+    except KeyboardInterrupt:
+        interrupted = True
+        if mngr.latest_step() != step:
+            save(step)
+    finally:
+        bar.close()
+        log.close()
+    heldout = evaluate(params, shared, fs, held_seqs, cfg, dcfg, tc)
+    mngr.close()
+    return TrainResult(params=params, step=step, heldout=heldout, seconds=time.perf_counter() - t0,
+                       interrupted=interrupted)

@@ -1,0 +1,249 @@
+"""Draft training: batched generation, feature shards, the loss, the trainer (resume, refusal) and the pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from dovetail_helpers import tiny_target
+
+from dovetail_jax.config import DraftConfig
+from dovetail_jax.decode import target_only
+from dovetail_jax.decode.batched import generate_greedy_batch
+from dovetail_jax.errors import ConfigError, ModelFormatError
+from dovetail_jax.model import draft as D
+from dovetail_jax.model.cache import init_cache
+from dovetail_jax.model.target import causal_mask, forward
+from dovetail_jax.train import features as F
+from dovetail_jax.train import trainer as T
+from dovetail_jax.train.loss import Batch, losses, smooth_l1
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_target(vocab=64, seed=3, scale=0.4)
+
+
+def _prompts(seed: int, n: int, vocab: int = 64) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, size=int(rng.integers(1, 20))).tolist() for _ in range(n)]
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny):
+    cfg, params = tiny
+    prompts = _prompts(0, 5)
+    eos = (7,)
+    got = generate_greedy_batch(params, cfg, prompts, 24, eos)
+    for p, g in zip(prompts, got, strict=True):
+        ref, _ = target_only.generate(params, cfg, p, 24, eos_ids=eos)
+        assert g == ref
+
+
+def test_batched_generation_rejects_bad_input(tiny):
+    cfg, params = tiny
+    with pytest.raises(ConfigError):
+        generate_greedy_batch(params, cfg, [[1, 2], []], 4, ())
+    with pytest.raises(ConfigError):
+        generate_greedy_batch(params, cfg, [[1, 2]], 0, ())
+
+
+def _records(cfg, params, n: int, seed: int = 0) -> list[dict]:
+    prompts = _prompts(seed, n)
+    answers = generate_greedy_batch(params, cfg, prompts, 16, ())
+    pairs = enumerate(zip(prompts, answers, strict=True))
+    return [{"index": i, "prompt_ids": p, "answer_ids": a} for i, (p, a) in pairs]
+
+
+def _fake_target(cfg, params, sha="a" * 64):
+    return SimpleNamespace(cfg=cfg, params=params, sha256=sha, eos_ids=(7,))
+
+
+def test_feature_shard_equals_a_lone_forward(tiny):
+    cfg, params = tiny
+    recs = _records(cfg, params, 6)
+    arrays = F.extract_shard(params, cfg, F.sequences(recs), tokens_per_batch=128)
+    for i, (seq, plen) in enumerate(F.sequences(recs)):
+        a, b = arrays["offsets"][i], arrays["offsets"][i + 1]
+        assert b - a == len(seq) and arrays["prompt_len"][i] == plen
+        tok = jnp.asarray([seq], jnp.int32)
+        pos = jnp.arange(len(seq), dtype=jnp.int32)[None]
+        logits, hid, _ = forward(params, cfg, tok, pos, causal_mask(len(seq)), init_cache(cfg, 1), "all",
+                                 empty_cache=True)
+        got = arrays["feats"][a:b].view(jnp.bfloat16).astype(np.float32)
+        np.testing.assert_allclose(got, np.asarray(hid[0]), rtol=1e-2, atol=1e-2)  # stored in bfloat16
+        np.testing.assert_array_equal(arrays["argmax"][a:b], np.asarray(jnp.argmax(logits[0], -1)))
+        np.testing.assert_array_equal(arrays["ids"][a:b], seq)
+
+
+def test_extraction_resumes_and_refuses_foreign_shards(tiny, tmp_path, monkeypatch):
+    cfg, params = tiny
+    monkeypatch.setattr(F, "SHARD_RECORDS", 4)
+    recs = _records(cfg, params, 10)
+    tgt = _fake_target(cfg, params)
+    first = F.extract_all(tgt, recs[:6], tmp_path, progress=False)
+    assert first["extracted"] == 2  # 4 + a short last shard of 2
+    again = F.extract_all(tgt, recs, tmp_path, progress=False)
+    assert again["extracted"] == 2  # the short shard is redone with its 4 records, one new shard of 2
+    assert F.extract_all(tgt, recs, tmp_path, progress=False)["extracted"] == 0
+    fs = F.load_features(tmp_path, tgt.sha256, cfg.hidden_size)
+    assert fs.num_sequences == 10 and list(fs.record_index) == list(range(10))
+    with pytest.raises(ModelFormatError, match="another model"):
+        F.load_features(tmp_path, "b" * 64, cfg.hidden_size)
+    with pytest.raises(ModelFormatError, match="another model"):
+        F.extract_all(_fake_target(cfg, params, "b" * 64), recs, tmp_path, progress=False)
+    (tmp_path / "shard-00001" / "ids.npy").write_bytes(b"garbage")
+    with pytest.raises(ModelFormatError, match="shard-00001"):
+        F.load_features(tmp_path, tgt.sha256, cfg.hidden_size)
+    shutil.rmtree(tmp_path / "shard-00001")
+    assert F.extract_all(tgt, recs, tmp_path, progress=False)["extracted"] == 1  # only the deleted shard
+    (tmp_path / "shard-00002" / "argmax.npy").unlink()
+    with pytest.raises(ModelFormatError, match="missing argmax.npy"):
+        F.load_features(tmp_path, tgt.sha256, cfg.hidden_size)
+
+
+def test_smooth_l1_closed_form():
+    x = jnp.asarray([0.0, 0.5, -2.0, 3.0])
+    np.testing.assert_allclose(smooth_l1(x, jnp.zeros(4)), [0.0, 0.125, 1.5, 2.5])
+
+
+def test_losses_match_a_numpy_reference(tiny):
+    cfg, params = tiny
+    dcfg = DraftConfig(num_layers=1, fusion="dgf", draft_vocab_size=16)
+    p = D.init_draft(jax.random.key(1), cfg, dcfg)
+    vm = np.arange(16, dtype=np.int32)[::-1].copy()
+    shared = D.make_shared(params, cfg, vm)
+    rng = np.random.default_rng(0)
+    b, t, h = 2, 6, cfg.hidden_size
+    feats = rng.standard_normal((b, t + 1, h)).astype(np.float32)
+    ids = rng.integers(0, 64, (b, t + 1)).astype(np.int32)
+    am = rng.integers(0, 16, (b, t + 1)).astype(np.int32)
+    mask = np.zeros((b, t), np.float32)
+    mask[0, 2:5] = 1
+    mask[1, :] = 1
+    batch = Batch(feats=jnp.asarray(feats), ids=jnp.asarray(ids), argmax=jnp.asarray(am), mask=jnp.asarray(mask))
+    total, m = losses(p, shared, batch, None, cfg=cfg, dcfg=dcfg, noise=0.0, p_weight=0.1)
+    # reference: the draft's forward run sequence by sequence, losses by hand in numpy (float64)
+    head = np.asarray(shared.head, np.float64)
+    v_sum = p_sum = hits = 0.0
+    for j in range(b):
+        pos = jnp.arange(t, dtype=jnp.int32)[None]
+        cache = init_cache(cfg, 1)
+        cache = cache.replace(k=cache.k[:1], v=cache.v[:1])
+        pred, _ = D.forward(p, shared, cfg, dcfg, jnp.asarray(feats[j:j + 1, :-1]), jnp.asarray(ids[j:j + 1, 1:]),
+                            pos, causal_mask(t), cache, empty_cache=True)
+        pred = np.asarray(pred[0], np.float64)
+        nxt = feats[j, 1:].astype(np.float64)
+        d = np.abs(pred - nxt)
+        sl1 = np.where(d < 1, 0.5 * d * d, d - 0.5).mean(-1)
+        lt = nxt @ head.T
+        pt = np.exp(lt - lt.max(-1, keepdims=True))
+        pt /= pt.sum(-1, keepdims=True)
+        lq = pred @ head.T
+        lq = lq - lq.max(-1, keepdims=True)
+        lq = lq - np.log(np.exp(lq).sum(-1, keepdims=True))
+        v_sum += (mask[j] * sl1).sum()
+        p_sum += (mask[j] * -(pt * lq).sum(-1)).sum()
+        hits += (mask[j] * (vm[lq.argmax(-1)] == am[j, 1:])).sum()
+    n = mask.sum()
+    np.testing.assert_allclose(float(m["vloss"]), v_sum / n, rtol=1e-5)
+    np.testing.assert_allclose(float(m["ploss"]), p_sum / n, rtol=1e-5)
+    np.testing.assert_allclose(float(total), v_sum / n + 0.1 * p_sum / n, rtol=1e-5)
+    assert float(m["top1"]) == pytest.approx(hits / n)
+    assert float(m["positions"]) == n
+
+
+def test_batch_plan_covers_every_sequence_once_within_budget():
+    lengths = np.random.default_rng(0).integers(5, 300, 200)
+    seqs = np.arange(200)[::3]
+    plan = T.batch_plan(lengths, seqs, 1024, seed=0, epoch=0)
+    flat = np.concatenate(plan)
+    assert sorted(flat.tolist()) == sorted(seqs.tolist())
+    for b in plan:
+        assert b.size == 1 or T._bucket(int(lengths[b].max())) * b.size <= 1024
+    again = T.batch_plan(lengths, seqs, 1024, seed=0, epoch=0)
+    assert all(np.array_equal(a, b) for a, b in zip(plan, again, strict=True))
+
+
+def test_make_batch_masks_the_answer_only(tiny):
+    cfg, params = tiny
+    recs = _records(cfg, params, 3)
+    arrays = F.extract_shard(params, cfg, F.sequences(recs))
+    fs = F.FeatureSet(feats=arrays["feats"].view(jnp.bfloat16), ids=arrays["ids"], argmax=arrays["argmax"],
+                      offsets=arrays["offsets"], prompt_len=arrays["prompt_len"], record_index=np.arange(3),
+                      meta={})
+    b = T.make_batch(fs, np.arange(3))
+    for j, r in enumerate(recs):
+        n, p = len(r["prompt_ids"]) + len(r["answer_ids"]), len(r["prompt_ids"])
+        want = np.zeros(b.mask.shape[1])
+        want[p - 1:n - 1] = 1
+        np.testing.assert_array_equal(np.asarray(b.mask[j]), want)
+        np.testing.assert_array_equal(np.asarray(b.ids[j, :n]), r["prompt_ids"] + r["answer_ids"])
+
+
+@pytest.fixture(scope="module")
+def tiny_features(tiny, tmp_path_factory):
+    cfg, params = tiny
+    folder = tmp_path_factory.mktemp("feats")
+    recs = _records(cfg, params, 40, seed=5)
+    F.extract_all(_fake_target(cfg, params), recs, folder, progress=False)
+    return F.load_features(folder, "a" * 64, cfg.hidden_size)
+
+
+def _leaves(p):
+    return [np.asarray(x) for x in jax.tree.leaves(p)]
+
+
+def test_training_learns_and_resumes_exactly(tiny, tiny_features, tmp_path):
+    cfg, params = tiny
+    fs = tiny_features
+    dcfg = DraftConfig(num_layers=1, fusion="dgf", draft_vocab_size=32)
+    tc = T.TrainConfig(steps=40, batch_tokens=256, lr=1e-2, warmup=5, save_every=10, eval_every=20,
+                       heldout_every=5)
+    train_seqs, _ = T.split(fs, 5)
+    vm = T.choose_vocab(fs, train_seqs, 32, (7,))
+    assert vm.size == 32 and 7 in vm and len(set(vm.tolist())) == 32
+    full = T.train(params, cfg, dcfg, tc, fs, vm, tmp_path / "a", "a" * 64, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 20 and log[-1]["step"] == 40
+    shared = D.make_shared(params, cfg, vm)
+    fresh = T.evaluate(D.init_draft(jax.random.key(0), cfg, dcfg), shared, fs, train_seqs, cfg, dcfg, tc)
+    trained = T.evaluate(full.params, shared, fs, train_seqs, cfg, dcfg, tc)
+    assert trained["loss"] < 0.7 * fresh["loss"]  # the optimiser fits the training split
+    assert full.heldout["loss"] < T.evaluate(D.init_draft(jax.random.key(0), cfg, dcfg), shared, fs,
+                                             T.split(fs, 5)[1], cfg, dcfg, tc)["loss"]
+    # stop after 20 steps, then rerun asking for 40: same weights as the uninterrupted run
+    part = T.train(params, cfg, dcfg, tc, fs, vm, tmp_path / "b", "a" * 64, progress=False, stop_at=20)
+    assert part.step == 20 and not part.interrupted
+    resumed = T.train(params, cfg, dcfg, tc, fs, vm, tmp_path / "b", "a" * 64, progress=False)
+    assert resumed.step == 40
+    for x, y in zip(_leaves(full.params), _leaves(resumed.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_folder_refuses_another_architecture(tiny):
+    cfg, _ = tiny
+    tc = T.TrainConfig()
+    rec = T.run_record(cfg, DraftConfig(num_layers=1), tc, "a" * 64, {"folder": "f", "conversations": 3})
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        run = Path(d)
+        (run / "run.json").write_text(json.dumps(rec))
+        T.check_run(run, T.run_record(cfg, DraftConfig(num_layers=1), T.TrainConfig(steps=5000), "a" * 64,
+                                      {"folder": "f", "conversations": 3}))  # more steps: fine
+        with pytest.raises(ConfigError, match="draft"):
+            T.check_run(run, T.run_record(cfg, DraftConfig(num_layers=2), tc, "a" * 64,
+                                          {"folder": "f", "conversations": 3}))
+        with pytest.raises(ConfigError, match="target"):
+            T.check_run(run, T.run_record(cfg, DraftConfig(num_layers=1), tc, "b" * 64,
+                                          {"folder": "f", "conversations": 3}))
+        with pytest.raises(ConfigError, match="lr"):
+            T.check_run(run, T.run_record(cfg, DraftConfig(num_layers=1), T.TrainConfig(lr=1.0), "a" * 64,
+                                          {"folder": "f", "conversations": 3}))
+    shutil.rmtree(d, ignore_errors=True)
