@@ -101,7 +101,7 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
         dcfg, params, shared = draft_lib.draft_from_lm(target.params, target.cfg, dev)
         return Draft(dcfg, params, shared, source="self (the target itself)")
     if path is None:
-        path = default_draft_path(target.cfg.name)
+        path = default_draft_path(target.sha256)
         if path is None:
             if fallback_random is None:
                 raise ConfigError(f"no trained draft is shipped for {target.cfg.name}; pass a draft path")

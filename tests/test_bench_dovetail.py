@@ -250,7 +250,8 @@ def test_cli_end_to_end(run_cli, smollm2_path, tmp_path, monkeypatch):
     for key in ("schema", "complete", "timestamp", "command", "machine", "model", "settings", "configs", "results",
                 "prompts", "skipped", "warmup_compile_s"):
         assert key in d, key
-    assert d["complete"] is True and d["model"]["layout"] == "in_out"
+    assert d["complete"] is True and d["model"]["layout"].startswith("in_out")
+    assert (tmp_path / "bd.png").stat().st_size > 1000 and (tmp_path / "bd.svg").is_file()  # the figure
     assert d["settings"]["chat"] is True and d["settings"]["ignore_eos"] is False and d["settings"]["greedy"]
     assert d["skipped"]["llama_cpp_f32"] == "--no-llama-cpp"
     assert "cpu" in d["machine"] and isinstance(d["command"], str)

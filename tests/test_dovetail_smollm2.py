@@ -1,9 +1,10 @@
 """Greedy losslessness on the real SmolLM2-135M-Instruct: `--mode dovetail` emits exactly the tokens of
-`--mode target`, prompt by prompt, with an untrained draft and with a draft that agrees with the target (the
-target itself as a standalone draft, so long paths are accepted), over several tree shapes.
+`--mode target`, prompt by prompt, with an untrained draft, with the shipped trained draft, and with a draft
+that agrees with the target (the target itself as a standalone draft, so long paths are accepted), over several
+tree shapes.
 
 The default run checks a subset; `pytest -m slow` runs the full matrix (20 prompts x 128 new tokens x 4 tree
-shapes x 2 drafts; about 15 minutes on 2 cores), which CI runs too.
+shapes x 3 drafts; about 15 minutes on 2 cores), which CI runs too.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def reference(target):
 def drafts(target):
     untrained = api.random_draft(target, DraftConfig(1, "dgf", draft_vocab_size=2048), seed=0)
     dcfg, p, shared = draft_lib.draft_from_lm(target.params, target.cfg, devices.accelerator_device())
-    return {"untrained": untrained, "agreeing": Draft(dcfg, p, shared, source="the target itself")}
+    shipped = api.load_draft(target)  # the default draft of checkpoints/ (no fallback: it must exist)
+    return {"untrained": untrained, "agreeing": Draft(dcfg, p, shared, source="the target itself"),
+            "shipped": shipped}
 
 
 def check(target, reference, draft: Draft, tree: TreeConfig, prompts: list[int]) -> list[int]:
@@ -95,8 +98,14 @@ def test_agreeing_draft_is_lossless_subset(target, reference, drafts, tree):
     assert min(taus) > 2.0
 
 
+@pytest.mark.parametrize("tree", ["server", "laptop"])
+def test_shipped_draft_is_lossless_and_trained_subset(target, reference, drafts, tree):
+    taus = check(target, reference, drafts["shipped"], TREES[tree], [1, 5, 13])
+    assert sum(taus) / len(taus) > 2.0, taus  # an untrained draft gives ~1.0
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("draft", ["untrained", "agreeing"])
+@pytest.mark.parametrize("draft", ["untrained", "shipped", "agreeing"])
 @pytest.mark.parametrize("tree", list(TREES))
 def test_lossless_full_matrix(target, reference, drafts, tree, draft):
     check(target, reference, drafts[draft], TREES[tree], list(range(len(PROMPTS))))

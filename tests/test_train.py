@@ -247,3 +247,42 @@ def test_a_run_folder_refuses_another_architecture(tiny):
             T.check_run(run, T.run_record(cfg, DraftConfig(num_layers=1), T.TrainConfig(lr=1.0), "a" * 64,
                                           {"folder": "f", "conversations": 3}))
     shutil.rmtree(d, ignore_errors=True)
+
+
+def test_train_draft_end_to_end_on_smollm2(run_cli, smollm2_path, tmp_path):
+    """The whole pipeline on the real target, tiny: answers, shards, 4 steps, a checkpoint with its card that
+    loads and decodes losslessly; then the refusals: another architecture in the same run folder, and a
+    feature shard of another model. Nothing already written is lost."""
+    from dovetail_jax import api
+
+    work = tmp_path / "work"
+    out = tmp_path / "draft"
+    base = ("train-draft", "--model", str(smollm2_path), "--work", str(work), "--num-prompts", "3",
+            "--max-new-tokens", "12", "--gen-batch", "3", "--warmup", "1", "--save-every", "2", "--eval-every", "2",
+            "--eval-prompts", "1")
+    code, _, err = run_cli(*base, "--steps", "4", "--stop-at", "2")
+    assert code == 0 and "stopped at step 2 of 4" in err, err[-2000:]
+    code, stdout, err = run_cli(*base, "--steps", "4", "--out", str(out), "--json")
+    assert code == 0, err[-2000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["answers"]["already_done"] == 3 and summary["features"]["extracted"] == 0
+    assert summary["train"]["step"] == 4
+    card = json.loads((out / "card.json").read_text())
+    assert card["target"]["sha256"] and card["draft"] == {"num_layers": 1, "fusion": "dgf", "draft_vocab_size": 8192}
+    assert card["training"]["steps"] == 4 and 0 <= card["heldout"]["top1"] <= 1
+    assert card["heldout_tau"]["server"]["tau"] >= 1.0
+    target = api.load_target(smollm2_path, layout="in_out")
+    draft = api.load_draft(target, out)
+    ref = api.generate(target, "Name three colors.", chat=True, max_new_tokens=24)
+    got = api.generate(target, "Name three colors.", chat=True, max_new_tokens=24, draft=draft)
+    assert got.token_ids == ref.token_ids
+    weights = (out / "weights.safetensors").read_bytes()
+    code, _, err = run_cli(*base, "--steps", "4", "--layers", "2", "--run", str(work / "runs" / "dgf1-v8192"))
+    assert code == 2 and "draft" in err and "Traceback" not in err
+    meta = work / "features" / "shard-00000" / "meta.json"
+    m = json.loads(meta.read_text())
+    m["target"]["sha256"] = "0" * 64
+    meta.write_text(json.dumps(m))
+    code, _, err = run_cli(*base, "--steps", "4")
+    assert code == 2 and "features of another model" in err and "Traceback" not in err
+    assert (out / "weights.safetensors").read_bytes() == weights

@@ -482,6 +482,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     _say(f"loading the target ({args.model or 'default'}, [in, out] layout)")
     target = api.load_target(args.model, layout="in_out", tokenizer=args.tokenizer)
+    # the baseline decodes with its own fastest layout, [out, in] (single-token steps), as `generate` does
+    baseline = api.load_target(args.model, layout="out_in", tokenizer=args.tokenizer)
     encoded = {ds: [(pid, api.encode_prompt(target, text, chat=True)) for pid, text in ps]
                for ds, ps in prompts.items()}
     longest = max(len(ids) for ps in encoded.values() for _, ids in ps)
@@ -527,7 +529,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def gen(ids: list[int], i: int, c: RunConfig | None) -> Any:
         if c is None:
-            return api.generate(target, ids, max_new_tokens=n, sampling=sampling_for(i))
+            return api.generate(baseline, ids, max_new_tokens=n, sampling=sampling_for(i))
         return api.generate(target, ids, max_new_tokens=n, sampling=sampling_for(i), draft=drafts[c.draft_key],
                             tree=c.tree)
 
@@ -555,7 +557,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": _command(),
         "machine": {**machine.machine_info(), "load_average_1m": {"start": load_start, "end": None}},
         "model": {"source": target.source, "path": str(model_path), "name": target.cfg.name,
-                  "num_params": target.cfg.num_params, "layout": "in_out", "load_s": target.load_s,
+                  "num_params": target.cfg.num_params, "layout": "in_out (dovetail), out_in (target-only)",
+                  "load_s": target.load_s,
                   "eos_ids": list(target.eos_ids)},
         "settings": {
             "datasets": datasets, "limit": args.limit, "max_new_tokens": n, "chat": True, "ignore_eos": False,
@@ -614,5 +617,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         llama.close()
     res["complete"] = True
     write()
-    print(format_table(res) + f"\nwrote {args.out}")
+    from dovetail_jax.bench.plot_dovetail import plot
+
+    out = Path(args.out)  # analysis/results/x.json -> analysis/figures/x.png; elsewhere: beside the JSON
+    figs = plot(res, (out.parent.parent / "figures" if out.parent.name == "results" else out.parent)
+                / out.with_suffix(".png").name)
+    print(format_table(res) + f"\nwrote {args.out} and {figs[0]}")
     return res

@@ -33,12 +33,15 @@ def default_model_path() -> Path:
 
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
-DEFAULT_DRAFTS: dict[str, str] = {}  # target name -> folder under checkpoints/ (filled once drafts ship)
+# Shipped default drafts, keyed by the sha256 of the target's weights file: a draft belongs to exact weights,
+# so another file with the same model name (another quantisation, say) falls back to no default.
+SMOLLM2_Q4_1_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEFAULT_DRAFTS: dict[str, str] = {SMOLLM2_Q4_1_SHA256: "smollm2-135m-dgf1-v8192"}
 
 
-def default_draft_path(target_name: str) -> Path | None:
-    """The shipped draft for a target, or None when there is none."""
-    name = DEFAULT_DRAFTS.get(target_name)
+def default_draft_path(target_sha256: str | None) -> Path | None:
+    """The shipped draft for the target with these weights, or None when there is none."""
+    name = DEFAULT_DRAFTS.get(target_sha256 or "")
     if name is None:
         return None
     path = CHECKPOINTS_DIR / name

@@ -68,12 +68,14 @@ def extract_shard(params: TargetParams, cfg: ModelConfig, seqs: Sequence[tuple[l
     fn = _jitted(cfg)
     k = 0
     while k < len(order):
-        longest = len(seqs[order[min(k + 7, len(order) - 1)]][0])
-        t = max(64, 1 << (longest - 1).bit_length())
-        b = max(1, min(len(order) - k, tokens_per_batch // t))
+        # the smallest power-of-two length whose fixed batch (tokens_per_batch // t rows, sorted by length)
+        # holds its longest row: one compiled shape per length
+        t = 64
+        while len(seqs[order[min(k + max(1, tokens_per_batch // t), len(order)) - 1]][0]) > t:
+            t *= 2
+        b = max(1, tokens_per_batch // t)
         rows = order[k:k + b]
-        t = max(64, 1 << (max(len(seqs[i][0]) for i in rows) - 1).bit_length())
-        tok = np.zeros((b, t), np.int32)
+        tok = np.zeros((b, t), np.int32)  # rows past the end of `rows` stay padding
         for j, i in enumerate(rows):
             tok[j, : len(seqs[i][0])] = seqs[i][0]
         hid, am = fn(params, jnp.asarray(tok))
@@ -82,7 +84,7 @@ def extract_shard(params: TargetParams, cfg: ModelConfig, seqs: Sequence[tuple[l
         for j, i in enumerate(rows):
             n = len(seqs[i][0])
             feats[i], argmax[i] = hid[j, :n], am[j, :n]
-        k += b
+        k += len(rows)
     lengths = np.array([len(s[0]) for s in seqs], np.int64)
     return {
         "feats": np.concatenate(feats),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ from dovetail_jax.train.trainer import TrainConfig, check_run, choose_vocab, run
 def default_work_dir(target: Any) -> Path:
     from dovetail_jax.bench.peers import cache_dir
 
-    return cache_dir() / "train" / f"{target.cfg.name}-{(target.sha256 or 'unknown')[:12]}"
+    slug = re.sub(r"[^a-z0-9]+", "-", target.cfg.name.lower()).strip("-")
+    return cache_dir() / "train" / f"{slug}-{(target.sha256 or 'unknown')[:12]}"
 
 
 def arch_name(dcfg: DraftConfig) -> str:
