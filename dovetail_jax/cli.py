@@ -43,12 +43,12 @@ def add_dovetail_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tree", choices=sorted(TREE_PRESETS), default=None,
                    help="a preset tree: server = 10/7/16, laptop = 10/4/7 (the paper's), eagle2 = 10/5/60")
     g.add_argument("--tree-top-k", type=positive_int, default=None, metavar="K",
-                   help="branching: frontier nodes kept per level and children per node (default 10; 1 = chain). "
+                   help="branching: frontier nodes kept per level and children per node (default 4; 1 = chain). "
                         "(--top-k is the sampling option, as in target mode)")
     g.add_argument("--depth", "--tree-depth", dest="depth", type=positive_int, default=None, metavar="D",
-                   help="draft expansion passes per cycle; the tree has up to D+1 levels below the root (default 4)")
+                   help="draft expansion passes per cycle; the tree has up to D+1 levels below the root (default 3)")
     g.add_argument("--total-tokens", "--tree-total-tokens", dest="total_tokens", type=positive_int, default=None,
-                   metavar="N", help="tokens the target verifies per cycle, the root included (default 7)")
+                   metavar="N", help="tokens the target verifies per cycle, the root included (default 6)")
     g.add_argument("--draft-layers", type=positive_int, default=None, metavar="L",
                    help="decoder layers of the random draft used when no trained one is given (1..6, default 1)")
     g.add_argument("--draft-fusion", choices=["dgf", "eagle"], default=None,

@@ -163,9 +163,11 @@ class TreeConfig:
     own top-k is one more level, so a tree has up to `depth + 1` levels below the root and a cycle commits at
     most `min(depth + 1, total_tokens - 1) + 1` tokens. `top_k == 1` is a chain."""
 
-    top_k: int = 10
-    depth: int = 4
-    total_tokens: int = 7
+    # default: the fastest of the trees measured with the shipped SmolLM2 draft on this 2-core machine
+    # (`dovetail bench dovetail`, analysis/results/bench_dovetail.json): 4/3/6
+    top_k: int = 4
+    depth: int = 3
+    total_tokens: int = 6
 
     def __post_init__(self) -> None:
         for f in ("top_k", "depth", "total_tokens"):
