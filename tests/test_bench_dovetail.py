@@ -95,7 +95,7 @@ def test_parse_configs():
     assert cs[0].tree == TREE_PRESETS["server"] and cs[0].draft == "self"
     assert cs[1].tree == TreeConfig(1, 3, 4) and cs[1].draft is None
     assert cs[2].tree == TreeConfig() and cs[2].random_cfg == DraftConfig(num_layers=2, draft_vocab_size=8192)
-    assert cs[3].tree == TreeConfig(top_k=10, depth=2, total_tokens=7)
+    assert cs[3].tree == TreeConfig(top_k=TreeConfig().top_k, depth=2, total_tokens=TreeConfig().total_tokens)
     assert cs[0].draft_key == cs[3].draft_key != cs[2].draft_key  # one "self" draft serves a and d
 
 
