@@ -57,12 +57,10 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, *, work: Path, run_dir:
         progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
     say = (lambda m: print(f"dovetail: {m}", file=sys.stderr)) if progress else (lambda m: None)
     work.mkdir(parents=True, exist_ok=True)
-    prompts = training_prompts()
-    if num_prompts is not None:
-        prompts = prompts[:num_prompts]
     answers = work / "answers.jsonl"
     summary: dict[str, Any] = {"work": str(work)}
-    if stages in ("all", "data"):
+    if stages in ("all", "data"):  # the prompts (an ast pass over the standard library) only feed this stage
+        prompts = training_prompts()[:num_prompts]
         say(f"answers: {len(prompts)} training prompts -> {answers}")
         summary["answers"] = generate_answers(target, prompts, answers, max_new_tokens, gen_batch, progress)
     records = read_answers(answers, target.sha256)  # file order: shards stay valid as the file grows
