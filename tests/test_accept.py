@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dovetail_jax.spec import accept, sampling
+from dovetail_jax.speculation import accept, sampling
 
 # --------------------------------------------------------------------------------------------------- trees
 

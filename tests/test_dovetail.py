@@ -21,8 +21,8 @@ from dovetail_jax.decode import target_only
 from dovetail_jax.errors import ConfigError
 from dovetail_jax.model.cache import init_cache
 from dovetail_jax.model.target import causal_mask, forward
-from dovetail_jax.spec import accept as accept_lib
-from dovetail_jax.spec import sampling
+from dovetail_jax.speculation import accept as accept_lib
+from dovetail_jax.speculation import sampling
 
 TREES = [TreeConfig(1, 4, 5), TreeConfig(3, 2, 6), TreeConfig(10, 4, 7), TreeConfig(10, 7, 16), TreeConfig(1, 1, 1)]
 

@@ -32,7 +32,7 @@ from dovetail_jax.model import draft as D  # noqa: E402
 from dovetail_jax.model import target as T  # noqa: E402
 from dovetail_jax.model.cache import append, init_cache  # noqa: E402
 from dovetail_jax.model.params import params_from_tensors  # noqa: E402
-from dovetail_jax.spec.drafting import draft_tree, select_nodes  # noqa: E402
+from dovetail_jax.speculation.drafting import draft_tree, select_nodes  # noqa: E402
 
 CFG = ModelConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=128, name="tiny-lm")

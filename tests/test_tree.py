@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from dovetail_jax.config import ModelConfig
 from dovetail_jax.model import cache as kv
-from dovetail_jax.spec import tree
+from dovetail_jax.speculation import tree
 
 SIZES = [1, 2, 3, 7, 13, 20]  # few distinct T: one compile per (T, W)
 

@@ -40,10 +40,10 @@ from dovetail_jax.model.cache import KVCache, init_cache
 from dovetail_jax.model.draft import DraftParams, DraftShared, draft_model_config
 from dovetail_jax.model.params import TargetParams
 from dovetail_jax.model.target import causal_mask, forward
-from dovetail_jax.spec import accept as accept_lib
-from dovetail_jax.spec import sampling
-from dovetail_jax.spec import tree as tree_lib
-from dovetail_jax.spec.drafting import draft_tree
+from dovetail_jax.speculation import accept as accept_lib
+from dovetail_jax.speculation import sampling
+from dovetail_jax.speculation import tree as tree_lib
+from dovetail_jax.speculation.drafting import draft_tree
 
 log = logging.getLogger(__name__)
 _warned_single_device = False

@@ -27,7 +27,7 @@ from dovetail_jax.model import cache as cache_lib
 from dovetail_jax.model.cache import KVCache, init_cache
 from dovetail_jax.model.params import TargetParams
 from dovetail_jax.model.target import causal_mask, forward
-from dovetail_jax.spec import sampling
+from dovetail_jax.speculation import sampling
 
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_SLOTS = 128

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dovetail_jax.spec import sampling, tree
+from dovetail_jax.speculation import sampling, tree
 
 
 @struct.dataclass
