@@ -5,9 +5,10 @@
     draft = api.load_draft(target)              # the shipped draft (else a random one), on the accelerator
     out = api.generate(target, "What is JAX?", chat=True, max_new_tokens=64, draft=draft,
                        tree=api.TreeConfig(top_k=10, depth=4, total_tokens=7))
-    print(out.text, out.stats.tokens_per_s, out.stats.extra["tau"])
+    print(out.text, out.stats.tokens_per_s, out.stats.acceptance.tau)
 
-Without `draft`, `generate` decodes with the target alone (the baseline).
+Without `draft`, `generate` decodes with the target alone (the baseline). `load_target` sets JAX up and
+places the target (`devices.placement()`, or the `placement` it is given); drafts and generations follow it.
 """
 
 from __future__ import annotations
@@ -25,29 +26,32 @@ import numpy as np
 from dovetail_jax import devices
 from dovetail_jax.config import DraftConfig, ModelConfig, SamplingConfig, TreeConfig
 from dovetail_jax.decode import dovetail, target_only
-from dovetail_jax.decode.dovetail import Draft
-from dovetail_jax.decode.stats import GenerationStats
+from dovetail_jax.devices import Placement
 from dovetail_jax.errors import ConfigError, ModelFormatError
 from dovetail_jax.io import checkpoint
 from dovetail_jax.io.load import load_model_files
 from dovetail_jax.io.registry import default_draft_path, default_model_path
 from dovetail_jax.io.tokenizer import StreamDecoder, Tokenizer
 from dovetail_jax.model import draft as draft_lib
+from dovetail_jax.model.draft import Draft
 from dovetail_jax.model.params import Layout, TargetParams, params_from_tensors
+from dovetail_jax.stats import GenerationStats
 
-__all__ = ["Draft", "DraftConfig", "GenerationOutput", "SamplingConfig", "Target", "TreeConfig", "encode_prompt",
-           "generate", "load_draft", "load_target", "random_draft"]
+__all__ = ["Draft", "DraftConfig", "GenerationOutput", "Placement", "SamplingConfig", "Target", "TreeConfig",
+           "encode_prompt", "generate", "load_draft", "load_target", "random_draft"]
 
 
 @dataclass
 class Target:
-    """A loaded target model: config, float32 params committed to the CPU device, tokenizer."""
+    """A loaded target model: config, float32 params committed to the target's device, tokenizer, and where it
+    and its drafts run."""
 
     cfg: ModelConfig
     params: TargetParams
     tokenizer: Tokenizer
     source: str
     load_s: float
+    placement: Placement
     path: Path | None = None  # the weights file or folder, when loaded from disk
 
     @functools.cached_property
@@ -60,30 +64,33 @@ class Target:
         return tuple(self.tokenizer.eos_token_ids) or self.cfg.eos_token_ids
 
 
-def load_target(path: str | Path | None = None, layout: Layout = "out_in",
-                tokenizer: str | Path | None = None) -> Target:
+def load_target(path: str | Path | None = None, layout: Layout = "out_in", tokenizer: str | Path | None = None,
+                *, placement: Placement | None = None) -> Target:
     """Load a GGUF file or HF folder (None: the embedded default) onto the target (CPU) device.
 
     `layout` of the projection weights: "out_in" is fastest for single-token decoding, "in_out" for
     multi-token forwards such as tree verification (see `model/params.py`). `tokenizer` (a tokenizer.json or
-    its folder) replaces the model's own, e.g. for a SentencePiece GGUF.
+    its folder) replaces the model's own, e.g. for a SentencePiece GGUF. `placement`: where the target and its
+    drafts run; default `devices.placement()`, which sets JAX up first (two host devices, the compilation
+    cache), so call this before other JAX work.
     """
+    placement = placement or devices.placement()
     t0 = time.perf_counter()
     cfg, tensors, tokenizer = load_model_files(path, tokenizer=tokenizer)
     source = str(path) if path is not None else "default"
-    params = params_from_tensors(cfg, tensors, devices.target_device(), source=source, layout=layout)
+    params = params_from_tensors(cfg, tensors, placement.target, source=source, layout=layout)
     resolved = Path(path).expanduser() if path is not None else default_model_path()
-    return Target(cfg, params, tokenizer, source, time.perf_counter() - t0, path=resolved)
+    return Target(cfg, params, tokenizer, source, time.perf_counter() - t0, placement, path=resolved)
 
 
 def random_draft(target: Target, cfg: DraftConfig = DraftConfig(), seed: int = 0) -> Draft:
     """An untrained draft (random weights) on the accelerator: lossless, just rarely right. A reduced
     vocabulary keeps the lowest ids, which in a BPE vocabulary are the earliest, most frequent merges."""
-    dev = devices.accelerator_device()
+    dev = target.placement.draft
     params = draft_lib.init_draft(jax.random.key(seed), target.cfg, cfg, dev)
     vocab_map = None if cfg.draft_vocab_size is None else np.arange(min(cfg.draft_vocab_size, target.cfg.vocab_size))
     shared = draft_lib.make_shared(target.params, target.cfg, vocab_map, dev)
-    return Draft(cfg, params, shared, source=f"random (seed {seed})")
+    return Draft(cfg, params, shared, source=f"random (seed {seed})", kind="random")
 
 
 def load_draft(target: Target, path: str | Path | None = None, *, fallback_random: DraftConfig | None = None,
@@ -96,10 +103,10 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
     shipped for the target, if any, else a random draft shaped by `fallback_random` (an error when that is
     None too).
     """
-    dev = devices.accelerator_device()
+    dev = target.placement.draft
     if path == "self":  # the target as its own standalone draft: agrees almost always, costs a target forward
         dcfg, params, shared = draft_lib.draft_from_lm(target.params, target.cfg, dev)
-        return Draft(dcfg, params, shared, source="self (the target itself)")
+        return Draft(dcfg, params, shared, source="self (the target itself)", kind="self")
     if path is None:
         path = default_draft_path(target.sha256)
         if path is None:
@@ -110,7 +117,7 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
     if p.is_dir() and (p / checkpoint.CARD).is_file():
         dcfg, params, vocab_map, card = checkpoint.load_draft(p, target.cfg, dev, target.sha256)
         shared = draft_lib.make_shared(target.params, target.cfg, vocab_map, dev)
-        return Draft(dcfg, params, shared, source=str(p))
+        return Draft(dcfg, params, shared, source=str(p), kind="trained")
     lm_cfg, tensors, _ = load_model_files(p)
     if lm_cfg.vocab_size != target.cfg.vocab_size:
         raise ModelFormatError(f"{p}: a standalone draft needs the target's vocabulary ({target.cfg.vocab_size} "
@@ -120,24 +127,12 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
                                f"(hidden {lm_cfg.hidden_size} vs {target.cfg.hidden_size})")
     lm = params_from_tensors(lm_cfg, tensors, None, source=str(p))
     dcfg, params, shared = draft_lib.draft_from_lm(lm, lm_cfg, dev)
-    return Draft(dcfg, params, shared, source=str(p))
+    return Draft(dcfg, params, shared, source=str(p), kind="standalone")
 
 
 def encode_prompt(target: Target, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
     """Token ids of a raw prompt, or of a one-turn chat rendered with the model's chat template."""
-    if not prompt:
-        raise ConfigError("the prompt is empty")
-    if chat:
-        messages: list[dict[str, str]] = []
-        if system is not None:
-            messages.append({"role": "system", "content": system})
-        messages.append({"role": "user", "content": prompt})
-        prompt = target.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    # a rendered template already holds any BOS it wants; raw prompts get the tokenizer's own specials
-    ids = target.tokenizer.encode(prompt, add_special_tokens=not chat)
-    if not ids:
-        raise ConfigError("the prompt encodes to no tokens")
-    return ids
+    return target.tokenizer.encode_prompt(prompt, chat, system)
 
 
 @dataclass
@@ -146,10 +141,12 @@ class GenerationOutput:
     token_ids: list[int]  # new tokens only
     prompt_ids: list[int]
     stats: GenerationStats
+    placement: Placement | None = None  # where it ran (None: not recorded)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"text": self.text, "token_ids": self.token_ids, **self.stats.to_dict(), "devices": devices.describe()}
-        return d
+        """The JSON record of `dovetail generate --json`."""
+        d = {"text": self.text, "token_ids": self.token_ids, **self.stats.to_dict()}
+        return d if self.placement is None else d | {"devices": self.placement.describe()}
 
 
 def generate(
@@ -180,15 +177,15 @@ def generate(
                 on_text(piece)
 
     if draft is None:
-        new_ids, stats = target_only.generate(
-            target.params, target.cfg, prompt_ids, max_new_tokens, sampling, eos, on_token, ignore_eos
-        )
+        new_ids, stats = target_only.generate(target.params, target.cfg, prompt_ids, max_new_tokens, sampling, eos,
+                                              on_token, ignore_eos, placement=target.placement)
     else:
         new_ids, stats = dovetail.generate(target.params, target.cfg, draft, prompt_ids, max_new_tokens,
-                                           tree or TreeConfig(), sampling, eos, on_token, ignore_eos)
+                                           tree or TreeConfig(), sampling, eos, on_token, ignore_eos,
+                                           placement=target.placement)
     if stream is not None and on_text is not None:
         rest = stream.flush()
         if rest:
             on_text(rest)
     text_ids = new_ids if ignore_eos or not new_ids or new_ids[-1] not in eos else new_ids[:-1]
-    return GenerationOutput(target.tokenizer.decode(text_ids), new_ids, prompt_ids, stats)
+    return GenerationOutput(target.tokenizer.decode(text_ids), new_ids, prompt_ids, stats, target.placement)

@@ -1,6 +1,8 @@
-"""The `dovetail` command: argument parsing only; every command calls the library.
+"""The `dovetail` command: argument parsing only; every command turns its arguments into the typed options of
+a library entry point (`api`, `bench.target`, `bench.dovetail`, `train.pipeline`) and calls it.
 
-User errors (bad options, unusable files) print one line to stderr and exit with status 2.
+User errors (bad options, unusable files) print one line to stderr and exit with status 2. Building the parser
+imports no JAX: the bench modules are imported for their defaults, and do their heavy imports inside `run`.
 """
 
 from __future__ import annotations
@@ -10,12 +12,26 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
-from dovetail_jax.argtypes import nonneg_float, nonneg_int, positive_int, probability
-from dovetail_jax.config import TREE_PRESETS, TreeConfig
-from dovetail_jax.errors import ConfigError, DovetailError
+from dovetail_jax.argtypes import (
+    RANDOM_FLAGS,
+    TREE_FLAGS,
+    DraftFlags,
+    flag,
+    nonempty_text,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+    probability,
+)
+from dovetail_jax.config import TREE_PRESETS, SamplingConfig
+from dovetail_jax.errors import DovetailError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -57,77 +73,97 @@ def add_dovetail_args(p: argparse.ArgumentParser) -> None:
                    help="reduced vocabulary of the random draft: its head scores only V tokens")
 
 
-def tree_from_args(args: argparse.Namespace) -> TreeConfig:
-    base = TREE_PRESETS[args.tree] if args.tree else TreeConfig()
-    try:
-        return TreeConfig(top_k=args.tree_top_k or base.top_k, depth=args.depth or base.depth,
-                          total_tokens=args.total_tokens or base.total_tokens)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+def _draft_flags(args: argparse.Namespace) -> DraftFlags:
+    return DraftFlags(**{f.name: getattr(args, f.name) for f in fields(DraftFlags)})
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from dovetail_jax import api
-    from dovetail_jax.config import DraftConfig, SamplingConfig
+def _placement() -> Any:
+    """The explicit placement (target on the CPU, draft on the accelerator); sets JAX up first."""
+    from dovetail_jax import devices
 
+    return devices.placement()
+
+
+def _sampling(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+# --- generate --------------------------------------------------------------------------------------------------
+
+
+def _check_generate(args: argparse.Namespace, flags: DraftFlags) -> None:
     if not args.prompt.strip():
         raise DovetailError("the prompt is empty")
     if args.system is not None and not args.chat:
         raise DovetailError("--system only applies to --chat prompts")
-    dovetail = args.mode == "dovetail"
-    random_opts = [f for f in ("draft_layers", "draft_fusion", "draft_vocab") if getattr(args, f) is not None]
-    tree_opts = [f for f in ("tree", "tree_top_k", "depth", "total_tokens") if getattr(args, f) is not None]
-    if not dovetail and (args.draft or random_opts or tree_opts):
+    random_opts = flags.given(RANDOM_FLAGS)
+    if args.mode != "dovetail" and (flags.draft or random_opts or flags.given(TREE_FLAGS)):
         raise DovetailError("draft and tree options need --mode dovetail")
-    if args.draft and random_opts:
-        raise DovetailError(f"--{random_opts[0].replace('_', '-')} shapes a random draft; it cannot change --draft")
-    tree = tree_from_args(args) if dovetail else None
-    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if flags.draft and random_opts:
+        raise DovetailError(f"{flag(random_opts[0])} shapes a random draft; it cannot change --draft")
+
+
+def _load_draft(api: Any, target: Any, flags: DraftFlags, seed: int) -> Any:
+    """--draft, else the shipped draft, else a random one (shaped by the random-draft flags, which ask for one)."""
+    fallback = flags.random_config()
+    if flags.given(RANDOM_FLAGS):
+        draft = api.random_draft(target, fallback, seed=seed)
+    else:
+        draft = api.load_draft(target, flags.draft, fallback_random=fallback, seed=seed)
+    if draft.is_random:
+        print(f"dovetail: note: using an untrained ({draft.source}) draft: output is still exactly the "
+              f"target's, but few drafts are accepted", file=sys.stderr)
+    return draft
+
+
+def _summary_line(stats: Any) -> str:
+    """The stderr line after streamed text: speed, timings and, for Dovetail, τ and the traffic."""
+    s, extra = stats, ""
+    if s.dovetail is not None:
+        t = s.dovetail.transfers
+        extra = (f", tau {s.acceptance.tau or 0.0:.2f} over {s.acceptance.cycles} cycles, "
+                 f"{t.bytes_to_draft / 1024:.0f} KiB to the draft, {t.bytes_to_target / 1024:.1f} KiB back")
+    return (f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s decode, prefill {s.prefill_s * 1e3:.0f} ms, "
+            f"compile {s.compile_s:.1f} s, stop: {s.stop_reason}{extra}]")
+
+
+def _stream(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dovetail_jax import api
+
+    flags = _draft_flags(args)
+    _check_generate(args, flags)
+    dovetail = args.mode == "dovetail"
+    tree = flags.tree_config() if dovetail else None
     # tree verification runs multi-token forwards, where the [in, out] weight layout is faster (params.py)
-    target = api.load_target(args.model, layout="in_out" if dovetail else "out_in", tokenizer=args.tokenizer)
-    draft = None
-    if dovetail:
-        fallback = DraftConfig(num_layers=args.draft_layers or 1, fusion=args.draft_fusion or "dgf",
-                               draft_vocab_size=args.draft_vocab)
-        if random_opts:
-            draft = api.random_draft(target, fallback, seed=args.seed)
-        else:
-            draft = api.load_draft(target, args.draft, fallback_random=fallback, seed=args.seed)
-        if draft.source.startswith("random"):
-            print(f"dovetail: note: using an untrained ({draft.source}) draft: output is still exactly the "
-                  f"target's, but few drafts are accepted", file=sys.stderr)
-    stream = not args.json
-
-    def on_text(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
+    target = api.load_target(args.model, layout="in_out" if dovetail else "out_in", tokenizer=args.tokenizer,
+                             placement=_placement())
+    draft = _load_draft(api, target, flags, args.seed) if dovetail else None
     out = api.generate(target, args.prompt, chat=args.chat, system=args.system, max_new_tokens=args.max_new_tokens,
-                       sampling=sampling, ignore_eos=args.ignore_eos, on_text=on_text if stream else None,
+                       sampling=_sampling(args), ignore_eos=args.ignore_eos, on_text=None if args.json else _stream,
                        draft=draft, tree=tree)
     if args.json:
-        d = out.to_dict()
-        d["mode"] = args.mode
-        d["model"] = target.source
-        d["load_s"] = target.load_s
-        print(json.dumps(d))
+        print(json.dumps(out.to_dict() | {"mode": args.mode, "model": target.source, "load_s": target.load_s}))
     else:
-        s = out.stats
         sys.stdout.write("\n")
-        extra = ""
-        if dovetail:
-            x = s.extra
-            extra = (f", tau {x['tau']:.2f} over {x['cycles']} cycles, "
-                     f"{x['bytes_to_draft'] / 1024:.0f} KiB to the draft, {x['bytes_to_target'] / 1024:.1f} KiB back")
-        print(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s decode, prefill {s.prefill_s * 1e3:.0f} ms, "
-              f"compile {s.compile_s:.1f} s, stop: {s.stop_reason}{extra}]", file=sys.stderr)
+        print(_summary_line(out.stats), file=sys.stderr)
     return 0
+
+
+# --- bench -----------------------------------------------------------------------------------------------------
 
 
 def cmd_bench_target(args: argparse.Namespace) -> int:
     from dovetail_jax.bench import target as bench_target
 
-    bench_target.run(args)
+    bench_target.run(bench_target.TargetBenchOptions(
+        model=args.model, tokenizer=args.tokenizer, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats, out=args.out, hf=not args.no_hf, llama_cpp=not args.no_llama_cpp, json=args.json,
+        placement=_placement()))
     return 0
 
 
@@ -141,48 +177,46 @@ def cmd_bench_forward(args: argparse.Namespace) -> int:
 def cmd_bench_dovetail(args: argparse.Namespace) -> int:
     from dovetail_jax.bench import dovetail as bench_dovetail
 
-    bench_dovetail.run(args)
+    datasets = bench_dovetail.parse_datasets(args.datasets)
+    configs = bench_dovetail.resolve_configs(args.configs, _draft_flags(args))
+    bench_dovetail.run(bench_dovetail.DovetailBenchOptions(
+        configs=tuple(configs), model=args.model, tokenizer=args.tokenizer, datasets=tuple(datasets),
+        limit=args.limit, max_new_tokens=args.max_new_tokens, sampling=_sampling(args), llama_cpp=args.llama_cpp,
+        out=args.out, placement=_placement()))
     return 0
 
 
-def cmd_train_draft(args: argparse.Namespace) -> int:
-    from pathlib import Path
+# --- train-draft -----------------------------------------------------------------------------------------------
 
+
+def cmd_train_draft(args: argparse.Namespace) -> int:
     from dovetail_jax import api
     from dovetail_jax.config import DraftConfig
     from dovetail_jax.train import pipeline
     from dovetail_jax.train.trainer import TrainConfig
 
-    try:
-        dcfg = DraftConfig(num_layers=args.layers, fusion=args.fusion,
-                           draft_vocab_size=args.draft_vocab if args.draft_vocab else None)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    dcfg = DraftConfig(num_layers=args.layers, fusion=args.fusion,
+                       draft_vocab_size=args.draft_vocab if args.draft_vocab else None)
     tc = TrainConfig(steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr, warmup=args.warmup,
                      noise=args.noise, seed=args.seed, save_every=args.save_every, eval_every=args.eval_every)
-    target = api.load_target(args.model, layout="in_out", tokenizer=args.tokenizer)
-    work = Path(args.work) if args.work else pipeline.default_work_dir(target)
-    try:
-        summary = pipeline.run(target, dcfg, tc, work=work, run_dir=Path(args.run) if args.run else None,
-                               out=Path(args.out) if args.out else None, num_prompts=args.num_prompts,
-                               max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch,
-                               eval_prompts=args.eval_prompts, stages=args.stage, stop_at=args.stop_at)
-    except KeyboardInterrupt as e:
-        print(f"dovetail: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
-        return 130
+    target = api.load_target(args.model, layout="in_out", tokenizer=args.tokenizer, placement=_placement())
+    opts = pipeline.PipelineOptions(
+        work=Path(args.work) if args.work else pipeline.default_work_dir(target),
+        run_dir=Path(args.run) if args.run else None, out=Path(args.out) if args.out else None,
+        num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch,
+        eval_prompts=args.eval_prompts, stages=args.stage, stop_at=args.stop_at)
+    summary = pipeline.run(target, dcfg, tc, opts)
+    if summary.get("interrupted"):
+        return EXIT_INTERRUPTED  # the pipeline said where the checkpoint is and how to resume
     if args.json:
         print(json.dumps(summary, default=str))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dovetail",
-        description="Dovetail speculative decoding in JAX: the target LLM on the CPU, the draft on the accelerator.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and placement details")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+# --- the parser ------------------------------------------------------------------------------------------------
 
+
+def _add_generate(sub: Any) -> None:
     g = sub.add_parser("generate", help="generate text from a prompt (streams to the terminal)",
                        description="Generate text. Streams tokens as they arrive; --json prints one JSON object.")
     g.add_argument("--prompt", required=True, help="the prompt text")
@@ -201,34 +235,68 @@ def build_parser() -> argparse.ArgumentParser:
     add_dovetail_args(g)
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="benchmarks writing JSON under analysis/results/")
-    bsub = b.add_subparsers(dest="bench", metavar="WHAT", required=True)
-    from dovetail_jax.bench import target as bench_target
 
-    bt = bsub.add_parser("target", help="target-only decode speed vs HF transformers and llama.cpp, same run")
-    add_model_args(bt)
-    bench_target.add_args(bt)
-    bt.set_defaults(func=cmd_bench_target)
+def _add_bench_target(bsub: Any) -> None:
+    from dovetail_jax.bench.target import DEFAULT_OUT, DEFAULT_PROMPT
 
+    p = bsub.add_parser("target", help="target-only decode speed vs HF transformers and llama.cpp, same run")
+    add_model_args(p)
+    p.add_argument("--prompt", type=nonempty_text, default=DEFAULT_PROMPT,
+                   help=f"raw prompt text, no chat template (default {DEFAULT_PROMPT!r})")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="new tokens per run, EOS ignored (128)")
+    p.add_argument("--repeats", type=positive_int, default=10,
+                   help="timed rounds; each engine runs once per round and its best is reported (10)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT})")
+    p.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
+    p.add_argument("--json", action="store_true",
+                   help="print the JSON to stdout as well (the table then goes to stderr)")
+    p.set_defaults(func=cmd_bench_target)
+
+
+def _add_bench_dovetail(bsub: Any) -> None:
+    from dovetail_jax.bench.dovetail import DEFAULT_DATASETS, DEFAULT_OUT
+    from dovetail_jax.io import eval_prompts
+
+    p = bsub.add_parser("dovetail", help="Dovetail vs target-only (and llama.cpp) on HumanEval / MT-bench prompts",
+                        description="Dovetail decoding on the evaluation prompts (chat template, EOS stops), "
+                                    "round-robin with target-only and llama.cpp F32 per prompt; JSON rewritten "
+                                    "after every prompt.")
+    add_model_args(p)
+    p.add_argument("--datasets", default=DEFAULT_DATASETS,
+                   help=f"comma-separated evaluation sets among {', '.join(eval_prompts.DATASETS)} "
+                        f"(default {DEFAULT_DATASETS})")
+    p.add_argument("--limit", type=positive_int, default=20,
+                   help="prompts per dataset, the first N in file order (default 20)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="new tokens per prompt at most; generation stops at EOS (default 128)")
+    p.add_argument("--configs", metavar="FILE", type=Path, default=None,
+                   help='JSON list of {"name", "draft": path | "self" | "random" | null (the default draft), '
+                        '"tree": preset name | {"top_k", "depth", "total_tokens"}} (optional "draft_layers", '
+                        '"draft_fusion", "draft_vocab" shape a random draft); replaces --draft and the tree options')
+    p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time llama.cpp on the same weights as an F32 GGUF (default: on when llama_cpp is "
+                        "installed and the model is a GGUF file)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT})")
+    add_sampling_args(p)
+    add_dovetail_args(p)
+    p.set_defaults(func=cmd_bench_dovetail)
+
+
+def _add_bench(sub: Any) -> None:
     from dovetail_jax.bench import forward as bench_forward
 
+    b = sub.add_parser("bench", help="benchmarks writing JSON under analysis/results/")
+    bsub = b.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    _add_bench_target(bsub)
     bf = bsub.add_parser("forward", help="one target forward over T tokens, per weight layout (verification cost)")
     add_model_args(bf)
     bench_forward.add_args(bf)
     bf.set_defaults(func=cmd_bench_forward)
+    _add_bench_dovetail(bsub)
 
-    from dovetail_jax.bench import dovetail as bench_dovetail
 
-    bd = bsub.add_parser("dovetail", help="Dovetail vs target-only (and llama.cpp) on HumanEval / MT-bench prompts",
-                         description="Dovetail decoding on the evaluation prompts (chat template, EOS stops), "
-                                     "round-robin with target-only and llama.cpp F32 per prompt; JSON rewritten "
-                                     "after every prompt.")
-    add_model_args(bd)
-    bench_dovetail.add_args(bd)
-    add_sampling_args(bd)
-    add_dovetail_args(bd)
-    bd.set_defaults(func=cmd_bench_dovetail)
-
+def _add_train_draft(sub: Any) -> None:
     t = sub.add_parser(
         "train-draft", help="train a Dovetail draft for the target (self-distillation; resumable)",
         description="Make training data and train a draft: (1) the target answers offline prompts (Python "
@@ -249,6 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=positive_int, default=1, help="decoder layers of the draft (1)")
     t.add_argument("--draft-vocab", type=nonneg_int, default=8192, metavar="V",
                    help="reduced draft vocabulary: the V most frequent tokens of the answers (8192; 0 = full)")
+    _add_training_schedule_args(t)
+    t.add_argument("--run", metavar="DIR", default=None, help="run folder (default: <work>/runs/<architecture>)")
+    t.add_argument("--out", metavar="DIR", default=None,
+                   help="where to write the draft checkpoint (default: <run>/export)")
+    t.add_argument("--eval-prompts", type=nonneg_int, default=8,
+                   help="held-out prompts for the card's tau (0: skip)")
+    t.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    t.set_defaults(func=cmd_train_draft)
+
+
+def _add_training_schedule_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--steps", type=positive_int, default=1000, help="optimiser steps in all (1000)")
     t.add_argument("--batch-tokens", type=positive_int, default=4096, help="padded tokens per step (4096)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (1e-3)")
@@ -260,14 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "rerun without it to finish")
     t.add_argument("--save-every", type=positive_int, default=100, help="orbax checkpoint interval in steps (100)")
     t.add_argument("--eval-every", type=positive_int, default=100, help="held-out evaluation interval (100)")
-    t.add_argument("--run", metavar="DIR", default=None, help="run folder (default: <work>/runs/<architecture>)")
-    t.add_argument("--out", metavar="DIR", default=None,
-                   help="where to write the draft checkpoint (default: <run>/export)")
-    t.add_argument("--eval-prompts", type=nonneg_int, default=8,
-                   help="held-out prompts for the card's tau (0: skip)")
-    t.add_argument("--json", action="store_true", help="print a JSON summary at the end")
-    t.set_defaults(func=cmd_train_draft)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dovetail",
+        description="Dovetail speculative decoding in JAX: the target LLM on the CPU, the draft on the accelerator.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and placement details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_generate(sub)
+    _add_bench(sub)
+    _add_train_draft(sub)
     try:
         from simulator import cli as sim_cli
     except ImportError:  # the simulator is optional for the library
@@ -288,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("dovetail: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

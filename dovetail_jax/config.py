@@ -1,6 +1,7 @@
 """Model and decoding configurations as frozen dataclasses.
 
-No JAX import here: the simulator imports this module for model shapes and must run without JAX.
+No JAX import here: the simulator imports this module for model, draft and tree shapes and must run without JAX.
+Invalid values raise `ConfigError`, the one error type for bad configurations in the library and the simulator.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Literal
+
+from dovetail_jax.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,11 @@ class ModelConfig:
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                   "num_kv_heads", "head_dim", "max_position_embeddings"):
             if getattr(self, f) <= 0:
-                raise ValueError(f"ModelConfig.{f} must be positive, got {getattr(self, f)}")
+                raise ConfigError(f"ModelConfig.{f} must be positive, got {getattr(self, f)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
     @property
     def q_size(self) -> int:
@@ -83,11 +86,11 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
 
     @property
     def greedy(self) -> bool:
@@ -142,15 +145,11 @@ class DraftConfig:
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
-            raise ValueError(f"the draft needs at least one decoder layer, got {self.num_layers}")
+            raise ConfigError(f"the draft needs at least one decoder layer, got {self.num_layers}")
         if self.fusion not in ("dgf", "eagle", "none"):
-            raise ValueError(f"fusion must be 'dgf', 'eagle' or 'none', got {self.fusion!r}")
+            raise ConfigError(f"fusion must be 'dgf', 'eagle' or 'none', got {self.fusion!r}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
-            raise ValueError(f"draft_vocab_size must be positive, got {self.draft_vocab_size}")
-
-    @property
-    def reads_features(self) -> bool:
-        return self.fusion != "none"
+            raise ConfigError(f"draft_vocab_size must be positive, got {self.draft_vocab_size}")
 
     def replace(self, **kw) -> DraftConfig:
         return dataclasses.replace(self, **kw)
@@ -172,10 +171,10 @@ class TreeConfig:
     def __post_init__(self) -> None:
         for f in ("top_k", "depth", "total_tokens"):
             if getattr(self, f) < 1:
-                raise ValueError(f"tree {f} must be >= 1, got {getattr(self, f)}")
+                raise ConfigError(f"tree {f} must be >= 1, got {getattr(self, f)}")
         if self.total_tokens - 1 > self.pool_size:
-            raise ValueError(
-                f"total_tokens {self.total_tokens} exceeds 1 + the {self.pool_size} candidates that top_k "
+            raise ConfigError(
+                f"total_tokens {self.total_tokens} exceeds 1 + the candidate pool of {self.pool_size} that top_k "
                 f"{self.top_k} and depth {self.depth} can draft"
             )
 

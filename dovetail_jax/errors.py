@@ -9,5 +9,6 @@ class ModelFormatError(DovetailError):
     """A model file or folder cannot be used: missing tensor, wrong shape, unsupported architecture."""
 
 
-class ConfigError(DovetailError):
-    """An option or configuration value is out of range."""
+class ConfigError(DovetailError, ValueError):
+    """An option or configuration value is out of range (raised by the config classes themselves, so callers
+    need no translation; a ValueError too, as a bad value is one)."""

@@ -15,6 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from dovetail_jax import devices  # noqa: E402
+
+devices.setup()  # two host devices (the second is the draft's "accelerator"), before any test starts JAX
+
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:

@@ -6,8 +6,8 @@ import numpy as np
 
 from dovetail_jax import devices
 from dovetail_jax.config import DraftConfig, ModelConfig
-from dovetail_jax.decode.dovetail import Draft
 from dovetail_jax.model import draft as D
+from dovetail_jax.model.draft import Draft
 from dovetail_jax.model.params import TargetParams, expected_shapes, params_from_tensors
 
 
@@ -39,7 +39,7 @@ def random_draft(cfg: ModelConfig, params: TargetParams, dcfg: DraftConfig = Dra
 def self_draft(cfg: ModelConfig, params: TargetParams) -> Draft:
     """The target itself as a standalone draft: it agrees with the target almost always (long paths)."""
     dcfg, p, shared = D.draft_from_lm(params, cfg, devices.accelerator_device())
-    return Draft(dcfg, p, shared, source="self")
+    return Draft(dcfg, p, shared, source="self", kind="self")
 
 
 def hf_llama(cfg: ModelConfig, seed: int, tie: bool = False, scale: float = 0.2, max_pos: int = 256):

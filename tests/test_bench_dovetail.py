@@ -6,16 +6,17 @@ numbers on hand-made records and against the loop's own per-run statistics on a 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
+from dovetail_jax.argtypes import DraftFlags
 from dovetail_jax.bench import dovetail as bd
-from dovetail_jax.bench import eval_prompts
 from dovetail_jax.config import TREE_PRESETS, DraftConfig, TreeConfig
 from dovetail_jax.errors import ConfigError
+from dovetail_jax.io import eval_prompts
 
 
 def _need(package: str) -> None:
@@ -121,13 +122,12 @@ def test_bad_configs(data, needle):
 
 
 def test_single_config_from_flags():
-    ns = argparse.Namespace(draft=None, tree=None, tree_top_k=1, depth=3, total_tokens=4, draft_layers=None,
-                            draft_fusion=None, draft_vocab=8192, configs=None)
-    (c,) = bd.resolve_configs(ns)
+    flags = DraftFlags(tree_top_k=1, depth=3, total_tokens=4, draft_vocab=8192)
+    (c,) = bd.resolve_configs(None, flags)
     assert c.draft == "random" and c.tree == TreeConfig(1, 3, 4) and c.name == "random-1-3-4"
     assert c.random_cfg.draft_vocab_size == 8192
     with pytest.raises(ConfigError, match="--configs replaces --tree-top-k"):
-        bd.resolve_configs(argparse.Namespace(**{**vars(ns), "configs": "x.json"}))
+        bd.resolve_configs(Path("x.json"), flags)
 
 
 # --- pooling -------------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_records_from_real_runs_pool_like_the_loop(which):
         rec = bd.dovetail_record(GenerationOutput("", d_ids, prompt, d_stats), t_ids)
         assert rec["tau"] == pytest.approx(bd.pool_acceptance([rec["accept_hist"]])["tau"])
         pooled = bd.pool_acceptance([rec["accept_hist"]])["depth_accept_rates"]  # None where the loop says 0.0
-        assert [0.0 if r is None else r for r in pooled] == pytest.approx(d_stats.extra["depth_accept_rates"])
+        assert [0.0 if r is None else r for r in pooled] == pytest.approx(d_stats.to_dict()["depth_accept_rates"])
         records.append({"id": str(i), "target": bd.target_record(GenerationOutput("", t_ids, prompt, t_stats)),
                         "configs": {"x": rec}, "llama_cpp_f32": None})
     s = bd.summarize_config(records, "x", greedy=True)

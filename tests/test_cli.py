@@ -199,10 +199,11 @@ def test_single_device_is_said_once(caplog):
     import jax
 
     from dovetail_jax.decode import dovetail as DV
+    from dovetail_jax.devices import Placement
 
-    DV._warned_single_device = False
+    DV._note_shared_device.cache_clear()
     cpu = jax.devices("cpu")[0]
     with caplog.at_level("WARNING"):
-        DV._device_note(cpu, cpu)
-        DV._device_note(cpu, cpu)
+        DV._note_shared_device(Placement(cpu, cpu))
+        DV._note_shared_device(Placement(cpu, cpu))
     assert sum("only one device" in r.message for r in caplog.records) == 1

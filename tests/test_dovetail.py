@@ -17,7 +17,7 @@ from scipy import stats as sps
 from dovetail_jax import devices
 from dovetail_jax.config import DraftConfig, SamplingConfig, TreeConfig
 from dovetail_jax.decode import dovetail as DV
-from dovetail_jax.decode import target_only
+from dovetail_jax.decode import programs, target_only
 from dovetail_jax.errors import ConfigError
 from dovetail_jax.model.cache import init_cache
 from dovetail_jax.model.target import causal_mask, forward
@@ -46,7 +46,7 @@ def test_greedy_equals_target_only(tiny, tree):
             out, st = DV.generate(params, cfg, d, prompt, 48, tree, ignore_eos=True)
             assert out == ref, f"draft {d.source}, prompt {i}: first divergence at " \
                                f"{next(j for j, (a, b) in enumerate(zip(out, ref, strict=False)) if a != b)}"
-            hist = st.extra["accept_hist"]
+            hist = st.acceptance.hist
             assert sum(n * (k + 1) for k, n in enumerate(hist)) >= len(out) - 1
             if d.source == "self":
                 longest = max(longest, max(k for k, n in enumerate(hist) if n))
@@ -72,7 +72,7 @@ def test_statistics_and_bytes(tiny):
     d = self_draft(cfg, params)
     prompt = list(range(10))
     out, st = DV.generate(params, cfg, d, prompt, 30, tree, ignore_eos=True)
-    x = st.extra
+    x = st.to_dict()  # the JSON record
     hist = x["accept_hist"]
     assert len(hist) == tree.width and x["cycles"] == sum(hist)
     assert x["tau"] == pytest.approx(sum((k + 1) * n for k, n in enumerate(hist)) / x["cycles"])
@@ -197,13 +197,13 @@ def test_injected_verifier_bug_is_caught(small_vocab, monkeypatch):
         return p / p.sum()  # forgets to zero the rejected token: it can then be emitted again
 
     monkeypatch.setattr(accept_lib, "_reject", buggy_reject)
-    DV._jitted.cache_clear()  # re-trace the verify step with the patched helper
+    programs.clear()  # re-trace the verify step with the patched helper
     try:
         tree = TreeConfig(2, 2, 6)
         counts = sample_first(cfg, params, random_draft(cfg, params, DraftConfig(1, "dgf"), seed=2), prompt, tree,
                               s, 1500)
     finally:
-        DV._jitted.cache_clear()
+        programs.clear()
     assert chi2_pvalue(counts, probs, 1500) < ALPHA
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from dovetail_jax import api, devices
 from dovetail_jax.config import DraftConfig, TreeConfig
-from dovetail_jax.decode.dovetail import Draft
 from dovetail_jax.model import draft as draft_lib
+from dovetail_jax.model.draft import Draft
 
 PROMPTS = [
     "What is the capital of France?",
@@ -66,7 +66,7 @@ def drafts(target):
     untrained = api.random_draft(target, DraftConfig(1, "dgf", draft_vocab_size=2048), seed=0)
     dcfg, p, shared = draft_lib.draft_from_lm(target.params, target.cfg, devices.accelerator_device())
     shipped = api.load_draft(target)  # the default draft of checkpoints/ (no fallback: it must exist)
-    return {"untrained": untrained, "agreeing": Draft(dcfg, p, shared, source="the target itself"),
+    return {"untrained": untrained, "agreeing": Draft(dcfg, p, shared, source="the target itself", kind="self"),
             "shipped": shipped}
 
 
@@ -80,8 +80,8 @@ def check(target, reference, draft: Draft, tree: TreeConfig, prompts: list[int])
                          min(len(out.token_ids), len(ref)))
             pytest.fail(f"prompt {i} ({PROMPTS[i]!r}), draft {draft.source}, tree {tree}: first divergence at "
                         f"token {first}: dovetail {out.token_ids[first:first + 5]} vs target {ref[first:first + 5]}")
-        taus.append(out.stats.extra["tau"])
-        hist = out.stats.extra["accept_hist"]
+        taus.append(out.stats.acceptance.tau)
+        hist = out.stats.acceptance.hist
         if draft.source == "the target itself":
             assert max(k for k, n in enumerate(hist) if n) >= min(tree.max_accepted, 3), hist
     return taus

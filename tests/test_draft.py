@@ -204,7 +204,7 @@ def test_dgf_fusion_formula():
     rng = np.random.default_rng(2)
     feats = rng.standard_normal((2, 5, CFG.hidden_size)).astype(np.float32)
     emb = (3.0 * rng.standard_normal((2, 5, CFG.hidden_size))).astype(np.float32)
-    got = np.asarray(D.fuse(params, dcfg, CFG, jnp.asarray(feats), jnp.asarray(emb)))
+    got = np.asarray(D.fuse(params, CFG, jnp.asarray(feats), jnp.asarray(emb)))
     # written out once more, step by step, from the paper's equations (W's are [in, out])
     f64 = {k: v.astype(np.float64) for k, v in t.items()}
     e = emb.astype(np.float64)
@@ -227,7 +227,7 @@ def test_eagle_fusion_formula():
     rng = np.random.default_rng(5)
     feats = rng.standard_normal((1, 4, CFG.hidden_size)).astype(np.float32)
     emb = rng.standard_normal((1, 4, CFG.hidden_size)).astype(np.float32)
-    got = np.asarray(D.fuse(params, dcfg, CFG, jnp.asarray(feats), jnp.asarray(emb)))
+    got = np.asarray(D.fuse(params, CFG, jnp.asarray(feats), jnp.asarray(emb)))
     w, b = t["fc.weight"].astype(np.float64), t["fc.bias"].astype(np.float64)  # torch Linear(2H -> H): [out, in]
     h = CFG.hidden_size
     want = emb[0] @ w[:, :h].T + feats[0] @ w[:, h:].T + b  # the embedding first, then the feature
@@ -238,7 +238,7 @@ def test_none_fusion_is_the_embedding():
     dcfg = DraftConfig(num_layers=1, fusion="none")
     params = D.draft_params_from_tensors(CFG, dcfg, random_tensors(CFG, dcfg, seed=6))
     emb = np.random.default_rng(7).standard_normal((1, 3, CFG.hidden_size)).astype(np.float32)
-    got = D.fuse(params, dcfg, CFG, jnp.ones_like(emb), jnp.asarray(emb))
+    got = D.fuse(params, CFG, jnp.ones_like(emb), jnp.asarray(emb))
     np.testing.assert_array_equal(np.asarray(got), emb)
 
 

@@ -18,7 +18,13 @@ import jax.numpy as jnp  # noqa: E402
 from dovetail_jax import devices  # noqa: E402
 from dovetail_jax.config import ModelConfig  # noqa: E402
 from dovetail_jax.model.cache import append, commit_path, init_cache  # noqa: E402
-from dovetail_jax.model.params import params_from_tensors  # noqa: E402
+from dovetail_jax.model.params import (  # noqa: E402
+    TargetParams,
+    expected_shapes,
+    param_specs,
+    params_from_tensors,
+    to_tensors,
+)
 from dovetail_jax.model.target import causal_mask, forward  # noqa: E402
 
 TOL = 1e-4
@@ -218,3 +224,31 @@ def test_in_out_layout_gives_the_same_forward(tiny):
         outs.append((np.asarray(logits), np.asarray(hidden)))
     np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_spec_fuses_places_and_converts_back(tiny, layout):
+    """One description per weight: the fused leaves are torch's q/k/v and gate/up rows stacked (transposed in
+    "in_out"), each leaf has the spec's shape and sits on the given device, and `to_tensors` returns the
+    state dict exactly."""
+    model, cfg, _ = tiny
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    dev = devices.target_device()
+    spec = TargetParams.spec(cfg, layout)
+    params = params_from_tensors(cfg, sd, dev, layout=layout)
+    for s, x in zip(param_specs(spec), jax.tree_util.tree_leaves(params), strict=True):
+        assert x.shape == s.shape and x.dtype == np.float32 and x.devices() == {dev}
+    orient = (lambda w: w.T) if layout == "in_out" else (lambda w: w)
+    for i, layer in enumerate(params.layers):
+        p = f"model.layers.{i}."
+        qkv = np.concatenate([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        gate_up = np.concatenate([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+        np.testing.assert_array_equal(np.asarray(layer.wqkv), orient(qkv))
+        np.testing.assert_array_equal(np.asarray(layer.w_gate_up), orient(gate_up))
+        np.testing.assert_array_equal(np.asarray(layer.w_down), orient(sd[p + "mlp.down_proj.weight"]))
+    back = to_tensors(spec, params)
+    assert sorted(back) == sorted(sd) == sorted(expected_shapes(cfg))
+    for k, v in sd.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)

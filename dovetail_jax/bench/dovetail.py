@@ -1,7 +1,8 @@
 """`dovetail bench dovetail`: Dovetail decoding on the paper's evaluation prompts (HumanEval, MT-bench).
 
-One target is loaded (the `[in, out]` layout a tree verifier wants, as `generate --mode dovetail` uses) and
-serves both the target-only baseline and every Dovetail configuration; each draft is loaded once. Every prompt
+The target is loaded twice: in the `[in, out]` layout a tree verifier wants (as `generate --mode dovetail`
+uses) for every Dovetail configuration, and in the `[out, in]` layout for the target-only baseline; each draft
+is loaded once. Every prompt
 goes through the chat template and is decoded round-robin: target-only, each configuration, then llama.cpp on
 the same weights as an F32 GGUF, so a slow spell of this shared machine hits all methods of that prompt alike.
 One warm-up generation per method on the first prompt runs before anything is timed; a prompt of a new length
@@ -20,23 +21,27 @@ only inside `run`.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dovetail_jax.argtypes import positive_int
-from dovetail_jax.bench import eval_prompts
+from dovetail_jax.argtypes import RANDOM_FLAGS, TREE_FLAGS, DraftFlags, flag
+from dovetail_jax.bench import report
+from dovetail_jax.bench.report import fmt, rate, ratio
 from dovetail_jax.bench.results import write_json_atomic
 from dovetail_jax.config import TREE_PRESETS, DraftConfig, SamplingConfig, TreeConfig
 from dovetail_jax.errors import ConfigError, DovetailError, ModelFormatError
+from dovetail_jax.io import eval_prompts
+from dovetail_jax.stats import Acceptance
+
+if TYPE_CHECKING:
+    from dovetail_jax.devices import Placement
 
 DEFAULT_OUT = Path("analysis/results/bench_dovetail.json")
 DEFAULT_DATASETS = "humaneval,mtbench"
@@ -44,31 +49,9 @@ SCHEMA = "dovetail.bench.dovetail/1"
 RESERVED_NAMES = ("target", "llama_cpp_f32")
 CONFIG_KEYS = {"name", "draft", "tree", "draft_layers", "draft_fusion", "draft_vocab"}
 TREE_KEYS = ("top_k", "depth", "total_tokens")
-RANDOM_KEYS = ("draft_layers", "draft_fusion", "draft_vocab")
+RANDOM_KEYS = RANDOM_FLAGS  # the same names shape a random draft in a configs file and on the command line
 
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    """Options of `dovetail bench dovetail` (the CLI adds --model, the sampling and the single-config draft/tree
-    options)."""
-    p.add_argument("--datasets", default=DEFAULT_DATASETS,
-                   help=f"comma-separated evaluation sets among {', '.join(eval_prompts.DATASETS)} "
-                        f"(default {DEFAULT_DATASETS})")
-    p.add_argument("--limit", type=positive_int, default=20,
-                   help="prompts per dataset, the first N in file order (default 20)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128,
-                   help="new tokens per prompt at most; generation stops at EOS (default 128)")
-    p.add_argument("--configs", metavar="FILE", type=Path, default=None,
-                   help='JSON list of {"name", "draft": path | "self" | "random" | null (the default draft), '
-                        '"tree": preset name | {"top_k", "depth", "total_tokens"}} (optional "draft_layers", '
-                        '"draft_fusion", "draft_vocab" shape a random draft); replaces --draft and the tree options')
-    p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time llama.cpp on the same weights as an F32 GGUF (default: on when llama_cpp is "
-                        "installed and the model is a GGUF file)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT})")
-
-
-def _say(msg: str) -> None:
-    print(f"[bench dovetail] {msg}", file=sys.stderr, flush=True)
+_say = report.sayer("bench dovetail")
 
 
 # --- configurations ------------------------------------------------------------------------------------------
@@ -143,18 +126,16 @@ def _draft_label(draft: str | None) -> str:
     return "default" if draft is None else draft if draft in ("self", "random") else Path(draft).name or draft
 
 
-def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
+def configs_from_flags(flags: DraftFlags) -> list[RunConfig]:
     """The single configuration that --draft / --tree / --tree-top-k / ... describe (as `generate` reads them)."""
-    from dovetail_jax.cli import tree_from_args
-
-    random_opts = [f for f in RANDOM_KEYS if getattr(args, f, None) is not None]
-    draft = args.draft
+    random_opts = flags.given(RANDOM_FLAGS)
+    draft = flags.draft
     if draft not in (None, "random") and random_opts:
-        raise ConfigError(f"--{random_opts[0].replace('_', '-')} shapes a random draft; it cannot change --draft")
+        raise ConfigError(f"{flag(random_opts[0])} shapes a random draft; it cannot change --draft")
     if draft is None and random_opts:
         draft = "random"  # as in `generate`: shaping options ask for a random draft
-    rcfg = _random_cfg(args.draft_layers, args.draft_fusion, args.draft_vocab, "options")
-    tree = tree_from_args(args)
+    rcfg = flags.random_config()
+    tree = flags.tree_config()
     name = f"{_draft_label(draft)}-{tree.top_k}-{tree.depth}-{tree.total_tokens}"
     return [RunConfig(name, draft, tree, rcfg)]
 
@@ -202,43 +183,40 @@ def load_configs_file(path: Path) -> list[RunConfig]:
     return parse_configs(data, str(path))
 
 
-def resolve_configs(args: argparse.Namespace) -> list[RunConfig]:
-    if args.configs is None:
-        return configs_from_args(args)
-    single = [f for f in ("draft", "tree", "tree_top_k", "depth", "total_tokens", *RANDOM_KEYS)
-              if getattr(args, f, None) is not None]
+def resolve_configs(configs_file: Path | None, flags: DraftFlags) -> list[RunConfig]:
+    """The configurations of a run: those of `configs_file` (--configs), else the one the flags describe."""
+    if configs_file is None:
+        return configs_from_flags(flags)
+    single = flags.given(("draft", *TREE_FLAGS, *RANDOM_FLAGS))
     if single:
-        raise ConfigError(f"--configs replaces --{single[0].replace('_', '-')}; give one or the other")
-    return load_configs_file(args.configs)
+        raise ConfigError(f"--configs replaces {flag(single[0])}; give one or the other")
+    return load_configs_file(configs_file)
+
+
+@dataclass(frozen=True)
+class DovetailBenchOptions:
+    """What `dovetail bench dovetail` runs: datasets, configurations, sampling, and where it writes."""
+
+    configs: tuple[RunConfig, ...]  # see `resolve_configs`
+    model: str | None = None  # a GGUF file or HF folder; None: the embedded default
+    tokenizer: str | None = None
+    datasets: tuple[str, ...] = ("humaneval", "mtbench")  # see `parse_datasets`
+    limit: int = 20  # prompts per dataset, the first N in file order
+    max_new_tokens: int = 128  # per prompt at most; generation stops at EOS
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # prompt i samples with seed + i
+    llama_cpp: bool | None = None  # None: on when llama_cpp is installed and the model is a GGUF file
+    out: Path = DEFAULT_OUT
+    placement: Placement | None = None  # where the targets and drafts run; None: `devices.placement()`
 
 
 # --- pooling (pure functions over per-prompt records) ---------------------------------------------------------
 
 
-def _rate(n: float, seconds: float) -> float | None:
-    return n / seconds if seconds > 0 else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def pool_acceptance(hists: Sequence[Sequence[int]]) -> dict[str, Any]:
-    """Pool acceptance histograms (index = tokens committed in a cycle − 1) of many runs.
-
-    tau = Σcommitted / Σcycles; the rate at depth d+1 = cycles that accepted ≥ d+1 drafts / cycles that accepted
-    ≥ d (those that reached depth d+1), the same quantity `decode/dovetail.py` reports for one run, here from
-    pooled counts (None where no cycle reached that depth).
-    """
-    width = max((len(h) for h in hists), default=0)
-    total = [sum(int(h[i]) for h in hists if i < len(h)) for i in range(width)]
-    cycles = sum(total)
-    committed = sum((i + 1) * c for i, c in enumerate(total))
-    reached = [sum(total[d:]) for d in range(width)]  # cycles that accepted >= d drafts
-    rates = [reached[d + 1] / reached[d] if reached[d] else None for d in range(width - 1)]
-    return {"cycles": cycles, "committed": committed, "tau": committed / cycles if cycles else None,
-            "accept_hist": total, "depth_accept_rates": rates, "depth_reached": reached[:-1],
-            "depth_accepted": reached[1:]}
+    """Pool acceptance histograms (index = tokens committed in a cycle − 1) of many runs: `stats.Acceptance`'s
+    pooled record (tau = Σcommitted / Σcycles, the rate at each depth from pooled counts, None where no cycle
+    reached that depth)."""
+    return Acceptance.pool(Acceptance(tuple(int(c) for c in h)) for h in hists).to_dict()
 
 
 def summarize_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -248,7 +226,7 @@ def summarize_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     decode = sum(r["decode_s"] for r in runs)
     prefill = sum(r["prefill_s"] for r in runs)
     return {"n_prompts": len(runs), "tokens": tokens, "decode_steps": steps, "decode_s": decode, "prefill_s": prefill,
-            "decode_tok_s": _rate(steps, decode), "wall_tok_s": _rate(tokens, prefill + decode),
+            "decode_tok_s": rate(steps, decode), "wall_tok_s": rate(tokens, prefill + decode),
             "compile_s": sum(r.get("compile_s", 0.0) for r in runs)}
 
 
@@ -284,8 +262,8 @@ def summarize_config(records: Sequence[dict[str, Any]], name: str, greedy: bool)
         "wall_tok_s": dt["wall_tok_s"],
         "target_decode_tok_s": tg["decode_tok_s"],
         "target_wall_tok_s": tg["wall_tok_s"],
-        "speedup": _ratio(dt["decode_tok_s"], tg["decode_tok_s"]),
-        "speedup_wall": _ratio(dt["wall_tok_s"], tg["wall_tok_s"]),
+        "speedup": ratio(dt["decode_tok_s"], tg["decode_tok_s"]),
+        "speedup_wall": ratio(dt["wall_tok_s"], tg["wall_tok_s"]),
         "time_s": {**split, "decode": dt["decode_s"], "prefill": dt["prefill_s"]},
         "per_cycle_ms": {**{k: v / cycles * 1e3 for k, v in split.items()}, "decode": dt["decode_s"] / cycles * 1e3}
         if cycles else None,
@@ -300,7 +278,7 @@ def summarize_config(records: Sequence[dict[str, Any]], name: str, greedy: bool)
             "per_token": (b_draft + b_target) / dt["tokens"] if dt["tokens"] else None,
         },
         "llama_cpp_f32_tok_s": lc and lc["decode_tok_s"],
-        "over_llama_cpp_f32": _ratio(dt_on_lc and dt_on_lc["decode_tok_s"], lc and lc["decode_tok_s"]),
+        "over_llama_cpp_f32": ratio(dt_on_lc and dt_on_lc["decode_tok_s"], lc and lc["decode_tok_s"]),
         "llama_cpp_n_prompts": len(with_lc),
         "greedy_identical": identical,
     }
@@ -330,83 +308,46 @@ def target_record(out: Any) -> dict[str, Any]:
 
 def dovetail_record(out: Any, reference: list[int] | None) -> dict[str, Any]:
     """A Dovetail run's numbers; `identical` compares its tokens with target-only's (greedy only)."""
-    x = out.stats.extra
+    a, x = out.stats.acceptance, out.stats.dovetail
+    t = x.transfers
     return {
         **target_record(out),
-        "cycles": x["cycles"], "tau": x["tau"], "accept_hist": list(x["accept_hist"]),
-        "time_s": dict(x["time_s"]), "prefill_time_s": dict(x["prefill_time_s"]),
-        "bytes_to_draft": x["bytes_to_draft"], "bytes_to_target": x["bytes_to_target"],
-        "prefill_bytes_to_draft": x["prefill_bytes_to_draft"],
-        "transfers_to_draft": x["transfers_to_draft"], "transfers_to_target": x["transfers_to_target"],
+        "cycles": a.cycles, "tau": a.tau or 0.0, "accept_hist": list(a.hist),
+        "time_s": x.time_s.to_dict(), "prefill_time_s": x.prefill_time_s.to_dict(),
+        "bytes_to_draft": t.bytes_to_draft, "bytes_to_target": t.bytes_to_target,
+        "prefill_bytes_to_draft": t.prefill_bytes_to_draft,
+        "transfers_to_draft": t.transfers_to_draft, "transfers_to_target": t.transfers_to_target,
         "identical": None if reference is None else list(out.token_ids) == list(reference),
     }
 
 
-class LlamaCppRunner:
-    """llama.cpp greedy decoding on the F32 copy of the target's GGUF, any prompt, a given token count.
+def llama_info(engine: Any) -> dict[str, Any]:
+    return {"engine": engine.version, "gguf_f32": str(engine.f32), "convert_s": engine.convert_s,
+            "load_s": engine.load_s, "threads": engine.threads,
+            "tokens": "as many as target-only made for the prompt (EOS not checked)", "greedy": True}
 
-    decode time = first to last generated token (n − 1 decode steps), prefill = start to the first token, as our
-    own decoders count them.
-    """
 
-    def __init__(self, model: Path, n_ctx: int) -> None:
-        import os
-
-        import llama_cpp
-        from llama_cpp import Llama
-
-        from dovetail_jax.bench.peers import cached_f32_gguf
-
-        self.lc = llama_cpp
-        self.f32, self.convert_s = cached_f32_gguf(model)
-        self.threads = os.cpu_count() or 1
-        t0 = time.perf_counter()
-        self.llm = Llama(model_path=str(self.f32), n_ctx=n_ctx, n_threads=self.threads, n_threads_batch=self.threads,
-                         verbose=False)
-        self.load_s = time.perf_counter() - t0
-
-    def info(self) -> dict[str, Any]:
-        return {"engine": f"llama-cpp-python {self.lc.__version__}, F32 GGUF", "gguf_f32": str(self.f32),
-                "convert_s": self.convert_s, "load_s": self.load_s, "threads": self.threads,
-                "tokens": "as many as target-only made for the prompt (EOS not checked)", "greedy": True}
-
-    def run(self, prompt_ids: list[int], n: int, reference: list[int] | None) -> dict[str, Any]:
-        self.llm.reset()  # no KV prefix reuse between prompts
-        stamps, toks = [], []
-        start = time.perf_counter()
-        for tok in self.llm.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
-            stamps.append(time.perf_counter())
-            toks.append(int(tok))
-            if len(toks) >= n:
-                break
-        decode = stamps[-1] - stamps[0]
-        return {"tokens": len(toks), "decode_steps": len(toks) - 1, "decode_s": decode,
-                "prefill_s": stamps[0] - start, "tok_s": _rate(len(toks) - 1, decode),
-                "tokens_equal_target": None if reference is None else toks == list(reference)}
-
-    def close(self) -> None:
-        self.llm.close()
+def llama_record(engine: Any, prompt_ids: list[int], n: int, reference: list[int] | None) -> dict[str, Any]:
+    """llama.cpp's run of one prompt (a `peers.LlamaCppEngine`), counted as our own decoders count."""
+    g = engine.generate(prompt_ids, n)
+    return {"tokens": len(g.tokens), "decode_steps": len(g.tokens) - 1, "decode_s": g.decode_s,
+            "prefill_s": g.prefill_s, "tok_s": rate(len(g.tokens) - 1, g.decode_s),
+            "tokens_equal_target": None if reference is None else g.tokens == list(reference)}
 
 
 # --- the run --------------------------------------------------------------------------------------------------
 
 
-def _command() -> str:
-    prog = Path(sys.argv[0]).name
-    prog = "python -m dovetail_jax.cli" if prog in ("cli.py", "__main__.py") else prog
-    return " ".join([prog, shlex.join(sys.argv[1:])])
-
-
-def _llama_plan(args: argparse.Namespace, model_path: Path) -> str | None:
+def _llama_plan(wanted: bool | None, model_path: Path) -> str | None:
     """None when llama.cpp runs, else why not; an explicit --llama-cpp that cannot run is an error."""
     reason = None
     if importlib.util.find_spec("llama_cpp") is None:
         reason = "llama_cpp is not installed (pip install -e '.[bench]')"
     elif not model_path.is_file():
         reason = "the model is not a GGUF file (llama.cpp needs one)"
-    if args.llama_cpp is False:
+    if wanted is False:
         return "--no-llama-cpp"
-    if reason and args.llama_cpp:
+    if reason and wanted:
         raise ConfigError(f"--llama-cpp: {reason}")
     return reason
 
@@ -423,189 +364,237 @@ def _load_draft(api: Any, target: Any, c: RunConfig, seed: int) -> Any:
                                f"({type(e).__name__}: {e})") from None
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def format_table(res: dict[str, Any]) -> str:
     rows = []
     head = (f"{'config':<24}{'n':>4}{'tokens':>8}{'tau':>6}{'tok/s':>8}{'target':>8}{'speedup':>8}{'wall x':>7}"
             f"{'llama.cpp':>10}{'/llama':>7}{'identical':>10}")
     for ds, r in res["results"].items():
-        rows.append(f"{ds}: {r['n_prompts']} prompts; target-only {_fmt(r['target']['decode_tok_s'], '.1f')} tok/s"
-                    + (f", llama.cpp F32 {_fmt(r['llama_cpp_f32']['decode_tok_s'], '.1f')} tok/s"
+        rows.append(f"{ds}: {r['n_prompts']} prompts; target-only {fmt(r['target']['decode_tok_s'], '.1f')} tok/s"
+                    + (f", llama.cpp F32 {fmt(r['llama_cpp_f32']['decode_tok_s'], '.1f')} tok/s"
                        if r["llama_cpp_f32"] else ""))
         rows.append(head)
         for name, c in r["configs"].items():
             ident = "-" if c["greedy_identical"] is None else f"{c['greedy_identical']}/{c['n_prompts']}"
-            rows.append(f"{name[:23]:<24}{c['n_prompts']:>4}{c['tokens']:>8}{_fmt(c['tau'], '.2f'):>6}"
-                        f"{_fmt(c['decode_tok_s'], '.1f'):>8}{_fmt(c['target_decode_tok_s'], '.1f'):>8}"
-                        f"{_fmt(c['speedup'], '.2f'):>8}{_fmt(c['speedup_wall'], '.2f'):>7}"
-                        f"{_fmt(c['llama_cpp_f32_tok_s'], '.1f'):>10}{_fmt(c['over_llama_cpp_f32'], '.2f'):>7}"
+            rows.append(f"{name[:23]:<24}{c['n_prompts']:>4}{c['tokens']:>8}{fmt(c['tau'], '.2f'):>6}"
+                        f"{fmt(c['decode_tok_s'], '.1f'):>8}{fmt(c['target_decode_tok_s'], '.1f'):>8}"
+                        f"{fmt(c['speedup'], '.2f'):>8}{fmt(c['speedup_wall'], '.2f'):>7}"
+                        f"{fmt(c['llama_cpp_f32_tok_s'], '.1f'):>10}{fmt(c['over_llama_cpp_f32'], '.2f'):>7}"
                         f"{ident:>10}")
             pc = c["per_cycle_ms"]
             if pc:
                 rows.append(f"{'':<4}per cycle: verify {pc['verify']:.1f} ms, draft {pc['draft']:.1f}, "
                             f"transfer {pc['transfer']:.2f}, host {pc['host']:.2f}; "
-                            f"depth rates {', '.join(_fmt(x, '.2f') for x in c['depth_accept_rates'])}")
+                            f"depth rates {', '.join(fmt(x, '.2f') for x in c['depth_accept_rates'])}")
     return "\n".join(rows)
 
 
 def _postfix(summary: dict[str, Any]) -> str:
     parts = []
     for name, c in summary["configs"].items():
-        parts.append(f"{name[:16]} tau {_fmt(c['tau'], '.2f')} x{_fmt(c['speedup'], '.2f')}")
+        parts.append(f"{name[:16]} tau {fmt(c['tau'], '.2f')} x{fmt(c['speedup'], '.2f')}")
     return "; ".join(parts)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the benchmark, rewriting `args.out` after every prompt; returns the final result."""
-    datasets = parse_datasets(args.datasets)
-    configs = resolve_configs(args)
-    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    greedy = sampling.greedy
-    prompts = {ds: eval_prompts.load_dataset(ds)[: args.limit] for ds in datasets}
+def _encode(api: Any, target: Any, prompts: dict[str, list[tuple[str, str]]], configs: Sequence[RunConfig],
+            n: int) -> dict[str, list[tuple[str, list[int]]]]:
+    """Chat-templated prompt ids per dataset; refuses, before any timing, what would overflow the context later."""
+    from dovetail_jax.plan import plan_dovetail, plan_sizes
 
-    from tqdm import tqdm
-
-    from dovetail_jax import api
-    from dovetail_jax.bench import machine
-    from dovetail_jax.decode import dovetail as dovetail_lib
-    from dovetail_jax.decode.target_only import plan_sizes
-    from dovetail_jax.io.registry import default_model_path
-
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    load_start = machine.load_average()
-    model_path = Path(args.model).expanduser() if args.model is not None else default_model_path()
-    lc_skip = _llama_plan(args, model_path)
-    n = args.max_new_tokens
-
-    _say(f"loading the target ({args.model or 'default'}, [in, out] layout)")
-    target = api.load_target(args.model, layout="in_out", tokenizer=args.tokenizer)
-    # the baseline decodes with its own fastest layout, [out, in] (single-token steps), as `generate` does
-    baseline = api.load_target(args.model, layout="out_in", tokenizer=args.tokenizer)
     encoded = {ds: [(pid, api.encode_prompt(target, text, chat=True)) for pid, text in ps]
                for ds, ps in prompts.items()}
-    longest = max(len(ids) for ps in encoded.values() for _, ids in ps)
-    for ds, ps in encoded.items():  # refuse before any timing what would overflow the context later
+    for ds, ps in encoded.items():
         for pid, ids in ps:
             plan_sizes(target.cfg, len(ids), n)
             for c in configs:
                 try:
-                    dovetail_lib.plan(target.cfg, c.tree, len(ids), n)
+                    plan_dovetail(target.cfg, c.tree, len(ids), n)
                 except ConfigError as e:
                     raise ConfigError(f"{ds} prompt {pid}, configuration {c.name!r}: {e}") from None
+    return encoded
+
+
+def _load_drafts(api: Any, target: Any, configs: Sequence[RunConfig],
+                 seed: int) -> tuple[dict[tuple, Any], dict[str, dict[str, Any]]]:
+    """(draft per draft key, each configuration's record); configurations with equal keys share one draft."""
+    from dovetail_jax.decode import dovetail as dovetail_lib
 
     drafts: dict[tuple, Any] = {}
-    draft_info: dict[str, dict[str, Any]] = {}
+    info: dict[str, dict[str, Any]] = {}
     for c in configs:
         t0 = time.perf_counter()
         if c.draft_key not in drafts:
             _say(f"loading draft {_draft_label(c.draft)} for {c.name}")
-            drafts[c.draft_key] = _load_draft(api, target, c, args.seed)
+            drafts[c.draft_key] = _load_draft(api, target, c, seed)
         d = drafts[c.draft_key]
         try:
             dovetail_lib.check_draft(target.cfg, d, c.tree)
         except ConfigError as e:
             raise ConfigError(f"configuration {c.name!r}: {e}") from None
-        draft_info[c.name] = {**c.to_dict(), "draft_source": d.source, "draft_layers": d.cfg.num_layers,
-                              "draft_fusion": d.cfg.fusion, "draft_vocab": int(d.shared.head.shape[0]),
-                              "load_s": time.perf_counter() - t0}
-        if d.source.startswith("random"):
+        info[c.name] = {**c.to_dict(), "draft_source": d.source, "draft_layers": d.cfg.num_layers,
+                        "draft_fusion": d.cfg.fusion, "draft_vocab": int(d.shared.head.shape[0]),
+                        "load_s": time.perf_counter() - t0}
+        if d.is_random:
             _say(f"note: {c.name} uses an untrained ({d.source}) draft: lossless, but few drafts are accepted")
+    return drafts, info
 
-    llama = None
-    if lc_skip is None:
+
+@dataclass
+class _Methods:
+    """Everything one benchmark run times: target-only, each configuration, llama.cpp (while it works)."""
+
+    api: Any
+    target: Any  # the [in, out] layout a tree verifier wants, serving every configuration
+    baseline: Any  # target-only decodes with its own fastest layout, [out, in] (single-token steps)
+    configs: Sequence[RunConfig]
+    drafts: dict[tuple, Any]
+    sampling: SamplingConfig
+    n: int
+    llama: Any | None = None  # a peers.LlamaCppEngine
+    lc_skip: str | None = None  # why llama.cpp does not run (None: it does)
+
+    def gen(self, ids: list[int], i: int, c: RunConfig | None) -> Any:
+        """Prompt i's generation by target-only (`c` None) or a configuration; prompt i samples with seed + i."""
+        s = self.sampling
+        sampling = SamplingConfig(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed + i)
+        if c is None:
+            return self.api.generate(self.baseline, ids, max_new_tokens=self.n, sampling=sampling)
+        return self.api.generate(self.target, ids, max_new_tokens=self.n, sampling=sampling,
+                                 draft=self.drafts[c.draft_key], tree=c.tree)
+
+    def start_llama(self, model_path: Path, n_ctx: int) -> None:
+        from dovetail_jax.bench.peers import LlamaCppEngine
+
         _say("llama.cpp: loading the F32 GGUF (converted once, then cached)")
         try:
-            llama = LlamaCppRunner(model_path, n_ctx=max(512, longest + n + 16))
+            self.llama = LlamaCppEngine(model_path, n_ctx=n_ctx)
         except Exception as e:  # the peer's failure must not lose our own measurement
-            lc_skip = f"failed: {type(e).__name__}: {e}"
-            _say(f"llama.cpp {lc_skip}")
+            self.lc_skip = f"failed: {type(e).__name__}: {e}"
+            _say(f"llama.cpp {self.lc_skip}")
 
-    def sampling_for(i: int) -> SamplingConfig:
-        return SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                              seed=sampling.seed + i)
-
-    def gen(ids: list[int], i: int, c: RunConfig | None) -> Any:
-        if c is None:
-            return api.generate(baseline, ids, max_new_tokens=n, sampling=sampling_for(i))
-        return api.generate(target, ids, max_new_tokens=n, sampling=sampling_for(i), draft=drafts[c.draft_key],
-                            tree=c.tree)
-
-    # warm-up: one untimed generation per method on the first prompt (compiles, first executions, allocations)
-    first_ids = next(iter(encoded.values()))[0][1]
-    _say("warming up (one untimed generation per method on the first prompt)")
-    warm = {"target": gen(first_ids, 0, None).stats.compile_s}
-    for c in configs:
-        warm[c.name] = gen(first_ids, 0, c).stats.compile_s
-    if llama is not None:
+    def run_llama(self, ids: list[int], n: int, reference: list[int] | None) -> dict[str, Any] | None:
+        """llama.cpp's record of one prompt; a peer crashing mid-run is recorded and dropped, keeping the rest."""
+        if self.llama is None:
+            return None
         try:
-            llama.run(first_ids, min(8, n), None)
+            return llama_record(self.llama, ids, n, reference)
         except Exception as e:
-            lc_skip = f"failed: {type(e).__name__}: {e}"
-            _say(f"llama.cpp {lc_skip}")
-            llama.close()
-            llama = None
+            self.lc_skip = f"failed: {type(e).__name__}: {e}"
+            _say(f"llama.cpp {self.lc_skip}")
+            self.llama.close()
+            self.llama = None
+            return None
 
-    names = [c.name for c in configs]
-    records: dict[str, list[dict[str, Any]]] = {ds: [] for ds in datasets}
-    res: dict[str, Any] = {
-        "schema": SCHEMA,
-        "complete": False,
-        "timestamp": started,
-        "command": _command(),
-        "machine": {**machine.machine_info(), "load_average_1m": {"start": load_start, "end": None}},
-        "model": {"source": target.source, "path": str(model_path), "name": target.cfg.name,
-                  "num_params": target.cfg.num_params, "layout": "in_out (dovetail), out_in (target-only)",
-                  "load_s": target.load_s,
-                  "eos_ids": list(target.eos_ids)},
-        "settings": {
-            "datasets": datasets, "limit": args.limit, "max_new_tokens": n, "chat": True, "ignore_eos": False,
-            "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
-                         "seed": sampling.seed, "seed_per_prompt": "seed + prompt index"},
-            "greedy": greedy,
-            "order": "per prompt, round-robin: target-only, each configuration, llama.cpp",
-            "warmup": "one untimed generation per method on the first prompt; new length buckets compile "
-                      "outside the timed region (compile_s)",
-            "decode_tok_s": "Σ(new tokens − 1) / Σ decode time after the prefill (the first token is the "
-                            "prefill's); wall_tok_s: Σ new tokens / Σ(prefill + decode)",
-            "humaneval_message": eval_prompts.HUMANEVAL_INSTRUCTION + "{prompt}```",
-        },
-        "configs": [draft_info[c] for c in names],
-        "warmup_compile_s": warm,
-        "llama_cpp_f32": llama.info() if llama is not None else None,
-        "skipped": {"llama_cpp_f32": lc_skip},
-        "results": {},
-        "prompts": records,
+    def warm_up(self, ids: list[int]) -> dict[str, float]:
+        """One untimed generation per method on the first prompt (compiles, first executions, allocations)."""
+        _say("warming up (one untimed generation per method on the first prompt)")
+        warm = {"target": self.gen(ids, 0, None).stats.compile_s}
+        for c in self.configs:
+            warm[c.name] = self.gen(ids, 0, c).stats.compile_s
+        self.run_llama(ids, min(8, self.n), None)
+        return warm
+
+    def measure(self, pid: str, ids: list[int], i: int) -> dict[str, Any]:
+        """Prompt i round-robin: target-only, each configuration, then llama.cpp for as many tokens."""
+        t_out = self.gen(ids, i, None)
+        ref = list(t_out.token_ids) if self.sampling.greedy else None
+        return {"id": pid, "prompt_tokens": len(ids), "target": target_record(t_out),
+                "configs": {c.name: dovetail_record(self.gen(ids, i, c), ref) for c in self.configs},
+                "llama_cpp_f32": self.run_llama(ids, len(t_out.token_ids), ref)}
+
+
+def _settings(opts: DovetailBenchOptions) -> dict[str, Any]:
+    s = opts.sampling
+    return {
+        "datasets": list(opts.datasets), "limit": opts.limit, "max_new_tokens": opts.max_new_tokens, "chat": True,
+        "ignore_eos": False,
+        "sampling": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed,
+                     "seed_per_prompt": "seed + prompt index"},
+        "greedy": s.greedy,
+        "order": "per prompt, round-robin: target-only, each configuration, llama.cpp",
+        "warmup": "one untimed generation per method on the first prompt; new length buckets compile "
+                  "outside the timed region (compile_s)",
+        "decode_tok_s": "Σ(new tokens − 1) / Σ decode time after the prefill (the first token is the "
+                        "prefill's); wall_tok_s: Σ new tokens / Σ(prefill + decode)",
+        "humaneval_message": eval_prompts.HUMANEVAL_INSTRUCTION + "{prompt}```",
     }
 
+
+def _model_record(target: Any, model_path: Path) -> dict[str, Any]:
+    return {"source": target.source, "path": str(model_path), "name": target.cfg.name,
+            "num_params": target.cfg.num_params, "layout": "in_out (dovetail), out_in (target-only)",
+            "load_s": target.load_s, "eos_ids": list(target.eos_ids)}
+
+
+def _prepare(opts: DovetailBenchOptions) -> tuple[_Methods, dict[str, list[tuple[str, list[int]]]], dict[str, Any]]:
+    """Load the targets, the drafts and llama.cpp, encode and check the prompts, warm every method up; returns
+    the methods, the encoded prompts and the result's header."""
+    from dovetail_jax import api
+    from dovetail_jax.bench import machine
+    from dovetail_jax.io.registry import default_model_path
+
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_start = machine.load_average()
+    prompts = {ds: eval_prompts.load_dataset(ds)[: opts.limit] for ds in opts.datasets}
+    model_path = Path(opts.model).expanduser() if opts.model is not None else default_model_path()
+    lc_skip = _llama_plan(opts.llama_cpp, model_path)
+    n = opts.max_new_tokens
+    _say(f"loading the target ({opts.model or 'default'}, [in, out] layout)")
+    target = api.load_target(opts.model, layout="in_out", tokenizer=opts.tokenizer, placement=opts.placement)
+    baseline = api.load_target(opts.model, layout="out_in", tokenizer=opts.tokenizer, placement=target.placement)
+    encoded = _encode(api, target, prompts, opts.configs, n)
+    drafts, draft_info = _load_drafts(api, target, opts.configs, opts.sampling.seed)
+    m = _Methods(api, target, baseline, opts.configs, drafts, opts.sampling, n, lc_skip=lc_skip)
+    if lc_skip is None:
+        longest = max(len(ids) for ps in encoded.values() for _, ids in ps)
+        m.start_llama(model_path, n_ctx=max(512, longest + n + 16))
+    warm = m.warm_up(next(iter(encoded.values()))[0][1])
+    header = {
+        "schema": SCHEMA, "complete": False, "timestamp": started, "command": report.command_line(),
+        "machine": {**machine.machine_info(), "load_average_1m": {"start": load_start, "end": None}},
+        "model": _model_record(target, model_path),
+        "settings": _settings(opts),
+        "configs": [draft_info[c.name] for c in opts.configs],
+        "warmup_compile_s": warm,
+        "llama_cpp_f32": llama_info(m.llama) if m.llama is not None else None,
+        "skipped": {"llama_cpp_f32": m.lc_skip},
+    }
+    return m, encoded, header
+
+
+def _finish(res: dict[str, Any], out: Path) -> None:
+    """The figure beside the results (analysis/results/x.json -> analysis/figures/x.png) and the table."""
+    from dovetail_jax.bench.plot_dovetail import plot
+
+    figs = plot(res, (out.parent.parent / "figures" if out.parent.name == "results" else out.parent)
+                / out.with_suffix(".png").name)
+    print(format_table(res) + f"\nwrote {out} and {figs[0]}")
+
+
+def run(opts: DovetailBenchOptions) -> dict[str, Any]:
+    """Run the benchmark, rewriting `opts.out` after every prompt; returns the final result."""
+    from tqdm import tqdm
+
+    from dovetail_jax.bench import machine
+
+    m, encoded, res = _prepare(opts)
+    names = [c.name for c in opts.configs]
+    greedy = opts.sampling.greedy
+    records: dict[str, list[dict[str, Any]]] = {ds: [] for ds in opts.datasets}
+    res |= {"results": {}, "prompts": records}
+
     def write() -> None:
-        res["results"] = {ds: summarize_dataset(records[ds], names, greedy) for ds in datasets if records[ds]}
+        res["results"] = {ds: summarize_dataset(records[ds], names, greedy) for ds in opts.datasets if records[ds]}
+        res["skipped"]["llama_cpp_f32"] = m.lc_skip
         res["machine"]["load_average_1m"]["end"] = machine.load_average()
-        write_json_atomic(Path(args.out), res)
+        write_json_atomic(Path(opts.out), res)
 
     write()
-    total = sum(len(ps) for ps in encoded.values())
-    bar = tqdm(total=total, desc="prompts", unit="prompt", file=sys.stderr)
+    bar = tqdm(total=sum(len(ps) for ps in encoded.values()), desc="prompts", unit="prompt", file=sys.stderr)
     i = 0
     for ds, ps in encoded.items():
         for pid, ids in ps:
             bar.set_description(f"{ds} {pid}")
-            t_out = gen(ids, i, None)
-            ref = list(t_out.token_ids) if greedy else None
-            rec: dict[str, Any] = {"id": pid, "prompt_tokens": len(ids), "target": target_record(t_out),
-                                   "configs": {}, "llama_cpp_f32": None}
-            for c in configs:
-                rec["configs"][c.name] = dovetail_record(gen(ids, i, c), ref)
-            if llama is not None:
-                try:
-                    rec["llama_cpp_f32"] = llama.run(ids, len(t_out.token_ids), ref)
-                except Exception as e:  # a peer crashing mid-run keeps what we have
-                    lc_skip = res["skipped"]["llama_cpp_f32"] = f"failed: {type(e).__name__}: {e}"
-                    _say(f"llama.cpp {lc_skip}")
-                    llama.close()
-                    llama = None
+            rec = m.measure(pid, ids, i)
             rec["load_average_1m"] = machine.load_average()
             records[ds].append(rec)
             i += 1
@@ -613,14 +602,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix_str(_postfix(res["results"][ds]))
     bar.close()
-    if llama is not None:
-        llama.close()
+    if m.llama is not None:
+        m.llama.close()
     res["complete"] = True
     write()
-    from dovetail_jax.bench.plot_dovetail import plot
-
-    out = Path(args.out)  # analysis/results/x.json -> analysis/figures/x.png; elsewhere: beside the JSON
-    figs = plot(res, (out.parent.parent / "figures" if out.parent.name == "results" else out.parent)
-                / out.with_suffix(".png").name)
-    print(format_table(res) + f"\nwrote {args.out} and {figs[0]}")
+    _finish(res, Path(opts.out))
     return res

@@ -1,9 +1,9 @@
-"""Peer engines for `dovetail bench target`: Hugging Face transformers (f32) and llama.cpp (F32 GGUF).
+"""The peer engines the benches time against ours: Hugging Face transformers (f32) and llama.cpp (F32 GGUF).
 
-Both get the same prompt token ids, greedy decoding and the same number of new tokens as our target,
-and both are timed so that only decode steps count. llama.cpp runs the *same weights* written back as
-an F32 GGUF, so the comparison is f32 against f32 and not against its faster quantised kernels.
-Neither torch, transformers nor llama_cpp is imported before its engine runs.
+Each gets the same prompt token ids, greedy decoding and the same number of new tokens as our target, and
+each is timed so that only decode steps count. llama.cpp runs the *same weights* written back as an F32 GGUF
+(one `LlamaCppEngine` for both benches), so the comparison is f32 against f32 and not against its faster
+quantised kernels. Neither torch, transformers nor llama_cpp is imported before its engine runs.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 from gguf import GGUFValueType
 from gguf.quants import dequantize
 
+from dovetail_jax import paths
 from dovetail_jax.errors import ModelFormatError
 
 log = logging.getLogger(__name__)
@@ -82,11 +84,6 @@ def write_f32_gguf(src: str | Path, dst: str | Path) -> None:
         writer.close()
 
 
-def cache_dir() -> Path:
-    """Where converted peer files live: never inside the repository."""
-    return Path(os.environ.get("DOVETAIL_CACHE_DIR", Path.home() / ".cache" / "dovetail_jax"))
-
-
 def cached_f32_gguf(src: str | Path) -> tuple[Path, float]:
     """(path of the F32 copy of `src`, seconds spent converting; 0 on a cache hit).
 
@@ -95,7 +92,7 @@ def cached_f32_gguf(src: str | Path) -> tuple[Path, float]:
     """
     src = Path(src)
     st = src.stat()
-    folder = cache_dir() / "f32_gguf"
+    folder = paths.f32_gguf_cache()  # never inside the repository
     dst = folder / f"{src.stem}.{st.st_size}-{st.st_mtime_ns}.F32.gguf"
     if dst.is_file():
         return dst, 0.0
@@ -185,76 +182,117 @@ class HFEngine:
         del self.model
 
 
-class LlamaCppEngine:
-    """llama.cpp on the F32 copy of `model`; decode tok/s = (N-1) / (time from token 1 to token N), best run.
+@dataclass
+class TimedTokens:
+    """One greedy llama.cpp generation: its tokens, when each arrived, and llama's own eval counters."""
 
-    llama's own eval counters are recorded too, as a cross-check that excludes Python and sampling.
+    start: float
+    stamps: list[float]
+    tokens: list[int]
+    eval_ms: float
+    n_eval: int
+
+    @property
+    def prefill_s(self) -> float:
+        return self.stamps[0] - self.start
+
+    @property
+    def decode_s(self) -> float:
+        """First to last generated token: n − 1 decode steps, as our own decoders count them."""
+        return self.stamps[-1] - self.stamps[0]
+
+    @property
+    def total_s(self) -> float:
+        return self.stamps[-1] - self.start
+
+
+class LlamaCppEngine:
+    """llama.cpp greedy decoding on the F32 copy of a GGUF (the same weights as ours, f32 against f32).
+
+    Any prompt, a given number of tokens (EOS not checked), no KV prefix reuse between generations.
     """
 
     name = "llama_cpp_f32"
 
-    def __init__(self, model: Path, prompt: str, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+    def __init__(self, model: Path, n_ctx: int) -> None:
         import llama_cpp
         from llama_cpp import Llama
 
         self.lc = llama_cpp
         self.f32, self.convert_s = cached_f32_gguf(model)
         self.threads = os.cpu_count() or 1
-        n_ctx = max(1024, len(prompt_ids) + max_new_tokens)
         t0 = time.perf_counter()
         self.llm = Llama(model_path=str(self.f32), n_ctx=n_ctx, n_threads=self.threads,
                          n_threads_batch=self.threads, verbose=False)
         self.load_s = time.perf_counter() - t0
-        self.own_ids = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        self.prompt_ids = list(prompt_ids)
-        self.n = max_new_tokens
-        self.runs: list[dict[str, Any]] = []
-        self.tokens: list[int] | None = None
-        self._gen(min(8, max_new_tokens))  # warm-up
+        self.version = f"llama-cpp-python {llama_cpp.__version__}, F32 GGUF"
 
-    def _gen(self, n: int) -> tuple[float, list[float], list[int], Any]:
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's own tokenization of raw text (special tokens parsed, no BOS added)."""
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def generate(self, prompt_ids: Sequence[int], n: int) -> TimedTokens:
         self.llm.reset()
         self.lc.llama_perf_context_reset(self.llm.ctx)
         stamps, toks = [], []
         start = time.perf_counter()
-        for tok in self.llm.generate(self.prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        for tok in self.llm.generate(list(prompt_ids), temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                     repeat_penalty=1.0):
             stamps.append(time.perf_counter())
             toks.append(int(tok))
-            if len(toks) == n:
+            if len(toks) >= n:
                 break
-        return start, stamps, toks, self.lc.llama_perf_context(self.llm.ctx)
+        perf = self.lc.llama_perf_context(self.llm.ctx)
+        return TimedTokens(start, stamps, toks, perf.t_eval_ms, perf.n_eval)
+
+    def close(self) -> None:
+        self.llm.close()  # free the weights and context now, not at garbage collection
+
+
+class LlamaCppRounds:
+    """`dovetail bench target`'s view of llama.cpp: one fixed prompt, best of rounds.
+
+    decode tok/s = (N-1) / (time from token 1 to token N), best run; llama's own eval counters are recorded too,
+    as a cross-check that excludes Python and sampling.
+    """
+
+    name = LlamaCppEngine.name
+
+    def __init__(self, model: Path, prompt: str, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+        self.engine = LlamaCppEngine(model, n_ctx=max(1024, len(prompt_ids) + max_new_tokens))
+        self.own_ids = self.engine.tokenize(prompt)
+        self.prompt_ids = list(prompt_ids)
+        self.n = max_new_tokens
+        self.runs: list[dict[str, Any]] = []
+        self.tokens: list[int] | None = None
+        self.engine.generate(self.prompt_ids, min(8, max_new_tokens))  # warm-up
 
     def run_once(self) -> None:
-        start, stamps, toks, perf = self._gen(self.n)
-        self.tokens = self.tokens or toks
-        self.runs.append({
-            "first_token_s": stamps[0] - start,
-            "total_s": stamps[-1] - start,
-            "decode_s": stamps[-1] - stamps[0],
-            "llama_eval_ms": perf.t_eval_ms,
-            "llama_n_eval": perf.n_eval,
-        })
+        g = self.engine.generate(self.prompt_ids, self.n)
+        self.tokens = self.tokens or g.tokens
+        self.runs.append({"first_token_s": g.prefill_s, "total_s": g.total_s, "decode_s": g.decode_s,
+                          "llama_eval_ms": g.eval_ms, "llama_n_eval": g.n_eval})
 
     def result(self) -> dict[str, Any]:
-        n = self.n
+        n, e = self.n, self.engine
         best = min(self.runs, key=lambda r: r["decode_s"])
         evals = [r for r in self.runs if r["llama_n_eval"] > 0 and r["llama_eval_ms"] > 0]
         return {
-            "engine": f"llama-cpp-python {self.lc.__version__}, F32 GGUF",
-            "gguf_f32": str(self.f32),
-            "convert_s": self.convert_s,
-            "threads": self.threads,
+            "engine": e.version,
+            "gguf_f32": str(e.f32),
+            "convert_s": e.convert_s,
+            "threads": e.threads,
             "decode_tok_s": (n - 1) / best["decode_s"] if n > 1 and best["decode_s"] > 0 else None,
             "decode_method": "(N-1) / (time from first to last generated token), best run",
             "runs_decode_tok_s": [(n - 1) / r["decode_s"] for r in self.runs if r["decode_s"] > 0],
             "llama_eval_tok_s": max(r["llama_n_eval"] / r["llama_eval_ms"] * 1e3 for r in evals) if evals else None,
             "total_tok_s": n / best["total_s"],
             "prefill_s": best["first_token_s"],
-            "load_s": self.load_s,
+            "load_s": e.load_s,
             "runs": self.runs,
-            "prompt_tokenization_equal": list(self.own_ids) == self.prompt_ids,
+            "prompt_tokenization_equal": self.own_ids == self.prompt_ids,
             "token_ids": self.tokens,
         }
 
     def close(self) -> None:
-        self.llm.close()  # free the weights and context now, not at garbage collection
+        self.engine.close()

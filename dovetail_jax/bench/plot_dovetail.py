@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,3 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
         fig.savefig(p, dpi=130)
     plt.close(fig)
     return paths
-
-
-def plot_file(result_json: Path, out: Path) -> list[Path]:
-    return plot(json.loads(Path(result_json).read_text()), out)

@@ -11,19 +11,22 @@ This module is imported when the CLI parser is built: it imports JAX and the eng
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib.util
 import json
-import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dovetail_jax.argtypes import nonempty_text, positive_int
+from dovetail_jax.bench import report
+from dovetail_jax.bench.report import fmt, median, ratio
 from dovetail_jax.bench.results import write_json_atomic
+
+if TYPE_CHECKING:
+    from dovetail_jax.devices import Placement
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_OUT = Path("analysis/results/bench_target.json")
@@ -31,22 +34,23 @@ SCHEMA = "dovetail.bench.target/1"
 GOALS = {"ours_over_hf": 2.0, "ours_over_llama_cpp_f32": 0.75}
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    """Options of `dovetail bench target` (`--model` is added by the CLI)."""
-    p.add_argument("--prompt", type=nonempty_text, default=DEFAULT_PROMPT,
-                   help=f"raw prompt text, no chat template (default {DEFAULT_PROMPT!r})")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="new tokens per run, EOS ignored (128)")
-    p.add_argument("--repeats", type=positive_int, default=10,
-                   help="timed rounds; each engine runs once per round and its best is reported (10)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT})")
-    p.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
-    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
-    p.add_argument("--json", action="store_true",
-                   help="print the JSON to stdout as well (the table then goes to stderr)")
+@dataclass(frozen=True)
+class TargetBenchOptions:
+    """What `dovetail bench target` measures and where it writes."""
+
+    model: str | None = None  # a GGUF file or HF folder; None: the embedded default
+    tokenizer: str | None = None
+    prompt: str = DEFAULT_PROMPT  # raw text, no chat template
+    max_new_tokens: int = 128  # per run, EOS ignored
+    repeats: int = 10  # timed rounds; each engine's best is reported
+    out: Path = DEFAULT_OUT
+    hf: bool = True  # also time HF transformers
+    llama_cpp: bool = True  # also time llama.cpp
+    json: bool = False  # print the JSON to stdout as well (the table then goes to stderr)
+    placement: Placement | None = None  # where our target runs; None: `devices.placement()`
 
 
-def _say(msg: str) -> None:
-    print(f"[bench target] {msg}", file=sys.stderr, flush=True)
+_say = report.sayer("bench target")
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -69,14 +73,14 @@ class OursEngine:
 
     name = "dovetail_jax"
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, opts: TargetBenchOptions) -> None:
         from dovetail_jax import api
 
         self.api = api
-        _say(f"dovetail-jax: loading {args.model or 'the default model'}")
-        self.target = api.load_target(args.model, tokenizer=args.tokenizer)
-        self.ids = api.encode_prompt(self.target, args.prompt)
-        self.n = args.max_new_tokens
+        _say(f"dovetail-jax: loading {opts.model or 'the default model'}")
+        self.target = api.load_target(opts.model, tokenizer=opts.tokenizer, placement=opts.placement)
+        self.ids = api.encode_prompt(self.target, opts.prompt)
+        self.n = opts.max_new_tokens
         _say("dovetail-jax: compiling and warming up")
         self.warm = api.generate(self.target, self.ids, max_new_tokens=self.n, ignore_eos=True)
         self.runs: list[Any] = []
@@ -94,7 +98,7 @@ class OursEngine:
 
         best = max(self.runs, key=lambda r: r.stats.tokens_per_s)
         s = best.stats
-        slots = int(s.extra["cache_slots"])
+        slots = s.cache_slots
         return {
             "engine": "dovetail-jax target-only, float32",
             "decode_tok_s": s.tokens_per_s,
@@ -116,16 +120,6 @@ class OursEngine:
         del self.target, self.warm, self.runs
 
 
-def _median(xs: list[float]) -> float | None:
-    import statistics
-
-    return statistics.median(xs) if xs else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
-
-
 def _start_peer(name: str, skip: str | None, module: str | None,
                 factory: Callable[[], Any]) -> tuple[Any | None, str | None]:
     """Load one peer engine unless skipped or not installed; failures become a recorded reason, not a crash."""
@@ -141,24 +135,20 @@ def _start_peer(name: str, skip: str | None, module: str | None,
         return None, f"failed: {type(e).__name__}: {e}"
 
 
-def _hf_skip(args: argparse.Namespace, model: Path) -> str | None:
-    if args.no_hf:
+def _hf_skip(enabled: bool, model: Path) -> str | None:
+    if not enabled:
         return "--no-hf"
     if model.is_file() and importlib.util.find_spec("accelerate") is None:
         return "accelerate is not installed (transformers needs it to load a GGUF file)"
     return None
 
 
-def _llama_skip(args: argparse.Namespace, model: Path) -> str | None:
-    if args.no_llama_cpp:
+def _llama_skip(enabled: bool, model: Path) -> str | None:
+    if not enabled:
         return "--no-llama-cpp"
     if not model.is_file():
         return "the model is not a GGUF file (llama.cpp needs one)"
     return None
-
-
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -171,15 +161,15 @@ def format_table(res: dict[str, Any]) -> str:
         if e is None:
             rows.append(f"{label:<24}  skipped: {res['skipped'][key]}")
             continue
-        rows.append(f"{label:<24}{_fmt(e['decode_tok_s'], '.1f'):>13}{_fmt(e['total_tok_s'], '.1f'):>12}"
-                    f"{_fmt(e['prefill_s'], '.3f'):>10}{_fmt(e['load_s'], '.1f'):>8}"
-                    f"{_fmt(e.get('compile_s'), '.1f'):>10}")
+        rows.append(f"{label:<24}{fmt(e['decode_tok_s'], '.1f'):>13}{fmt(e['total_tok_s'], '.1f'):>12}"
+                    f"{fmt(e['prefill_s'], '.3f'):>10}{fmt(e['load_s'], '.1f'):>8}"
+                    f"{fmt(e.get('compile_s'), '.1f'):>10}")
     r = res["ratios"]
     for key, label in (("ours_over_hf", "ours / hf"), ("ours_over_llama_cpp_f32", "ours / llama.cpp f32")):
         met = r["meets_goal"][key]
         verdict = "n/a" if met is None else ("met" if met else "NOT met")
-        rows.append(f"{label}: {_fmt(r[key], '.2f')} best of rounds (goal >= {GOALS[key]}: {verdict}); "
-                    f"median of rounds {_fmt(r['median_of_runs'][key], '.2f')}")
+        rows.append(f"{label}: {fmt(r[key], '.2f')} best of rounds (goal >= {GOALS[key]}: {verdict}); "
+                    f"median of rounds {fmt(r['median_of_runs'][key], '.2f')}")
     b = res["bandwidth"]
     rows.append(f"bytes/token {b['bytes_per_token'] / 1e6:.1f} MB (weights {b['weight_bytes_per_token'] / 1e6:.1f} "
                 f"+ KV {b['kv_bytes_per_token'] / 1e6:.1f}) -> {b['effective_gbs']:.1f} GB/s effective; "
@@ -192,34 +182,25 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure all engines, write the JSON atomically to `args.out`, print the table; returns the result."""
+def _start_peers(opts: TargetBenchOptions, model_path: Path, ids: list[int]) -> dict[str, tuple[Any, str | None]]:
+    """engine name -> (loaded and warmed-up peer engine or None, why it does not run)."""
+    from dovetail_jax.bench import peers
+
+    n = opts.max_new_tokens
+    return {
+        "hf_transformers": _start_peer("hf transformers", _hf_skip(opts.hf, model_path), "transformers",
+                                       lambda: peers.HFEngine(model_path, ids, n)),
+        "llama_cpp_f32": _start_peer("llama.cpp", _llama_skip(opts.llama_cpp, model_path), "llama_cpp",
+                                     lambda: peers.LlamaCppRounds(model_path, opts.prompt, ids, n)),
+    }
+
+
+def _rounds(ours: OursEngine, others: list[Any], repeats: int) -> dict[str, str]:
+    """Run every engine once per round, back to back, so a slow spell of this shared machine hits all engines
+    alike instead of whichever happened to run then; returns why peers failed (ours failing is an error)."""
     from tqdm import tqdm
 
-    from dovetail_jax.bench import machine, peers
-    from dovetail_jax.io.registry import default_model_path
-
-    prog = Path(sys.argv[0]).name
-    prog = "python -m dovetail_jax.cli" if prog in ("cli.py", "__main__.py") else prog
-    command = " ".join([prog, shlex.join(sys.argv[1:])])
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    model_path = Path(args.model) if args.model is not None else default_model_path()
-    n, repeats = args.max_new_tokens, args.repeats
-    load_start = machine.load_average()
-
-    engine = OursEngine(args)
-    model = engine.model_record()
-    ids = model["prompt_ids"]
-    _say("measuring the machine's memory read bandwidth")
-    read_gbs = machine.memory_read_bandwidth_gbs()
-
-    hf_eng, hf_skip = _start_peer("hf transformers", _hf_skip(args, model_path), "transformers",
-                                  lambda: peers.HFEngine(model_path, ids, n))
-    lc_eng, lc_skip = _start_peer("llama.cpp", _llama_skip(args, model_path), "llama_cpp",
-                                  lambda: peers.LlamaCppEngine(model_path, args.prompt, ids, n))
-    engines = [e for e in (engine, hf_eng, lc_eng) if e is not None]
-    # Round-robin: every round runs each engine once, back to back, so a slow spell of this shared machine
-    # hits all engines alike instead of whichever happened to run then.
+    engines = [ours, *others]
     failed: dict[str, str] = {}
     for _ in tqdm(range(repeats), desc="rounds (" + ", ".join(e.name for e in engines) + ")", file=sys.stderr,
                   unit="round"):
@@ -227,72 +208,95 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 e.run_once()
             except Exception as exc:  # a peer crashing mid-run keeps what we have
-                if e is engine:
+                if e is ours:
                     raise
                 failed[e.name] = f"failed: {type(exc).__name__}: {exc}"
                 _say(f"{e.name} {failed[e.name]}")
                 engines.remove(e)
-    ours = engine.result()
-    ours["load_average_1m_before"] = load_start
-    hf = hf_eng.result() if hf_eng is not None and hf_eng.name not in failed else None
-    lc = lc_eng.result() if lc_eng is not None and lc_eng.name not in failed else None
-    hf_skip = failed.get("hf_transformers", hf_skip)
-    lc_skip = failed.get("llama_cpp_f32", lc_skip)
-    for e in (engine, hf_eng, lc_eng):
+    return failed
+
+
+def _ratios(ours: dict[str, Any], hf: dict[str, Any] | None, lc: dict[str, Any] | None) -> dict[str, Any]:
+    r_hf = ratio(ours["decode_tok_s"], hf and hf["decode_tok_s"])
+    r_lc = ratio(ours["decode_tok_s"], lc and lc["decode_tok_s"])
+    ours_median = median(ours["runs_decode_tok_s"])
+    return {
+        "ours_over_hf": r_hf,
+        "ours_over_llama_cpp_f32": r_lc,
+        "goals": GOALS,
+        "median_of_runs": {
+            "ours_over_hf": ratio(ours_median, hf and median(hf["runs_decode_tok_s"])),
+            "ours_over_llama_cpp_f32": ratio(ours_median, lc and median(lc["runs_decode_tok_s"])),
+        },
+        "meets_goal": {k: None if r is None else r >= GOALS[k]
+                       for k, r in (("ours_over_hf", r_hf), ("ours_over_llama_cpp_f32", r_lc))},
+    }
+
+
+def _bandwidth(ours: dict[str, Any], read_gbs: float) -> dict[str, Any]:
+    bytes_per_token = ours["weight_bytes_per_token"] + ours["kv_bytes_per_token"]
+    return {
+        "weight_bytes_per_token": ours["weight_bytes_per_token"],
+        "kv_bytes_per_token": ours["kv_bytes_per_token"],
+        "kv_note": "the whole preallocated cache (cache_slots) is read each step: attention is masked, not sliced",
+        "bytes_per_token": bytes_per_token,
+        "effective_gbs": bytes_per_token * ours["decode_tok_s"] / 1e9,
+        "machine_read_gbs": read_gbs,
+        "fraction_of_machine_read": bytes_per_token * ours["decode_tok_s"] / 1e9 / read_gbs,
+    }
+
+
+def _print(res: dict[str, Any], opts: TargetBenchOptions) -> None:
+    table = format_table(res) + f"\nwrote {opts.out}"
+    print(table, file=sys.stderr if opts.json else sys.stdout)
+    if opts.json:
+        print(json.dumps(res, indent=1))
+
+
+def run(opts: TargetBenchOptions) -> dict[str, Any]:
+    """Measure all engines, write the JSON atomically to `opts.out`, print the table; returns the result."""
+    from dovetail_jax.bench import machine
+    from dovetail_jax.io.registry import default_model_path
+
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    model_path = Path(opts.model) if opts.model is not None else default_model_path()
+    load_start = machine.load_average()
+    engine = OursEngine(opts)
+    model = engine.model_record()
+    ids = model["prompt_ids"]
+    _say("measuring the machine's memory read bandwidth")
+    read_gbs = machine.memory_read_bandwidth_gbs()
+    started_peers = _start_peers(opts, model_path, ids)
+    failed = _rounds(engine, [e for e, _ in started_peers.values() if e is not None], opts.repeats)
+    ours = engine.result() | {"load_average_1m_before": load_start}
+    results = {k: e.result() if e is not None and k not in failed else None for k, (e, _) in started_peers.items()}
+    skipped = {k: failed.get(k, skip) for k, (_, skip) in started_peers.items()}
+    for e in (engine, *(e for e, _ in started_peers.values())):
         if e is not None:
             e.close()
     gc.collect()
-
-    ours_tps = ours["decode_tok_s"]
-    r_hf = _ratio(ours_tps, hf and hf["decode_tok_s"])
-    r_lc = _ratio(ours_tps, lc and lc["decode_tok_s"])
-    bytes_per_token = ours["weight_bytes_per_token"] + ours["kv_bytes_per_token"]
+    hf, lc = results["hf_transformers"], results["llama_cpp_f32"]
     eos = tuple(model["eos_ids"])
     res: dict[str, Any] = {
         "schema": SCHEMA,
         "timestamp": started,
-        "command": command,
+        "command": report.command_line(),
         "model": {**{k: v for k, v in model.items() if k != "prompt_ids"}, "path": str(model_path)},
-        "prompt": {"text": args.prompt, "ids": ids, "tokens": len(ids)},
-        "max_new_tokens": n,
-        "repeats": repeats,
+        "prompt": {"text": opts.prompt, "ids": ids, "tokens": len(ids)},
+        "max_new_tokens": opts.max_new_tokens,
+        "repeats": opts.repeats,
         "aggregate": "best of repeats, engines interleaved round-robin (after one untimed warm-up per engine)",
         "greedy": True,
         "ignore_eos": True,
         "machine": {**machine.machine_info(), "memory_read_gbs": read_gbs,
                     "load_average_1m": {"start": load_start, "end": machine.load_average()}},
-        "engines": {"dovetail_jax": ours, "hf_transformers": hf, "llama_cpp_f32": lc},
-        "skipped": {"hf_transformers": hf_skip, "llama_cpp_f32": lc_skip},
-        "ratios": {
-            "ours_over_hf": r_hf,
-            "ours_over_llama_cpp_f32": r_lc,
-            "goals": GOALS,
-            "median_of_runs": {
-                "ours_over_hf": _ratio(_median(ours["runs_decode_tok_s"]), hf and _median(hf["runs_decode_tok_s"])),
-                "ours_over_llama_cpp_f32": _ratio(_median(ours["runs_decode_tok_s"]),
-                                                  lc and _median(lc["runs_decode_tok_s"])),
-            },
-            "meets_goal": {k: None if r is None else r >= GOALS[k]
-                           for k, r in (("ours_over_hf", r_hf), ("ours_over_llama_cpp_f32", r_lc))},
-        },
-        "bandwidth": {
-            "weight_bytes_per_token": ours["weight_bytes_per_token"],
-            "kv_bytes_per_token": ours["kv_bytes_per_token"],
-            "kv_note": "the whole preallocated cache (cache_slots) is read each step: attention is masked, not sliced",
-            "bytes_per_token": bytes_per_token,
-            "effective_gbs": bytes_per_token * ours_tps / 1e9,
-            "machine_read_gbs": read_gbs,
-            "fraction_of_machine_read": bytes_per_token * ours_tps / 1e9 / read_gbs,
-        },
-        "greedy_tokens_match": {
-            "hf_transformers": _token_check(ours["token_ids"], hf and hf["token_ids"], eos),
-            "llama_cpp_f32": _token_check(ours["token_ids"], lc and lc["token_ids"], eos),
-        },
+        "engines": {"dovetail_jax": ours, **results},
+        "skipped": skipped,
+        "ratios": _ratios(ours, hf, lc),
+        "bandwidth": _bandwidth(ours, read_gbs),
+        "greedy_tokens_match": {"hf_transformers": _token_check(ours["token_ids"], hf and hf["token_ids"], eos),
+                                "llama_cpp_f32": _token_check(ours["token_ids"], lc and lc["token_ids"], eos)},
     }
-    text = json.dumps(res, indent=1)
-    write_json_atomic(Path(args.out), res)
-    table = format_table(res) + f"\nwrote {args.out}"
-    print(table, file=sys.stderr if args.json else sys.stdout)
-    if args.json:
-        print(text)
+    write_json_atomic(Path(opts.out), res)
+    _print(res, opts)
     return res

@@ -23,6 +23,7 @@ from dovetail_jax.model import cache as cache_lib
 from dovetail_jax.model.cache import KVCache, init_cache
 from dovetail_jax.model.params import TargetParams
 from dovetail_jax.model.target import causal_mask, forward
+from dovetail_jax.plan import batch_sizes
 
 PAD_ID = 0
 
@@ -50,10 +51,6 @@ def _jitted(cfg: ModelConfig):
             jax.jit(cache_lib.append, donate_argnames=("cache",)))
 
 
-def _bucket(n: int, minimum: int = 16) -> int:
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
-
-
 def generate_greedy_batch(params: TargetParams, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                           max_new_tokens: int, eos_ids: Sequence[int]) -> list[list[int]]:
     """Greedy answers of the target to `prompts` (one batch), each cut after its first EOS (kept)."""
@@ -62,7 +59,7 @@ def generate_greedy_batch(params: TargetParams, cfg: ModelConfig, prompts: Seque
     if max_new_tokens <= 0:
         raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}")
     b = len(prompts)
-    p = _bucket(max(len(x) for x in prompts))
+    p, slots = batch_sizes(max(len(x) for x in prompts), max_new_tokens)
     if p + max_new_tokens > cfg.max_position_embeddings:
         raise ConfigError(f"prompt bucket {p} + {max_new_tokens} new tokens exceeds the context "
                           f"({cfg.max_position_embeddings})")
@@ -72,7 +69,7 @@ def generate_greedy_batch(params: TargetParams, cfg: ModelConfig, prompts: Seque
         tokens[i, p - len(x):] = x
         start[i] = p - len(x)
     pre, step, app = _jitted(cfg)
-    cache = init_cache(cfg, _bucket(p + max_new_tokens, 128), batch=b)
+    cache = init_cache(cfg, slots, batch=b)
     start_d = jnp.asarray(start)
     tok, update = pre(params, cache, jnp.asarray(tokens), start_d)
     cache = app(cache, update)

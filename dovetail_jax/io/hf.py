@@ -167,7 +167,7 @@ def _shard_files(folder: Path) -> list[Path]:
 
 def load_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Config and float32 tensors (HF names, `[out, in]`) of a HF LLaMA folder, sharded or not."""
-    from dovetail_jax.model.params import expected_shapes
+    from dovetail_jax.model.params import check_tensors, expected_shapes
 
     folder = Path(folder)
     cfg_path = folder / "config.json"
@@ -189,13 +189,8 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
 
-    shapes = expected_shapes(cfg)
-    for name, shape in shapes.items():
-        if name not in tensors:
-            raise ModelFormatError(f"{folder}: missing tensor '{name}' (expected shape {shape})")
-        if tensors[name].shape != shape:
-            raise ModelFormatError(f"{folder}: tensor '{name}' has shape {tensors[name].shape}, expected {shape}")
-    extra_names = sorted(set(tensors) - set(shapes))
+    check_tensors(cfg, tensors, str(folder))
+    extra_names = sorted(set(tensors) - set(expected_shapes(cfg)))
     if extra_names:
         raise ModelFormatError(f"{folder}: unsupported tensor '{extra_names[0]}' (not part of a plain LLaMA model)")
     return cfg, tensors

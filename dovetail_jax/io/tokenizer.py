@@ -20,7 +20,7 @@ import jinja2.sandbox
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from dovetail_jax.errors import ModelFormatError
+from dovetail_jax.errors import ConfigError, ModelFormatError
 
 # llama.cpp token types (tokenizer.ggml.token_type).
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
@@ -261,10 +261,6 @@ class Tokenizer:
         """Number of ids the tokenizer can produce (added tokens included)."""
         return self._tk.get_vocab_size(with_added_tokens=True)
 
-    @property
-    def backend(self) -> HFTokenizer:
-        return self._tk
-
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
 
@@ -299,6 +295,23 @@ class Tokenizer:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
         except jinja2.exceptions.TemplateError as e:
             raise ModelFormatError(f"chat template failed: {e}") from None
+
+    def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids of a raw prompt, or of a one-turn chat rendered with the chat template (`system`: its
+        system message, None for the template's own)."""
+        if not prompt:
+            raise ConfigError("the prompt is empty")
+        if chat:
+            messages: list[dict[str, str]] = []
+            if system is not None:
+                messages.append({"role": "system", "content": system})
+            messages.append({"role": "user", "content": prompt})
+            prompt = self.apply_chat_template(messages, add_generation_prompt=True)
+        # a rendered template already holds any BOS it wants; raw prompts get the tokenizer's own specials
+        ids = self.encode(prompt, add_special_tokens=not chat)
+        if not ids:
+            raise ConfigError("the prompt encodes to no tokens")
+        return ids
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)

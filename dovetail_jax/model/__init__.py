@@ -1,7 +1,4 @@
-"""The target model as pure functions over pytrees.
+"""The target and draft models as pure functions over pytrees.
 
-Importing it configures JAX's devices first (two host devices when there is no GPU), which must happen
-before the JAX backend starts.
+Importing it leaves JAX's configuration alone: `dovetail_jax.devices.setup()` (or `placement()`) does that.
 """
-
-from dovetail_jax import devices as _devices  # noqa: F401

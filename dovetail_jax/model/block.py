@@ -1,4 +1,4 @@
-"""One pre-norm LLaMA decoder block, shared by the target and the draft.
+"""Pre-norm LLaMA decoder blocks and the loop over a stack of them, shared by the target and the draft.
 
 The block only reads the KV cache and returns its new keys and values; see `cache.py` for why writes are a
 separate call. The draft's tree expansion also passes `lead_k`/`lead_v`: keys of earlier tokens of the same
@@ -8,12 +8,15 @@ branches never touch the cache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
 from dovetail_jax.config import ModelConfig
 from dovetail_jax.model import layers as L
-from dovetail_jax.model.params import LayerParams
+from dovetail_jax.model.cache import KVCache, KVUpdate
+from dovetail_jax.model.params import LayerParams, Layout
 
 
 def decoder_layer(
@@ -48,3 +51,30 @@ def decoder_layer(
     x = x + L.linear(L.attention(q, k_all, v_all, k_cache, v_cache, prefix_len, mask, kv_start), p.wo, in_out)
     x = x + L.swiglu(L.rms_norm(x, p.mlp_norm, cfg.rms_norm_eps), p.w_gate_up, p.w_down, in_out)
     return x, k, v
+
+
+def run_layers(
+    layers: Sequence[LayerParams],
+    cfg: ModelConfig,
+    layout: Layout,
+    x: jax.Array,  # [B, T, H] the first block's input
+    positions: jax.Array,  # [B, T] int32 (RoPE positions)
+    mask: jax.Array,  # [T, P + T] (or [B, T, T]) bool over the lead keys and the new tokens
+    cache: KVCache,  # one entry per layer; only read
+    empty_cache: bool = False,
+    lead: KVUpdate | None = None,  # per layer [B, P, K, D] uncommitted keys/values before the new tokens
+    kv_start: jax.Array | None = None,  # [B]: cache slots before it are hidden from that row
+) -> tuple[jax.Array, KVUpdate]:
+    """Run the stack (unrolled in Python: on XLA CPU faster than a `lax.scan` over stacked layers); returns the
+    last block's output `[B, T, H]` (no final norm) and the new tokens' K/V per layer, for the caller to write.
+    `empty_cache=True` (static) promises an empty cache, so attention skips it."""
+    cos, sin = L.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    ks, vs = [], []
+    for i, (p, k_cache, v_cache) in enumerate(zip(layers, cache.k, cache.v, strict=True)):
+        if empty_cache:
+            k_cache = v_cache = None
+        x, k, v = decoder_layer(p, cfg, x, cos, sin, k_cache, v_cache, cache.length, mask, layout == "in_out",
+                                None if lead is None else lead.k[i], None if lead is None else lead.v[i], kv_start)
+        ks.append(k)
+        vs.append(v)
+    return x, KVUpdate(k=tuple(ks), v=tuple(vs))

@@ -14,11 +14,16 @@ The trainable weights (`DraftParams`) are separate from the frozen embedding and
 (`DraftShared`), which live on the draft's device and are never trained or stored with the draft. With a
 reduced vocabulary the head scores only V' tokens (`vocab_map` maps draft ids to target ids): drafting gets
 cheaper, and losslessness does not depend on it (the target verifies every token).
+
+Each fusion kind is one `FusionSpec` in `FUSIONS`; `DraftParams.spec` turns it into the one description of a
+draft's tensors (see `params.py`), from which initialisation, checkpoint validation and conversion derive.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -28,16 +33,21 @@ from flax import struct
 from dovetail_jax.config import DraftConfig, ModelConfig
 from dovetail_jax.errors import ModelFormatError
 from dovetail_jax.model import layers as L
-from dovetail_jax.model.block import decoder_layer
+from dovetail_jax.model.block import run_layers
 from dovetail_jax.model.cache import KVCache, KVUpdate
 from dovetail_jax.model.params import (
     LayerParams,
     Layout,
     TargetParams,
-    layer_from_tensors,
-    layer_shapes,
-    layer_to_tensors,
+    from_tensors,
+    init_tensors,
+    place,
+    tensor,
+    tensor_shapes,
+    to_tensors,
 )
+
+# --- the fusions ---------------------------------------------------------------------------------------------
 
 
 @struct.dataclass
@@ -47,11 +57,54 @@ class DGFParams:
     w2: jax.Array  # [H, H] (in, out): token branch
     wz: jax.Array  # [2H, H] (in, out): the gate over [h1; h2]
 
+    @classmethod
+    def spec(cls, cfg: ModelConfig) -> DGFParams:
+        """Dovetail's names; W_1, W_2, W_z are stored `[in, out]` as the official code keeps them."""
+        h = cfg.hidden_size
+        return cls(emb_norm=tensor("emb_norm.weight", (h,), "ones"), w1=tensor("W_1", (h, h), "xavier"),
+                   w2=tensor("W_2", (h, h), "xavier"), wz=tensor("W_z", (2 * h, h), "xavier"))
+
+    def fuse(self, cfg: ModelConfig, feats: jax.Array, emb: jax.Array) -> jax.Array:
+        h1 = feats @ self.w1
+        h2 = jax.nn.silu(L.rms_norm(emb, self.emb_norm, cfg.rms_norm_eps) @ self.w2)
+        z = jax.nn.sigmoid(jnp.concatenate([h1, h2], axis=-1) @ self.wz)
+        return z * h1 + (1.0 - z) * h2
+
 
 @struct.dataclass
 class EagleFusionParams:
     w: jax.Array  # [2H, H] (in, out) over [embedding; feature]
     b: jax.Array  # [H]
+
+    @classmethod
+    def spec(cls, cfg: ModelConfig) -> EagleFusionParams:
+        """EAGLE's `fc`, a torch Linear(2H -> H): stored `[out, in]`, held `[in, out]`."""
+        h = cfg.hidden_size
+        return cls(w=tensor("fc.weight", (h, 2 * h), "xavier", transpose=True), b=tensor("fc.bias", (h,), "zeros"))
+
+    def fuse(self, cfg: ModelConfig, feats: jax.Array, emb: jax.Array) -> jax.Array:
+        return jnp.concatenate([emb, feats], axis=-1) @ self.w + self.b
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionSpec:
+    """What a fusion kind changes in a draft: its fusion weights (None: the embedding goes in as it is), and
+    which norms its blocks keep. EAGLE/Dovetail drafts drop the first block's input norm (its input is already
+    the fused feature) and have no final norm; a standalone LLaMA keeps both."""
+
+    params: type[DGFParams] | type[EagleFusionParams] | None
+    first_input_norm: bool
+    final_norm: bool
+
+
+FUSIONS: dict[str, FusionSpec] = {
+    "dgf": FusionSpec(DGFParams, first_input_norm=False, final_norm=False),
+    "eagle": FusionSpec(EagleFusionParams, first_input_norm=False, final_norm=False),
+    "none": FusionSpec(None, first_input_norm=True, final_norm=True),
+}
+
+
+# --- the draft's parameters -----------------------------------------------------------------------------------
 
 
 @struct.dataclass
@@ -63,6 +116,25 @@ class DraftParams:
     final_norm: jax.Array | None  # only for fusion "none"
     layout: Layout = struct.field(pytree_node=False, default="in_out")
 
+    @classmethod
+    def spec(cls, cfg: ModelConfig, dcfg: DraftConfig, layout: Layout = "in_out") -> DraftParams:
+        """A draft checkpoint: the fusion's tensors (`norm.weight`, the final norm, for fusion "none"), then the
+        blocks, named `layers.{i}.` + HF LLaMA's names."""
+        kind = FUSIONS[dcfg.fusion]
+        return cls(
+            fusion=None if kind.params is None else kind.params.spec(cfg),
+            layers=tuple(LayerParams.spec(cfg, f"layers.{i}.", layout, input_norm=i > 0 or kind.first_input_norm)
+                         for i in range(dcfg.num_layers)),
+            final_norm=tensor("norm.weight", (cfg.hidden_size,), "ones") if kind.final_norm else None,
+            layout=layout,
+        )
+
+    @property
+    def fusion_kind(self) -> str:
+        """The `DraftConfig.fusion` these weights are for."""
+        cls = None if self.fusion is None else type(self.fusion)
+        return next(name for name, f in FUSIONS.items() if f.params is cls)
+
 
 @struct.dataclass
 class DraftShared:
@@ -73,11 +145,6 @@ class DraftShared:
     vocab_map: jax.Array | None  # [V'] int32 draft id -> target id; None: identity
 
 
-def _input_norm(dcfg: DraftConfig, i: int) -> bool:
-    """EAGLE/Dovetail drafts drop the first block's input norm (its input is already the fused feature)."""
-    return i > 0 or dcfg.fusion == "none"
-
-
 def draft_model_config(cfg: ModelConfig, dcfg: DraftConfig) -> ModelConfig:
     """Shapes of the draft's blocks: the target's, with the draft's layer count (used to size its KV cache)."""
     return cfg.replace(num_layers=dcfg.num_layers)
@@ -86,19 +153,9 @@ def draft_model_config(cfg: ModelConfig, dcfg: DraftConfig) -> ModelConfig:
 # --- forward -------------------------------------------------------------------------------------------------
 
 
-def fuse(params: DraftParams, dcfg: DraftConfig, cfg: ModelConfig, feats: jax.Array, emb: jax.Array) -> jax.Array:
+def fuse(params: DraftParams, cfg: ModelConfig, feats: jax.Array, emb: jax.Array) -> jax.Array:
     """Combine the feature `[B, T, H]` and the embedding `[B, T, H]` into the first block's input."""
-    f = params.fusion
-    if dcfg.fusion == "dgf":
-        assert isinstance(f, DGFParams)
-        h1 = feats @ f.w1
-        h2 = jax.nn.silu(L.rms_norm(emb, f.emb_norm, cfg.rms_norm_eps) @ f.w2)
-        z = jax.nn.sigmoid(jnp.concatenate([h1, h2], axis=-1) @ f.wz)
-        return z * h1 + (1.0 - z) * h2
-    if dcfg.fusion == "eagle":
-        assert isinstance(f, EagleFusionParams)
-        return jnp.concatenate([emb, feats], axis=-1) @ f.w + f.b
-    return emb
+    return emb if params.fusion is None else params.fusion.fuse(cfg, feats, emb)
 
 
 def forward(
@@ -115,20 +172,13 @@ def forward(
     empty_cache: bool = False,
 ) -> tuple[jax.Array, KVUpdate]:
     """Returns the draft's output features `[B, T, H]` (the input of the head) and the new tokens' K/V.
-    `empty_cache=True` (static) promises an empty cache, so attention skips it (a prompt's first tree)."""
-    x = fuse(params, dcfg, cfg, feats, jnp.take(shared.embed, tokens, axis=0))
-    cos, sin = L.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    ks, vs = [], []
-    for i, (p, kc, vc) in enumerate(zip(params.layers, cache.k, cache.v, strict=True)):
-        if empty_cache:
-            kc = vc = None
-        x, k, v = decoder_layer(p, cfg, x, cos, sin, kc, vc, cache.length, mask, params.layout == "in_out",
-                                None if lead is None else lead.k[i], None if lead is None else lead.v[i])
-        ks.append(k)
-        vs.append(v)
+    `empty_cache=True` (static) promises an empty cache, so attention skips it (a prompt's first tree).
+    `dcfg` must be the config `params` were made for (the weights themselves say which fusion runs)."""
+    x = fuse(params, cfg, feats, jnp.take(shared.embed, tokens, axis=0))
+    x, update = run_layers(params.layers, cfg, params.layout, x, positions, mask, cache, empty_cache, lead=lead)
     if params.final_norm is not None:
         x = L.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    return x, KVUpdate(k=tuple(ks), v=tuple(vs))
+    return x, update
 
 
 def log_probs(shared: DraftShared, hidden: jax.Array) -> jax.Array:
@@ -154,36 +204,16 @@ def make_shared(target: TargetParams, cfg: ModelConfig, vocab_map: np.ndarray | 
         if bad or len(np.unique(vm)) != vm.size:
             raise ModelFormatError(f"vocab_map must hold distinct target ids in [0, {cfg.vocab_size})")
         head = head[vm]
-    put = (lambda x: jax.device_put(x, device)) if device is not None else jnp.asarray
-    return DraftShared(embed=put(np.asarray(target.embed)), head=put(np.ascontiguousarray(head)),
-                       vocab_map=None if vm is None else put(vm))
+    return DraftShared(embed=place(np.asarray(target.embed), device), head=place(np.ascontiguousarray(head), device),
+                       vocab_map=None if vm is None else place(vm, device))
 
 
 def init_draft(key: jax.Array, cfg: ModelConfig, dcfg: DraftConfig, device: jax.Device | None = None,
                layout: Layout = "in_out") -> DraftParams:
     """A randomly initialised draft: Xavier-uniform fusion (as EAGLE/Dovetail), N(0, 0.02) blocks, unit norms."""
-    h = cfg.hidden_size
-    keys = iter(jax.random.split(key, 4 + 8 * dcfg.num_layers))
-
-    def xavier(shape: tuple[int, int]) -> np.ndarray:
-        lim = np.sqrt(6.0 / (shape[0] + shape[1]))
-        return np.asarray(jax.random.uniform(next(keys), shape, jnp.float32, -lim, lim))
-
-    def normal(shape: tuple[int, ...]) -> np.ndarray:
-        return np.asarray(0.02 * jax.random.normal(next(keys), shape, jnp.float32))
-
-    tensors: dict[str, np.ndarray] = {}
-    if dcfg.fusion == "dgf":
-        tensors |= {"emb_norm.weight": np.ones(h, np.float32), "W_1": xavier((h, h)), "W_2": xavier((h, h)),
-                    "W_z": xavier((2 * h, h))}
-    elif dcfg.fusion == "eagle":
-        tensors |= {"fc.weight": xavier((h, 2 * h)), "fc.bias": np.zeros(h, np.float32)}
-    else:
-        tensors["norm.weight"] = np.ones(h, np.float32)
-    for i in range(dcfg.num_layers):
-        for name, shape in layer_shapes(cfg, f"layers.{i}.", _input_norm(dcfg, i)).items():
-            tensors[name] = np.ones(shape, np.float32) if len(shape) == 1 else normal(shape)
-    return draft_params_from_tensors(cfg, dcfg, tensors, device, layout=layout)
+    spec = DraftParams.spec(cfg, dcfg, layout)
+    # `key` is split in 4 + 8 per layer (more than are drawn), as since the first release: a seed's draft is stable.
+    return from_tensors(spec, init_tensors(spec, key, num_keys=4 + 8 * dcfg.num_layers), device)
 
 
 def draft_from_lm(
@@ -197,10 +227,10 @@ def draft_from_lm(
     if not 1 <= n <= lm_cfg.num_layers:
         raise ValueError(f"num_layers must be in 1..{lm_cfg.num_layers}, got {n}")
     dcfg = DraftConfig(num_layers=n, fusion="none")
-    tensors = {"norm.weight": np.asarray(lm.final_norm)}
-    for i, p in enumerate(lm.layers[:n]):
-        tensors |= layer_to_tensors(p, lm_cfg, f"layers.{i}.", lm.layout)
-    params = draft_params_from_tensors(lm_cfg, dcfg, tensors, device, layout=layout)
+    # The LM's own weights already form a fusion-"none" draft in its layout; convert it to `layout` on `device`.
+    as_draft = DraftParams(fusion=None, layers=lm.layers[:n], final_norm=lm.final_norm, layout=lm.layout)
+    tensors = to_tensors(DraftParams.spec(lm_cfg, dcfg, lm.layout), as_draft)
+    params = from_tensors(DraftParams.spec(lm_cfg, dcfg, layout), tensors, device)
     return dcfg, params, make_shared(lm, lm_cfg, None, device)
 
 
@@ -210,17 +240,7 @@ def draft_from_lm(
 def expected_draft_shapes(cfg: ModelConfig, dcfg: DraftConfig) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a draft checkpoint: EAGLE/Dovetail's names, `[out, in]` for the blocks'
     Linear weights and `[in, out]` for W_1, W_2, W_z (so PyTorch checkpoints map without transposes)."""
-    h = cfg.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {}
-    if dcfg.fusion == "dgf":
-        shapes |= {"emb_norm.weight": (h,), "W_1": (h, h), "W_2": (h, h), "W_z": (2 * h, h)}
-    elif dcfg.fusion == "eagle":
-        shapes |= {"fc.weight": (h, 2 * h), "fc.bias": (h,)}
-    else:
-        shapes["norm.weight"] = (h,)
-    for i in range(dcfg.num_layers):
-        shapes |= layer_shapes(cfg, f"layers.{i}.", _input_norm(dcfg, i))
-    return shapes
+    return tensor_shapes(DraftParams.spec(cfg, dcfg))
 
 
 def check_draft_tensors(cfg: ModelConfig, dcfg: DraftConfig, tensors: Mapping[str, np.ndarray],
@@ -229,14 +249,11 @@ def check_draft_tensors(cfg: ModelConfig, dcfg: DraftConfig, tensors: Mapping[st
     want = expected_draft_shapes(cfg, dcfg)
     missing = [k for k in want if k not in tensors]
     extra = sorted(k for k in tensors if k not in want)
-    if missing:
-        raise ModelFormatError(f"{source}: missing tensor(s) {', '.join(missing[:5])}"
-                               f"{' ...' if len(missing) > 5 else ''} for a {dcfg.num_layers}-layer "
-                               f"'{dcfg.fusion}' draft of {cfg.name}")
-    if extra:
-        raise ModelFormatError(f"{source}: unexpected tensor(s) {', '.join(extra[:5])}"
-                               f"{' ...' if len(extra) > 5 else ''} for a {dcfg.num_layers}-layer "
-                               f"'{dcfg.fusion}' draft of {cfg.name}")
+    for problem, names in (("missing", missing), ("unexpected", extra)):
+        if names:
+            raise ModelFormatError(f"{source}: {problem} tensor(s) {', '.join(names[:5])}"
+                                   f"{' ...' if len(names) > 5 else ''} for a {dcfg.num_layers}-layer "
+                                   f"'{dcfg.fusion}' draft of {cfg.name}")
     for k, shape in want.items():
         got = tuple(np.shape(tensors[k]))
         if got != shape:
@@ -249,34 +266,33 @@ def draft_params_from_tensors(cfg: ModelConfig, dcfg: DraftConfig, tensors: Mapp
                               layout: Layout = "in_out") -> DraftParams:
     """Validate strictly (never load a draft partly) and place the float32 weights on `device`."""
     check_draft_tensors(cfg, dcfg, tensors, source)
-
-    def put(x: np.ndarray) -> jax.Array:
-        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-        return jax.device_put(x, device) if device is not None else jnp.asarray(x)
-
-    def t(name: str) -> np.ndarray:
-        return np.asarray(tensors[name], dtype=np.float32)
-
-    fusion: DGFParams | EagleFusionParams | None = None
-    if dcfg.fusion == "dgf":
-        fusion = DGFParams(emb_norm=put(t("emb_norm.weight")), w1=put(t("W_1")), w2=put(t("W_2")), wz=put(t("W_z")))
-    elif dcfg.fusion == "eagle":
-        fusion = EagleFusionParams(w=put(t("fc.weight").T), b=put(t("fc.bias")))
-    layers = [layer_from_tensors(tensors, f"layers.{i}.", put, layout) for i in range(dcfg.num_layers)]
-    final_norm = put(t("norm.weight")) if dcfg.fusion == "none" else None
-    return DraftParams(fusion=fusion, layers=tuple(layers), final_norm=final_norm, layout=layout)
+    return from_tensors(DraftParams.spec(cfg, dcfg, layout), tensors, device)
 
 
 def draft_tensors(params: DraftParams, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The inverse of `draft_params_from_tensors`: checkpoint names and layouts, float32 numpy."""
-    out: dict[str, np.ndarray] = {}
-    f = params.fusion
-    if isinstance(f, DGFParams):
-        out |= {"emb_norm.weight": f.emb_norm, "W_1": f.w1, "W_2": f.w2, "W_z": f.wz}
-    elif isinstance(f, EagleFusionParams):
-        out |= {"fc.weight": np.asarray(f.w).T, "fc.bias": f.b}
-    if params.final_norm is not None:
-        out["norm.weight"] = params.final_norm
-    for i, p in enumerate(params.layers):
-        out |= layer_to_tensors(p, cfg, f"layers.{i}.", params.layout)
-    return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
+    dcfg = DraftConfig(num_layers=len(params.layers), fusion=params.fusion_kind)
+    return to_tensors(DraftParams.spec(cfg, dcfg, params.layout), params)
+
+
+# --- a draft ready to run ------------------------------------------------------------------------------------
+
+DraftKind = Literal["trained", "random", "standalone", "self"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    """A draft ready to run: its architecture, trainable weights and frozen embedding/head copies, all on the
+    draft's device. `source` says where it came from for people (a path, "random (seed 0)"); `kind` says it
+    for code: "trained" (a draft checkpoint), "random" (untrained weights: lossless, but few drafts are
+    accepted), "standalone" (a whole smaller LLaMA) or "self" (the target itself, fusion "none")."""
+
+    cfg: DraftConfig
+    params: DraftParams
+    shared: DraftShared
+    source: str = "random"
+    kind: DraftKind = "random"
+
+    @property
+    def is_random(self) -> bool:
+        return self.kind == "random"

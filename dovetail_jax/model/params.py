@@ -1,17 +1,24 @@
-"""Target parameters as a pytree, built from a name -> array mapping in Hugging Face LLaMA naming.
+"""Parameters described once: each pytree leaf declared with the checkpoint tensors it is made of.
+
+Every params class (`LayerParams`, `TargetParams`, and the draft's in `draft.py`) has a `spec` classmethod
+returning the same pytree with a `ParamSpec` at each leaf. Everything else is derived from that one
+description by the generic functions below: the tensor names and shapes a checkpoint must hold
+(`tensor_shapes`), random initialisation (`init_tensors`), conversion between HF-named tensors and the
+pytree, both ways (`from_tensors`, `to_tensors`), and placement on a device (`place`).
 
 Loaders (GGUF, HF safetensors) produce float32 numpy arrays under HF names and in HF layout
-(`[out_features, in_features]`, q/k rows in HF's rotate-half order). This module checks every
-tensor's presence and shape (naming the culprit), fuses q/k/v and gate/up, and commits the
-result to one device, in one of two layouts chosen per use: on XLA CPU `[out, in]` made a single-token
-decode step ~25% faster than `[in, out]`, while `[in, out]` made 4- to 16-token forwards (tree
-verification) 12-25% faster. Keeping both would double the weights, so the caller picks.
+(`[out_features, in_features]`, q/k rows in HF's rotate-half order). A `ParamSpec` fuses several tensors
+(q/k/v, gate/up) by concatenating their output rows, and may hold the transpose: projections come in one of
+two layouts chosen per use, since on XLA CPU `[out, in]` made a single-token decode step ~25% faster than
+`[in, out]`, while `[in, out]` made 4- to 16-token forwards (tree verification) 12-25% faster. Keeping both
+would double the weights, so the caller picks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Literal
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +29,123 @@ from dovetail_jax.config import ModelConfig
 from dovetail_jax.errors import ModelFormatError
 
 Layout = Literal["out_in", "in_out"]
+Init = Literal["ones", "zeros", "normal", "xavier"]  # normal: N(0, 0.02); xavier: uniform, Glorot's bound
+Tree = TypeVar("Tree")
+
+
+# --- the description ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One tensor as a checkpoint stores it: name, shape (`[out, in]` for a Linear weight), initialiser."""
+
+    name: str
+    shape: tuple[int, ...]
+    init: Init
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One leaf of a params pytree: the stored tensors it is made of, concatenated along their first (output)
+    axis (fused q/k/v, gate/up), transposed when `transpose` (a projection in layout "in_out")."""
+
+    parts: tuple[TensorSpec, ...]
+    transpose: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The leaf's shape in the pytree."""
+        stored = (sum(p.shape[0] for p in self.parts), *self.parts[0].shape[1:])
+        return stored[::-1] if self.transpose else stored
+
+    def build(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The leaf's value (float32, contiguous) from validated tensors."""
+        ws = [np.asarray(tensors[p.name], dtype=np.float32) for p in self.parts]
+        w = ws[0] if len(ws) == 1 else np.concatenate(ws)
+        return np.ascontiguousarray(w.T if self.transpose else w)
+
+    def split(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The inverse of `build`: the stored tensors (float32, contiguous) of the leaf value `x`."""
+        w = np.asarray(x, dtype=np.float32)
+        w = w.T if self.transpose else w
+        ends = np.cumsum([p.shape[0] for p in self.parts])[:-1]
+        return {p.name: np.ascontiguousarray(s) for p, s in zip(self.parts, np.split(w, ends), strict=True)}
+
+
+def tensor(name: str, shape: tuple[int, ...], init: Init, transpose: bool = False) -> ParamSpec:
+    """A leaf stored as one tensor."""
+    return ParamSpec((TensorSpec(name, shape, init),), transpose)
+
+
+def projection(prefix: str, parts: tuple[tuple[str, tuple[int, int]], ...], layout: Layout) -> ParamSpec:
+    """A (fused) Linear weight: stored `[out, in]` under HF names, held in `layout`; initialised N(0, 0.02)."""
+    return ParamSpec(tuple(TensorSpec(prefix + n, s, "normal") for n, s in parts), transpose=layout == "in_out")
+
+
+# --- what is derived from it ----------------------------------------------------------------------------------
+
+
+def param_specs(spec: Any) -> list[ParamSpec]:
+    """The leaves of a spec pytree, in pytree order."""
+    return jax.tree_util.tree_leaves(spec)
+
+
+def tensor_specs(spec: Any) -> list[TensorSpec]:
+    """The tensors a checkpoint of `spec` holds, in checkpoint order: the model-level ones first, then layer by
+    layer, each layer's norms before its projections (the order of the first release, which code that draws
+    random weights per name follows)."""
+    layers = getattr(spec, "layers", ())
+    leaves = param_specs(spec.replace(layers=()) if layers else spec)
+    leaves += [p for layer in layers for p in sorted(param_specs(layer), key=lambda p: len(p.shape) > 1)]
+    return [t for p in leaves for t in p.parts]
+
+
+def tensor_shapes(spec: Any) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors a checkpoint of `spec` holds, in checkpoint order."""
+    return {t.name: t.shape for t in tensor_specs(spec)}
+
+
+def init_tensors(spec: Any, key: jax.Array, num_keys: int | None = None) -> dict[str, np.ndarray]:
+    """Freshly initialised tensors of `spec` (float32): norms one, biases zero, and each random tensor drawn
+    with the next of `num_keys` keys split from `key` (default: one per random tensor), in checkpoint order."""
+    specs = tensor_specs(spec)
+    n = sum(t.init in ("normal", "xavier") for t in specs) if num_keys is None else num_keys
+    keys = iter(jax.random.split(key, n))
+    out: dict[str, np.ndarray] = {}
+    for t in specs:
+        if t.init == "ones":
+            out[t.name] = np.ones(t.shape, np.float32)
+        elif t.init == "zeros":
+            out[t.name] = np.zeros(t.shape, np.float32)
+        elif t.init == "normal":
+            out[t.name] = np.asarray(0.02 * jax.random.normal(next(keys), t.shape, jnp.float32))
+        else:
+            lim = np.sqrt(6.0 / (t.shape[0] + t.shape[1]))
+            out[t.name] = np.asarray(jax.random.uniform(next(keys), t.shape, jnp.float32, -lim, lim))
+    return out
+
+
+def place(x: np.ndarray | jax.Array, device: jax.Device | None) -> jax.Array:
+    """Commit one array to `device` (None: JAX's default device, uncommitted)."""
+    return jax.device_put(x, device) if device is not None else jnp.asarray(x)
+
+
+def from_tensors(spec: Tree, tensors: Mapping[str, np.ndarray], device: jax.Device | None = None) -> Tree:
+    """The params pytree of `spec` from its (already validated) tensors, float32, placed on `device`."""
+    return jax.tree_util.tree_map(lambda p: place(p.build(tensors), device), spec)
+
+
+def to_tensors(spec: Any, params: Any) -> dict[str, np.ndarray]:
+    """The inverse of `from_tensors`: checkpoint names and layouts, float32 numpy."""
+    leaves, treedef = jax.tree_util.tree_flatten(spec)
+    out: dict[str, np.ndarray] = {}
+    for p, x in zip(leaves, treedef.flatten_up_to(params), strict=True):  # flatten_up_to: same structure
+        out |= p.split(np.asarray(x))
+    return out
+
+
+# --- the LLaMA target ---------------------------------------------------------------------------------------
 
 
 @struct.dataclass
@@ -32,6 +156,20 @@ class LayerParams:
     mlp_norm: jax.Array  # [H]
     w_gate_up: jax.Array  # [2F, H]
     w_down: jax.Array  # [H, F]
+
+    @classmethod
+    def spec(cls, cfg: ModelConfig, prefix: str, layout: Layout, input_norm: bool = True) -> LayerParams:
+        """One decoder layer under HF names starting with `prefix`."""
+        h, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+        return cls(
+            attn_norm=tensor(prefix + "input_layernorm.weight", (h,), "ones") if input_norm else None,
+            wqkv=projection(prefix, (("self_attn.q_proj.weight", (q, h)), ("self_attn.k_proj.weight", (kv, h)),
+                                     ("self_attn.v_proj.weight", (kv, h))), layout),
+            wo=projection(prefix, (("self_attn.o_proj.weight", (h, q)),), layout),
+            mlp_norm=tensor(prefix + "post_attention_layernorm.weight", (h,), "ones"),
+            w_gate_up=projection(prefix, (("mlp.gate_proj.weight", (f, h)), ("mlp.up_proj.weight", (f, h))), layout),
+            w_down=projection(prefix, (("mlp.down_proj.weight", (h, f)),), layout),
+        )
 
 
 @struct.dataclass
@@ -46,72 +184,22 @@ class TargetParams:
     def head(self) -> jax.Array:
         return self.embed if self.lm_head is None else self.lm_head
 
-
-def layer_shapes(cfg: ModelConfig, prefix: str, input_norm: bool = True) -> dict[str, tuple[int, ...]]:
-    """HF names and shapes of one decoder layer's tensors (`[out, in]` projections)."""
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {prefix + "input_layernorm.weight": (h,)} if input_norm else {}
-    return shapes | {
-        prefix + "post_attention_layernorm.weight": (h,),
-        prefix + "self_attn.q_proj.weight": (cfg.q_size, h),
-        prefix + "self_attn.k_proj.weight": (cfg.kv_size, h),
-        prefix + "self_attn.v_proj.weight": (cfg.kv_size, h),
-        prefix + "self_attn.o_proj.weight": (h, cfg.q_size),
-        prefix + "mlp.gate_proj.weight": (f, h),
-        prefix + "mlp.up_proj.weight": (f, h),
-        prefix + "mlp.down_proj.weight": (h, f),
-    }
-
-
-def layer_from_tensors(tensors: Mapping[str, np.ndarray], prefix: str, put: Callable[[np.ndarray], jax.Array],
-                       layout: Layout) -> LayerParams:
-    """Fuse q/k/v and gate/up of one layer and place it; no input norm when its tensor is absent."""
-    orient = (lambda w: w.T) if layout == "in_out" else (lambda w: w)
-
-    def t(name: str) -> np.ndarray:
-        return np.asarray(tensors[prefix + name], dtype=np.float32)
-
-    qkv = np.concatenate([t("self_attn.q_proj.weight"), t("self_attn.k_proj.weight"), t("self_attn.v_proj.weight")])
-    gate_up = np.concatenate([t("mlp.gate_proj.weight"), t("mlp.up_proj.weight")])
-    return LayerParams(
-        attn_norm=put(t("input_layernorm.weight")) if prefix + "input_layernorm.weight" in tensors else None,
-        wqkv=put(orient(qkv)),
-        wo=put(orient(t("self_attn.o_proj.weight"))),
-        mlp_norm=put(t("post_attention_layernorm.weight")),
-        w_gate_up=put(orient(gate_up)),
-        w_down=put(orient(t("mlp.down_proj.weight"))),
-    )
-
-
-def layer_to_tensors(p: LayerParams, cfg: ModelConfig, prefix: str, layout: Layout) -> dict[str, np.ndarray]:
-    """The inverse of `layer_from_tensors`: HF names, `[out, in]`, float32 numpy."""
-    orient = (lambda w: w.T) if layout == "in_out" else (lambda w: w)
-    q, kv = cfg.q_size, cfg.kv_size
-    qkv = orient(np.asarray(p.wqkv))
-    gate, up = np.split(orient(np.asarray(p.w_gate_up)), 2, axis=0)
-    out = {} if p.attn_norm is None else {prefix + "input_layernorm.weight": np.asarray(p.attn_norm)}
-    out |= {
-        prefix + "post_attention_layernorm.weight": np.asarray(p.mlp_norm),
-        prefix + "self_attn.q_proj.weight": qkv[:q], prefix + "self_attn.k_proj.weight": qkv[q:q + kv],
-        prefix + "self_attn.v_proj.weight": qkv[q + kv:], prefix + "self_attn.o_proj.weight": orient(np.asarray(p.wo)),
-        prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
-        prefix + "mlp.down_proj.weight": orient(np.asarray(p.w_down)),
-    }
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+    @classmethod
+    def spec(cls, cfg: ModelConfig, layout: Layout = "out_in") -> TargetParams:
+        """A HF LLaMA checkpoint of `cfg`, with the layer projections in `layout`."""
+        v, h = cfg.vocab_size, cfg.hidden_size
+        return cls(
+            embed=tensor("model.embed_tokens.weight", (v, h), "normal"),
+            layers=tuple(LayerParams.spec(cfg, f"model.layers.{i}.", layout) for i in range(cfg.num_layers)),
+            final_norm=tensor("model.norm.weight", (h,), "ones"),
+            lm_head=None if cfg.tie_word_embeddings else tensor("lm_head.weight", (v, h), "normal"),
+            layout=layout,
+        )
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor names and shapes a checkpoint of `cfg` must provide."""
-    h = cfg.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (cfg.vocab_size, h),
-        "model.norm.weight": (h,),
-    }
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    for i in range(cfg.num_layers):
-        shapes |= layer_shapes(cfg, f"model.layers.{i}.")
-    return shapes
+    return tensor_shapes(TargetParams.spec(cfg))
 
 
 def check_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], source: str = "checkpoint") -> None:
@@ -135,23 +223,7 @@ def params_from_tensors(
     if layout not in ("out_in", "in_out"):
         raise ValueError(f"layout must be 'out_in' or 'in_out', got {layout!r}")
     check_tensors(cfg, tensors, source)
-
-    def put(x: np.ndarray) -> jax.Array:
-        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-        return jax.device_put(x, device) if device is not None else jnp.asarray(x)
-
-    def t(name: str) -> np.ndarray:
-        return np.asarray(tensors[name], dtype=np.float32)
-
-    layers = [layer_from_tensors(tensors, f"model.layers.{i}.", put, layout) for i in range(cfg.num_layers)]
-    lm_head = None if cfg.tie_word_embeddings else put(t("lm_head.weight"))
-    return TargetParams(
-        embed=put(t("model.embed_tokens.weight")),
-        layers=tuple(layers),
-        final_norm=put(t("model.norm.weight")),
-        lm_head=lm_head,
-        layout=layout,
-    )
+    return from_tensors(TargetParams.spec(cfg, layout), tensors, device)
 
 
 def weight_bytes(params: TargetParams) -> int:

@@ -3,8 +3,8 @@
 `forward` runs T new tokens with arbitrary `positions` and a `[T, T]` mask among themselves on top of
 the committed prefix in the cache; it returns logits, the final-norm hidden states (the features a
 Dovetail draft reads) and the new tokens' K/V, which the caller writes with `cache.append` (prefill,
-decode) or `cache.commit_path` (the accepted path of a verified tree). Layers are unrolled Python-side:
-on XLA CPU this measured faster than a `lax.scan` over stacked layers.
+decode) or `cache.commit_path` (the accepted path of a verified tree). The layers run in `block.run_layers`,
+the same loop as the draft's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from dovetail_jax.config import ModelConfig
 from dovetail_jax.model import layers as L
-from dovetail_jax.model.block import decoder_layer
+from dovetail_jax.model.block import run_layers
 from dovetail_jax.model.cache import KVCache, KVUpdate
 from dovetail_jax.model.params import TargetParams
 
@@ -44,17 +44,9 @@ def forward(
     left-padded sequences (batched generation of training data).
     """
     x = jnp.take(params.embed, tokens, axis=0)
-    cos, sin = L.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    ks, vs = [], []
-    for p, k_cache, v_cache in zip(params.layers, cache.k, cache.v, strict=True):
-        if empty_cache:
-            k_cache = v_cache = None
-        x, k, v = decoder_layer(p, cfg, x, cos, sin, k_cache, v_cache, cache.length, tree_mask,
-                                params.layout == "in_out", kv_start=kv_start)
-        ks.append(k)
-        vs.append(v)
+    x, update = run_layers(params.layers, cfg, params.layout, x, positions, tree_mask, cache, empty_cache,
+                           kv_start=kv_start)
     hidden = L.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    update = KVUpdate(k=tuple(ks), v=tuple(vs))
     if logits_mode == "none":
         return None, hidden, update
     if logits_mode == "last":

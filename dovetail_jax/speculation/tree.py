@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 
@@ -20,19 +19,6 @@ class TreeArrays:
     mask: jax.Array  # [T, T] bool: mask[i, j] = j is i or an ancestor of i (the tree attention mask)
     depth: jax.Array  # [T] int32: root = 0 (position offset of each node after the committed prefix)
     paths: jax.Array  # [T, W] int32: root..i, padded with i (rows to gather when committing i's path)
-
-
-def validate_parents(parents: np.ndarray) -> None:
-    """Host-side check of the layout the jitted code assumes but cannot verify; raises ValueError."""
-    p = np.asarray(parents)
-    if p.ndim != 1 or p.size == 0:
-        raise ValueError(f"parents must be a non-empty 1-D array, got shape {p.shape}")
-    if p[0] != -1:
-        raise ValueError(f"the root (node 0) must have parent -1, got {p[0]}")
-    j = np.arange(1, p.size)
-    bad = j[(p[1:] < 0) | (p[1:] >= j)]
-    if bad.size:
-        raise ValueError(f"parents must precede children (0 <= parents[j] < j); violated at nodes {bad.tolist()}")
 
 
 def _ancestor_chain(parents: jax.Array, width: int) -> jax.Array:
@@ -67,25 +53,11 @@ def _paths_from_chain(chain: jax.Array, depth: jax.Array) -> jax.Array:
     return jnp.where(hops >= 0, up, node)
 
 
-def ancestor_mask(parents: jax.Array, width: int) -> jax.Array:
-    """`[T, T]` bool: anc[i, j] iff j is i or one of its ancestors (needs every depth < width)."""
-    return _mask_from_chain(_ancestor_chain(parents, width))
-
-
-def depths(mask: jax.Array) -> jax.Array:
-    """`[T]` int32 depth of each node from its ancestor mask (ancestors counted, self excluded)."""
-    return (jnp.sum(mask, axis=-1) - 1).astype(jnp.int32)
-
-
-def paths(parents: jax.Array, width: int) -> jax.Array:
-    """`[T, W]` int32: row i lists the nodes from the root to i, padded with i so every entry is a
-    valid row to gather (the KV commit writes the pads past the new length, where they are stale)."""
-    chain = _ancestor_chain(parents, width)
-    return _paths_from_chain(chain, _depth_from_chain(chain))
-
-
 def tree_arrays(parents: jax.Array, width: int) -> TreeArrays:
-    """Mask, depths and paths from one ancestor chain."""
+    """Mask, depths and paths from one ancestor chain (needs every node's depth < width).
+
+    The layout is the caller's promise (`parents[0] == -1`, `0 <= parents[j] < j`): jitted code cannot check it,
+    and the draft builds its trees that way (`speculation.drafting`)."""
     chain = _ancestor_chain(parents, width)
     depth = _depth_from_chain(chain)
     return TreeArrays(mask=_mask_from_chain(chain), depth=depth, paths=_paths_from_chain(chain, depth))

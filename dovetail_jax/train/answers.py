@@ -15,7 +15,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dovetail_jax.api import encode_prompt
 from dovetail_jax.decode.batched import generate_greedy_batch
 from dovetail_jax.errors import ConfigError, ModelFormatError
 from dovetail_jax.train.prompts import Prompt
@@ -60,7 +59,7 @@ def generate_answers(target: Any, prompts: Sequence[Prompt], path: Path, max_new
     done = {r["index"] for r in read_answers(path, sha)}
     _repair_tail(path)
     todo = [(i, p) for i, p in enumerate(prompts) if i not in done]
-    encoded = [(i, p, encode_prompt(target, p.text, chat=True)) for i, p in todo]
+    encoded = [(i, p, target.tokenizer.encode_prompt(p.text, chat=True)) for i, p in todo]
     # Batches of similar prompt length waste less padding; order inside a window of 8 batches only.
     window = batch_size * 8
     batches = []

@@ -32,6 +32,7 @@ from dovetail_jax.errors import ModelFormatError
 from dovetail_jax.model.cache import init_cache
 from dovetail_jax.model.params import TargetParams
 from dovetail_jax.model.target import causal_mask, forward, lm_head
+from dovetail_jax.plan import feature_batch
 
 FORMAT = "dovetail-features/1"
 SHARD_RECORDS = 128
@@ -66,14 +67,12 @@ def extract_shard(params: TargetParams, cfg: ModelConfig, seqs: Sequence[tuple[l
     feats = [np.zeros((0, h), np.uint16)] * len(seqs)
     argmax = [np.zeros(0, np.int32)] * len(seqs)
     fn = _jitted(cfg)
+    sorted_lengths = [len(seqs[i][0]) for i in order]
     k = 0
     while k < len(order):
         # the smallest power-of-two length whose fixed batch (tokens_per_batch // t rows, sorted by length)
         # holds its longest row: one compiled shape per length
-        t = 64
-        while len(seqs[order[min(k + max(1, tokens_per_batch // t), len(order)) - 1]][0]) > t:
-            t *= 2
-        b = max(1, tokens_per_batch // t)
+        t, b = feature_batch(sorted_lengths, k, tokens_per_batch)
         rows = order[k:k + b]
         tok = np.zeros((b, t), np.int32)  # rows past the end of `rows` stay padding
         for j, i in enumerate(rows):

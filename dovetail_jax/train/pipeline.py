@@ -12,24 +12,42 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from dovetail_jax import paths
 from dovetail_jax.config import TREE_PRESETS, DraftConfig, SamplingConfig, TreeConfig
 from dovetail_jax.errors import ConfigError
+from dovetail_jax.stats import Acceptance
 from dovetail_jax.train.answers import generate_answers, read_answers
 from dovetail_jax.train.features import extract_all, load_features
 from dovetail_jax.train.prompts import training_prompts
 from dovetail_jax.train.trainer import TrainConfig, check_run, choose_vocab, run_record, split, train
 
 
-def default_work_dir(target: Any) -> Path:
-    from dovetail_jax.bench.peers import cache_dir
+@dataclass(frozen=True)
+class PipelineOptions:
+    """What `dovetail train-draft` makes beside the draft and training configurations, and where."""
 
+    work: Path  # answers, feature shards and runs (see `default_work_dir`)
+    run_dir: Path | None = None  # default: <work>/runs/<architecture>
+    out: Path | None = None  # the checkpoint folder; default: <run>/export
+    num_prompts: int | None = None  # the first N training prompts (None: all)
+    max_new_tokens: int = 256  # longest answer
+    gen_batch: int = 48  # prompts answered per batch
+    eval_prompts: int = 8  # held-out prompts for the card's tau (0: skip)
+    stages: Literal["all", "data", "train"] = "all"
+    stop_at: int | None = None  # end this sitting at this step with a checkpoint
+    progress: bool = True  # progress bars and lines on stderr
+
+
+def default_work_dir(target: Any) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", target.cfg.name.lower()).strip("-")
-    return cache_dir() / "train" / f"{slug}-{(target.sha256 or 'unknown')[:12]}"
+    return paths.train_work() / f"{slug}-{(target.sha256 or 'unknown')[:12]}"
 
 
 def arch_name(dcfg: DraftConfig) -> str:
@@ -42,68 +60,82 @@ def heldout_tau(target: Any, draft: Any, records: list[dict[str, Any]], tree: Tr
     """τ of greedy Dovetail decoding on the first `n` held-out training prompts (never evaluation prompts)."""
     from dovetail_jax.decode import dovetail as dt
 
-    committed = cycles = 0
+    runs = []
     for rec in records[:n]:
         _, stats = dt.generate(target.params, target.cfg, draft, rec["prompt_ids"], max_new_tokens, tree,
                                SamplingConfig(), tuple(target.eos_ids))
-        committed += sum((i + 1) * c for i, c in enumerate(stats.extra["accept_hist"]))
-        cycles += stats.extra["cycles"]
-    return {"tau": committed / max(cycles, 1), "prompts": min(n, len(records)), "cycles": cycles,
+        runs.append(stats.acceptance)
+    acc = Acceptance.pool(runs)
+    return {"tau": acc.tau or 0.0, "prompts": min(n, len(records)), "cycles": acc.cycles,
             "max_new_tokens": max_new_tokens, "tree": dataclasses.asdict(tree)}
 
 
-def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, *, work: Path, run_dir: Path | None, out: Path | None,
-        num_prompts: int | None, max_new_tokens: int, gen_batch: int, eval_prompts: int, stages: str,
-        progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
-    say = (lambda m: print(f"dovetail: {m}", file=sys.stderr)) if progress else (lambda m: None)
-    work.mkdir(parents=True, exist_ok=True)
-    answers = work / "answers.jsonl"
-    summary: dict[str, Any] = {"work": str(work)}
-    if stages in ("all", "data"):  # the prompts (an ast pass over the standard library) only feed this stage
-        prompts = training_prompts()[:num_prompts]
+def _data(target: Any, opts: PipelineOptions, say: Callable[[str], None],
+          summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Stages 1 and 2 (answers, feature shards) unless only training runs; returns the answers' records."""
+    answers = opts.work / "answers.jsonl"
+    if opts.stages in ("all", "data"):  # the prompts (an ast pass over the standard library) only feed this stage
+        prompts = training_prompts()[:opts.num_prompts]
         say(f"answers: {len(prompts)} training prompts -> {answers}")
-        summary["answers"] = generate_answers(target, prompts, answers, max_new_tokens, gen_batch, progress)
+        summary["answers"] = generate_answers(target, prompts, answers, opts.max_new_tokens, opts.gen_batch,
+                                              opts.progress)
     records = read_answers(answers, target.sha256)  # file order: shards stay valid as the file grows
     if not records:
         raise ConfigError(f"{answers}: no answers yet; run with --stage all or --stage data first")
-    features = work / "features"
-    if stages in ("all", "data"):
-        say(f"features: {len(records)} conversations -> {features}")
-        summary["features"] = extract_all(target, records, features, progress)
-    if stages == "data":
+    if opts.stages in ("all", "data"):
+        say(f"features: {len(records)} conversations -> {opts.work / 'features'}")
+        summary["features"] = extract_all(target, records, opts.work / "features", opts.progress)
+    return records
+
+
+def _vocab_map(fs: Any, train_seqs: np.ndarray, dcfg: DraftConfig, run_dir: Path,
+               eos_ids: tuple[int, ...]) -> np.ndarray | None:
+    """The reduced vocabulary, chosen once per run folder and reused on resume."""
+    if dcfg.draft_vocab_size is None:
+        return None
+    vm_path = run_dir / "vocab_map.npy"
+    if vm_path.exists():
+        return np.load(vm_path)
+    vocab_map = choose_vocab(fs, train_seqs, dcfg.draft_vocab_size, eos_ids)
+    np.save(vm_path, vocab_map)
+    return vocab_map
+
+
+def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) -> dict[str, Any]:
+    """Answers -> features -> training -> checkpoint and card, each stage resuming; returns a JSON summary.
+
+    A sitting that ends before `tc.steps` (--stop-at, or Ctrl-C during training, which saves a checkpoint)
+    returns `"complete": False` (and `"interrupted": True` after Ctrl-C) after saying how to resume.
+    """
+    say = (lambda m: print(f"dovetail: {m}", file=sys.stderr)) if opts.progress else (lambda m: None)
+    opts.work.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"work": str(opts.work)}
+    records = _data(target, opts, say, summary)
+    if opts.stages == "data":
         return summary
+    features = opts.work / "features"
     fs = load_features(features, target.sha256, target.cfg.hidden_size)
-    run_dir = run_dir or work / "runs" / arch_name(dcfg)
+    run_dir = opts.run_dir or opts.work / "runs" / arch_name(dcfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_record(target.cfg, dcfg, tc, target.sha256, {"folder": str(features),
                                                               "conversations": fs.num_sequences})
     check_run(run_dir, record)
     (run_dir / "run.json").write_text(json.dumps(record, indent=1))
     train_seqs, held_seqs = split(fs, tc.heldout_every)
-    vocab_map = None
-    if dcfg.draft_vocab_size is not None:
-        vm_path = run_dir / "vocab_map.npy"
-        if vm_path.exists():
-            vocab_map = np.load(vm_path)
-        else:
-            vocab_map = choose_vocab(fs, train_seqs, dcfg.draft_vocab_size, tuple(target.eos_ids))
-            np.save(vm_path, vocab_map)
-    n_tokens = int(fs.offsets[-1])
-    say(f"train: {arch_name(dcfg)} on {train_seqs.size} conversations ({n_tokens} tokens in all), "
+    vocab_map = _vocab_map(fs, train_seqs, dcfg, run_dir, tuple(target.eos_ids))
+    say(f"train: {arch_name(dcfg)} on {train_seqs.size} conversations ({int(fs.offsets[-1])} tokens in all), "
         f"{held_seqs.size} held out; run folder {run_dir}")
-    result = train(target.params, target.cfg, dcfg, tc, fs, vocab_map, run_dir, target.sha256, progress, stop_at)
+    result = train(target.params, target.cfg, dcfg, tc, fs, vocab_map, run_dir, target.sha256, opts.progress,
+                   opts.stop_at)
     summary["train"] = {"step": result.step, "heldout": result.heldout, "seconds": result.seconds}
     if result.step < tc.steps:
-        msg = (f"training stopped at step {result.step} of {tc.steps} (checkpoint saved in {run_dir}); "
-               "rerun the same command to resume")
-        if result.interrupted:
-            raise KeyboardInterrupt(msg)
-        say(msg)
-        return summary | {"complete": False}
-    if stages == "train" and out is None:
+        say(f"training stopped at step {result.step} of {tc.steps} (checkpoint saved in {run_dir}); "
+            "rerun the same command to resume")
+        return summary | {"complete": False} | ({"interrupted": True} if result.interrupted else {})
+    if opts.stages == "train" and opts.out is None:
         return summary
-    out = out or run_dir / "export"
-    return summary | export(target, dcfg, tc, result, vocab_map, out, records, fs, eval_prompts, say)
+    out = opts.out or run_dir / "export"
+    return summary | export(target, dcfg, tc, result, vocab_map, out, records, fs, opts.eval_prompts, say)
 
 
 def export(target: Any, dcfg: DraftConfig, tc: TrainConfig, result: Any, vocab_map: np.ndarray | None, out: Path,

@@ -30,10 +30,9 @@ from dovetail_jax.config import DraftConfig, ModelConfig
 from dovetail_jax.errors import ConfigError
 from dovetail_jax.model import draft as D
 from dovetail_jax.model.params import TargetParams
+from dovetail_jax.plan import train_length as _bucket  # the padded length of a batch
 from dovetail_jax.train.features import FeatureSet
 from dovetail_jax.train.loss import Batch, losses
-
-MIN_BUCKET = 64
 
 
 @dataclass(frozen=True)
@@ -75,10 +74,6 @@ def choose_vocab(fs: FeatureSet, seqs: np.ndarray, size: int, always: tuple[int,
         if int(i) not in keep:
             keep.append(int(i))
     return np.asarray(keep[:size], np.int32)
-
-
-def _bucket(n: int) -> int:
-    return max(MIN_BUCKET, 1 << max(0, (n - 1).bit_length()))
 
 
 def batch_plan(lengths: np.ndarray, seqs: np.ndarray, batch_tokens: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -205,7 +200,7 @@ class TrainResult:
     step: int
     heldout: dict[str, float]
     seconds: float
-    interrupted: bool
+    interrupted: bool  # Ctrl-C ended the sitting (after a checkpoint); the caller reports it, no exception
 
 
 def train(target: TargetParams, cfg: ModelConfig, dcfg: DraftConfig, tc: TrainConfig, fs: FeatureSet,

@@ -4,7 +4,7 @@ Both come from installed pip packages, read as data files only: the packages are
 `importlib.util.find_spec` (which does not import them) and nothing of theirs is imported or executed, and no
 completion is ever run. HumanEval prompts are wrapped in the paper's instruction; MT-bench contributes each
 question's first turn. `evaluation_texts()` lists every raw text of both sets, so training data can be checked
-against them.
+against them: the benches read the prompts and training reads the texts, so this sits below both.
 """
 
 from __future__ import annotations
