@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from simulator.errors import SimulatorInputError
-from simulator.workload import TreeShape
+from dovetail_jax.config import TreeConfig
+from simulator.errors import ConfigError
+from simulator.workload import MAX_GUESSES
 
-MAX_GUESSES = 16  # speculative next trees considered by the pipelined schedule
+PROFILES_FILE = Path(__file__).parent / "data" / "acceptance_profiles.json"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,14 @@ class Outcomes:
         c = np.cumsum(self.cls_p)
         return c / c[-1]
 
+    def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(accepted drafts a, speculative-tree rank) of n cycles. Common random numbers: the same seed gives the
+        same uniforms for every configuration (less noisy sweeps)."""
+        u = np.random.default_rng(seed).random(n)
+        cls = np.searchsorted(self.cdf(), u, side="right")
+        cls = np.minimum(cls, len(self.cls_p) - 1)
+        return self.cls_a[cls], self.cls_rank[cls]
+
 
 def _build_outcomes(p_a: np.ndarray, guesses: list[tuple[float, int]]) -> Outcomes:
     p_a = np.clip(np.asarray(p_a, dtype=float), 0.0, None)
@@ -73,11 +82,11 @@ def _build_outcomes(p_a: np.ndarray, guesses: list[tuple[float, int]]) -> Outcom
 
 def _check_rates(name: str, rates: Sequence[float]) -> list[float]:
     if len(rates) == 0:
-        raise SimulatorInputError(f"{name}: at least one value is needed")
+        raise ConfigError(f"{name}: at least one value is needed")
     out = []
     for r in rates:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0.0 <= r <= 1.0:
-            raise SimulatorInputError(f"{name}: acceptance rates must be numbers in [0, 1], got {r!r}")
+            raise ConfigError(f"{name}: acceptance rates must be numbers in [0, 1], got {r!r}")
         out.append(float(r))
     return out
 
@@ -85,15 +94,15 @@ def _check_rates(name: str, rates: Sequence[float]) -> list[float]:
 class AcceptanceModel(ABC):
     """Maps a tree shape to the distribution of its verification outcome (cached per tree)."""
 
-    def outcomes(self, tree: TreeShape) -> Outcomes:
+    def outcomes(self, tree: TreeConfig) -> Outcomes:
         return self._cached(tree)
 
     @lru_cache(maxsize=512)  # noqa: B019 - models are few and long-lived
-    def _cached(self, tree: TreeShape) -> Outcomes:
+    def _cached(self, tree: TreeConfig) -> Outcomes:
         return self._outcomes(tree)
 
     @abstractmethod
-    def _outcomes(self, tree: TreeShape) -> Outcomes: ...
+    def _outcomes(self, tree: TreeConfig) -> Outcomes: ...
 
     @abstractmethod
     def describe(self) -> str: ...
@@ -117,8 +126,8 @@ class ChainAcceptance(AcceptanceModel):
     def rate(self, j: int) -> float:
         return self.alphas[min(j, len(self.alphas)) - 1]
 
-    def _outcomes(self, tree: TreeShape) -> Outcomes:
-        cap = tree.max_accept
+    def _outcomes(self, tree: TreeConfig) -> Outcomes:
+        cap = tree.max_accepted
         ge = np.ones(cap + 2)
         for j in range(1, cap + 1):
             ge[j] = ge[j - 1] * self.rate(j)
@@ -140,21 +149,21 @@ class TauAcceptance(AcceptanceModel):
 
     def __init__(self, tau: float) -> None:
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau < 1:
-            raise SimulatorInputError(f"tau must be a number >= 1 (tokens per cycle incl. the bonus), got {tau!r}")
+            raise ConfigError(f"tau must be a number >= 1 (tokens per cycle incl. the bonus), got {tau!r}")
         self.tau = float(tau)
 
     def alpha_for(self, cap: int) -> float:
         if self.tau > cap + 1 + 1e-9:
-            raise SimulatorInputError(f"tau={self.tau:g} is impossible for a tree whose paths accept at most {cap} "
-                                      f"tokens (max tau {cap + 1})")
+            raise ConfigError(f"tau={self.tau:g} is impossible for a tree whose paths accept at most {cap} "
+                              f"tokens (max tau {cap + 1})")
         lo, hi = 0.0, 1.0
         for _ in range(60):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if chain_tau(mid, cap) < self.tau else (lo, mid)
         return (lo + hi) / 2
 
-    def _outcomes(self, tree: TreeShape) -> Outcomes:
-        return ChainAcceptance([self.alpha_for(tree.max_accept)])._outcomes(tree)
+    def _outcomes(self, tree: TreeConfig) -> Outcomes:
+        return ChainAcceptance([self.alpha_for(tree.max_accepted)])._outcomes(tree)
 
     def describe(self) -> str:
         return f"tau {self.tau:g}"
@@ -169,8 +178,8 @@ class PositionalAcceptance(AcceptanceModel):
     def __init__(self, p_rank: Sequence[float], decay: float = 1.0) -> None:
         p = sorted(_check_rates("rank acceptance probabilities", p_rank), reverse=True)
         if sum(p) > 1 + 1e-9:
-            raise SimulatorInputError(f"rank acceptance probabilities are exclusive events and must sum to <= 1, "
-                                      f"got {sum(p):.4g}")
+            raise ConfigError(f"rank acceptance probabilities are exclusive events and must sum to <= 1, "
+                              f"got {sum(p):.4g}")
         _check_rates("depth decay", [decay])
         self.p, self.decay = np.array(p), float(decay)
 
@@ -180,9 +189,9 @@ class PositionalAcceptance(AcceptanceModel):
         out[:n] = self.p[:n] * self.decay ** (depth - 1)
         return out
 
-    def tree_nodes(self, tree: TreeShape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def tree_nodes(self, tree: TreeConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Selected nodes (EAGLE-2 beam + rerank): log path probability, depth, parent (-1 = root), rank."""
-        k, d_max, n_sel = tree.top_k, tree.depth, tree.nodes
+        k, d_max, n_sel = tree.top_k, tree.depth, tree.total_tokens - 1  # draft nodes verified
         with np.errstate(divide="ignore"):
             lp1 = np.log(self._p_at(1, k)[:k])
         score, depth, parent, rank = [lp1], [np.ones(k, int)], [np.full(k, -1)], [np.arange(k)]
@@ -202,10 +211,10 @@ class PositionalAcceptance(AcceptanceModel):
         sel_parent = np.where(pa[order] >= 0, np.searchsorted(order, pa[order]), -1)
         return s[order], dp[order], sel_parent, rk[order]
 
-    def _outcomes(self, tree: TreeShape) -> Outcomes:
+    def _outcomes(self, tree: TreeConfig) -> Outcomes:
         s, dp, pa, _ = self.tree_nodes(tree)
         pv = np.exp(s)
-        cap = tree.max_accept
+        cap = tree.max_accepted
         ge = np.zeros(cap + 2)
         ge[0] = 1.0
         np.add.at(ge, np.minimum(dp, cap + 1), pv)
@@ -237,16 +246,16 @@ class PositionalAcceptance(AcceptanceModel):
 class HistogramAcceptance(AcceptanceModel):
     """A measured distribution of a for one tree shape; other trees are refused (use a fitted model there)."""
 
-    def __init__(self, tree: TreeShape, counts: Sequence[float]) -> None:
+    def __init__(self, tree: TreeConfig, counts: Sequence[float]) -> None:
         c = np.asarray(counts, dtype=float)
         if c.ndim != 1 or len(c) == 0 or (c < 0).any() or c.sum() <= 0 or not np.isfinite(c).all():
-            raise SimulatorInputError("accept histogram must be a non-empty list of counts >= 0 with a positive sum")
+            raise ConfigError("accept histogram must be a non-empty list of counts >= 0 with a positive sum")
         self.tree, self.counts = tree, c
 
-    def _outcomes(self, tree: TreeShape) -> Outcomes:
+    def _outcomes(self, tree: TreeConfig) -> Outcomes:
         if tree != self.tree:
-            raise SimulatorInputError(f"the measured accept histogram is for {self.tree}, not {tree}")
-        p = np.zeros(tree.max_accept + 1)
+            raise ConfigError(f"the measured accept histogram is for {self.tree}, not {tree}")
+        p = np.zeros(tree.max_accepted + 1)
         n = min(len(self.counts), len(p))
         p[:n] = self.counts[:n]
         p[-1] += self.counts[n:].sum()
@@ -268,7 +277,7 @@ class HistogramAcceptance(AcceptanceModel):
 class RunStats:
     """What the simulator needs from one measured run."""
 
-    tree: TreeShape | None
+    tree: TreeConfig | None
     draft_layers: int | None
     hist: np.ndarray | None  # counts of a = 0, 1, ...
     depth_rates: list[float] | None
@@ -289,9 +298,9 @@ def _get(d: dict[str, Any], *names: str) -> Any:
 def parse_run(d: dict[str, Any], where: str = "run") -> RunStats:
     """Read one run's JSON (keys of `dovetail generate --json`; tree/draft keys flat or nested)."""
     if not isinstance(d, dict):
-        raise SimulatorInputError(f"{where}: a run must be a JSON object")
+        raise ConfigError(f"{where}: a run must be a JSON object")
     k, depth, total = (_get(d, f"tree.{x}", x) for x in ("top_k", "depth", "total_tokens"))
-    tree = TreeShape(int(k), int(depth), int(total)) if None not in (k, depth, total) else None
+    tree = TreeConfig(int(k), int(depth), int(total)) if None not in (k, depth, total) else None
     layers = _get(d, "draft.n_layers", "draft_layers", "draft.layers")
     tau = _get(d, "tau")
     hist = _get(d, "accept_hist")
@@ -301,7 +310,7 @@ def parse_run(d: dict[str, Any], where: str = "run") -> RunStats:
             hist = [hist.get(str(i), hist.get(i, 0)) for i in range(max(int(x) for x in hist) + 1)]
         h = np.asarray(hist, dtype=float)
         if h.ndim != 1 or (h < 0).any() or h.sum() <= 0:
-            raise SimulatorInputError(f"{where}: accept_hist must be a list of counts >= 0 with a positive sum")
+            raise ConfigError(f"{where}: accept_hist must be a list of counts >= 0 with a positive sum")
         # index = a (accepted drafts) by convention; shift if it is clearly tokens per cycle (a + 1)
         if tau is not None and h[0] == 0:
             mean_idx = float(np.dot(np.arange(len(h)), h) / h.sum())
@@ -311,7 +320,7 @@ def parse_run(d: dict[str, Any], where: str = "run") -> RunStats:
     if rates is not None:
         rates = _check_rates(f"{where}: per-depth acceptance", rates)
     if h is None and rates is None and tau is None:
-        raise SimulatorInputError(f"{where}: no accept_hist, per-depth acceptance rates or tau in this run")
+        raise ConfigError(f"{where}: no accept_hist, per-depth acceptance rates or tau in this run")
     return RunStats(tree, int(layers) if layers is not None else None, h, rates,
                     float(tau) if tau is not None else None, d)
 
@@ -326,12 +335,12 @@ def load_runs(path: str | Path) -> list[RunStats]:
         else:
             data = json.loads(text)
     except (OSError, json.JSONDecodeError) as e:
-        raise SimulatorInputError(f"cannot read runs {str(path)!r}: {e}") from None
+        raise ConfigError(f"cannot read runs {str(path)!r}: {e}") from None
     if isinstance(data, dict) and "runs" in data:
         data = data["runs"]
     runs = data if isinstance(data, list) else [data]
     if not runs:
-        raise SimulatorInputError(f"{path}: no runs")
+        raise ConfigError(f"{path}: no runs")
     return [parse_run(r, f"{path}[{i}]") for i, r in enumerate(runs)]
 
 
@@ -355,8 +364,8 @@ def fit_positional(runs: Sequence[RunStats], k_max: int = 10) -> PositionalAccep
     """
     usable = [r for r in runs if r.tree is not None and r.hist is not None]
     if not usable:
-        raise SimulatorInputError("fitting acceptance needs runs with accept_hist and their tree (top_k, depth, "
-                                  "total_tokens)")
+        raise ConfigError("fitting acceptance needs runs with accept_hist and their tree (top_k, depth, "
+                          "total_tokens)")
     k_max = max([k_max] + [r.tree.top_k for r in usable if r.tree is not None])
 
     def model(p1: float, rho: float, dec: float) -> PositionalAcceptance:
@@ -389,12 +398,90 @@ def fit_positional(runs: Sequence[RunStats], k_max: int = 10) -> PositionalAccep
     return model(p1, rho, dec)
 
 
+class MixtureAcceptance(AcceptanceModel):
+    """Context-dependent acceptance (EAGLE-2's observation): a share w of contexts follows one positional model
+    and 1 - w another, and each context's tree is built for its own model (a dynamic tree), so the outcome
+    distribution of a tree shape is the weighted mix of the components' distributions.
+
+    A single positional model cannot give wide trees deep accepted paths (its best total_tokens - 1 nodes are
+    shallow), which the shipped drafts' runs show; a confident and an uncertain context class can.
+    """
+
+    def __init__(self, components: Sequence[PositionalAcceptance], weights: Sequence[float]) -> None:
+        w = _check_rates("mixture weights", weights)
+        if len(w) != len(components) or not components or abs(sum(w) - 1) > 1e-3:
+            raise ConfigError("mixture weights must be one per component and sum to 1")
+        self.components, self.weights = list(components), [x / sum(w) for x in w]  # rounding in stored profiles
+
+    def _outcomes(self, tree: TreeConfig) -> Outcomes:
+        outs = [c.outcomes(tree) for c in self.components]
+        p_a = sum(w * o.p_a for w, o in zip(self.weights, outs, strict=True))
+        # guesses: each component's speculative classes, weighted (ranked again by probability)
+        guesses = [(w * float(p), int(a)) for w, o in zip(self.weights, outs, strict=True)
+                   for p, a, r in zip(o.cls_p, o.cls_a, o.cls_rank, strict=True) if r >= 0]
+        return _build_outcomes(np.asarray(p_a), guesses)
+
+    def describe(self) -> str:
+        return "mixture of " + "; ".join(f"{w:.2f} x ({c.describe()})" for w, c in
+                                         zip(self.weights, self.components, strict=True))
+
+    @property
+    def tree_aware(self) -> bool:
+        return True
+
+
+def mixture_from(w: float, p_hi: float, p_lo: float, rho: float, decay: float, k_max: int = 10
+                 ) -> MixtureAcceptance:
+    """Two context classes with geometric rank profiles p_r = p1 * rho^(r-1) (normalised to sum <= 1)."""
+
+    def comp(p1: float) -> PositionalAcceptance:
+        ps = [p1 * rho ** i for i in range(k_max)]
+        s = sum(ps)
+        return PositionalAcceptance([x / s for x in ps] if s > 1 else ps, decay)
+
+    return MixtureAcceptance([comp(p_hi), comp(p_lo)], [w, 1 - w])
+
+
+def fit_mixture(runs: Sequence[RunStats], k_max: int = 10) -> MixtureAcceptance:
+    """Maximum-likelihood fit of `mixture_from`'s five numbers to measured histograms (coordinate search)."""
+    usable = [r for r in runs if r.tree is not None and r.hist is not None]
+    if not usable:
+        raise ConfigError("fitting acceptance needs runs with accept_hist and their tree")
+    k_max = max([k_max] + [r.tree.top_k for r in usable if r.tree is not None])
+    lo_b, hi_b = [0.01, 0.2, 0.0, 0.01, 0.3], [0.99, 0.999, 0.6, 0.9, 1.0]
+
+    def ll(x: Sequence[float]) -> float:
+        return _loglik(mixture_from(*x, k_max=k_max), usable)
+
+    best_x, best = None, -math.inf
+    for seed in ([0.3, 0.85, 0.3, 0.3, 0.9], [0.5, 0.7, 0.2, 0.2, 0.8], [0.2, 0.9, 0.35, 0.4, 0.95]):
+        x, f = list(seed), ll(seed)
+        step = [0.1, 0.05, 0.05, 0.1, 0.05]
+        for _ in range(60):
+            improved = False
+            for i in range(5):
+                for sgn in (-1, 1):
+                    c = list(x)
+                    c[i] = min(max(c[i] + sgn * step[i], lo_b[i]), hi_b[i])
+                    fc = ll(c)
+                    if fc > f + 1e-9:
+                        x, f, improved = c, fc, True
+            if not improved:
+                step = [s / 2 for s in step]
+                if max(step) < 2e-3:
+                    break
+        if f > best:
+            best_x, best = x, f
+    assert best_x is not None
+    return mixture_from(*best_x, k_max=k_max)
+
+
 class RunsAcceptance(AcceptanceModel):
     """Measured runs: the pooled histogram when the tree was measured, else a positional model fitted to them."""
 
     def __init__(self, runs: Sequence[RunStats], draft_layers: int | None = None) -> None:
         if not runs:
-            raise SimulatorInputError("no measured runs given")
+            raise ConfigError("no measured runs given")
         sel = [r for r in runs if draft_layers is None or r.draft_layers in (None, draft_layers)]
         self.runs = sel or list(runs)
         self._fit: AcceptanceModel | None = None
@@ -412,7 +499,7 @@ class RunsAcceptance(AcceptanceModel):
                     self._fit = TauAcceptance(float(np.mean(taus)))
         return self._fit
 
-    def _outcomes(self, tree: TreeShape) -> Outcomes:
+    def _outcomes(self, tree: TreeConfig) -> Outcomes:
         same = [r for r in self.runs if r.tree == tree and r.hist is not None]
         if same:
             n = max(len(r.hist) for r in same if r.hist is not None)
@@ -429,3 +516,47 @@ class RunsAcceptance(AcceptanceModel):
     @property
     def tree_aware(self) -> bool:
         return self._fallback().tree_aware
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Named acceptance profiles (package data, fitted by analysis/fit_acceptance_profiles.py)
+
+
+@lru_cache(maxsize=2)
+def _profiles(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read acceptance profiles {path!r}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("profiles"), dict):
+        raise ConfigError(f"{path}: expected a 'profiles' object")
+    return data
+
+
+def list_profiles() -> list[str]:
+    return list(_profiles(str(PROFILES_FILE))["profiles"])
+
+
+def default_profile(model_key: str) -> str | None:
+    """The profile used for `model_key` when the user names none (None: no default for that model)."""
+    return _profiles(str(PROFILES_FILE)).get("defaults", {}).get(model_key.lower())
+
+
+class ProfileAcceptance(MixtureAcceptance):
+    """A named, shipped acceptance model: one or more context classes (weight, rank probabilities, depth decay),
+    each a tree-aware positional model; `describe` says where its numbers come from."""
+
+    def __init__(self, name: str) -> None:
+        profiles = _profiles(str(PROFILES_FILE))["profiles"]
+        if name not in profiles:
+            raise ConfigError(f"unknown acceptance profile {name!r}; choose from {', '.join(profiles)}")
+        p = profiles[name]
+        comps = p.get("components")
+        if not isinstance(comps, list) or not comps:
+            raise ConfigError(f"acceptance profile {name!r} has no components")
+        super().__init__([PositionalAcceptance(c["p_rank"], c["depth_decay"]) for c in comps],
+                         [float(c["weight"]) for c in comps])
+        self.name, self.info = name, p
+
+    def describe(self) -> str:
+        return f"profile {self.name} ({self.info['description']})"

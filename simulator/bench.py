@@ -18,12 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dovetail_jax.config import LLAMA2_7B
+from dovetail_jax.config import LLAMA2_7B, DraftConfig
 from simulator.acceptance import PositionalAcceptance
 from simulator.hardware import load_profile
 from simulator.schedules import SimOptions, simulate
 from simulator.tune import sweep
-from simulator.workload import DraftShape, TreeShape, Workload
+from simulator.workload import PAPER_TREE, Workload
 
 OUT = Path(__file__).resolve().parent.parent / "analysis" / "results" / "sim_bench.json"
 ACC = PositionalAcceptance([0.6, 0.15, 0.08, 0.04, 0.02], 0.95)
@@ -33,7 +33,7 @@ SWEEP_GRID = {"top_k": [2, 4, 6, 8, 10], "depth": [2, 3, 4, 5, 6], "total_tokens
 
 def bench(cycles: int = 200_000, repeats: int = 3, sweep_cycles: int = 1000) -> dict[str, Any]:
     hw = load_profile("paper-server1-4214r-2080super")
-    wl = Workload(LLAMA2_7B, DraftShape(5), TreeShape(10, 7, 16))
+    wl = Workload(LLAMA2_7B, DraftConfig(5), PAPER_TREE)
     res: dict[str, Any] = {"cycles_per_s": {}}
     for sched in ("dovetail", "dovetail-pipelined", "eagle2"):
         best = 0.0

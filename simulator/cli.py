@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from simulator.errors import SimulatorInputError
+from simulator.errors import ConfigError
 
 RESULTS = Path(__file__).resolve().parent.parent / "analysis" / "results"
 
@@ -21,17 +21,18 @@ def _floats(text: str, what: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SimulatorInputError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+        raise ConfigError(f"{what}: expected comma-separated numbers, got {text!r}") from None
 
 
 def build_acceptance(args: argparse.Namespace) -> Any:
     """The acceptance model chosen on the command line (None when none was given)."""
     from simulator import acceptance as A
 
-    given = [n for n in ("tau", "alpha", "rank_probs", "runs") if getattr(args, n, None) is not None]
+    given = [n for n in ("tau", "alpha", "rank_probs", "runs", "acceptance_profile")
+             if getattr(args, n, None) is not None]
     if len(given) > 1:
         flags = ", ".join("--" + g.replace("_", "-") for g in given)
-        raise SimulatorInputError(f"give one acceptance model, not {flags}")
+        raise ConfigError(f"give one acceptance model, not {flags}")
     if args.tau is not None:
         return A.TauAcceptance(args.tau)
     if args.alpha is not None:
@@ -40,14 +41,18 @@ def build_acceptance(args: argparse.Namespace) -> Any:
         return A.PositionalAcceptance(_floats(args.rank_probs, "--rank-probs"), args.depth_decay)
     if args.runs is not None:
         return A.RunsAcceptance(A.load_runs(args.runs), draft_layers=args.draft_layers)
+    if getattr(args, "acceptance_profile", None) is not None:
+        return A.ProfileAcceptance(args.acceptance_profile)
     return None
 
 
 def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
     """(hardware, workload, acceptance, measured table, options) from parsed arguments."""
-    from simulator.hardware import load_profile
+    from dovetail_jax.config import DraftConfig, TreeConfig
+    from simulator.engines import PROFILE_ENGINE
+    from simulator.hardware import default_engine, load_profile
     from simulator.schedules import SimOptions
-    from simulator.workload import DraftShape, TreeShape, Workload, resolve_model
+    from simulator.workload import Workload, resolve_model
 
     hw = load_profile(args.profile)
     if args.pcie_gen is not None or args.lanes is not None:
@@ -56,15 +61,17 @@ def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
         hw = hw.with_link(bandwidth=args.link_gbps * 1e9)
     if args.vram_gb is not None:
         hw = hw.with_vram(args.vram_gb * 2 ** 30)
-    wl = Workload(resolve_model(args.model), DraftShape(args.draft_layers, args.draft_vocab, args.draft_kind),
-                  TreeShape(args.top_k, args.depth, args.total_tokens), args.target_dtype, args.draft_dtype,
-                  args.prompt_len, args.new_tokens)
+    draft = DraftConfig(num_layers=args.draft_layers, fusion=args.draft_kind, draft_vocab_size=args.draft_vocab)
+    engine = default_engine(hw) if args.cpu_engine == "auto" else args.cpu_engine
+    wl = Workload(resolve_model(args.model), draft, TreeConfig(args.top_k, args.depth, args.total_tokens),
+                  args.target_dtype, args.draft_dtype, args.prompt_len, args.new_tokens,
+                  cpu_engine=None if engine == PROFILE_ENGINE else engine)
     measured = None
     if args.measured:
         try:
             measured = json.loads(Path(args.measured).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise SimulatorInputError(f"cannot read measured timings {args.measured!r}: {e}") from None
+            raise ConfigError(f"cannot read measured timings {args.measured!r}: {e}") from None
     opts = SimOptions(cycles=args.cycles, seed=args.seed, ngl=args.ngl, spec_trees=args.spec_trees)
     return hw, wl, build_acceptance(args), measured, opts
 
@@ -95,7 +102,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 0
     if args.tune:
         if acc is None:
-            raise SimulatorInputError("--tune needs an acceptance model (--tau, --alpha, --rank-probs or --runs)")
+            from simulator.acceptance import ProfileAcceptance, default_profile
+
+            name = default_profile(args.model)
+            if name is None:
+                raise ConfigError(f"--tune needs an acceptance model: no shipped profile for {args.model!r}; pass "
+                                  "--acceptance-profile, --rank-probs, --runs, --alpha or --tau")
+            acc = ProfileAcceptance(name)
         grid = T.parse_grid(args.sweep) if args.sweep else None
         res = T.tune(hw, wl, acc, args.vram_budget, grid, opts, measured)
         _write(args.out, res)
@@ -109,12 +122,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             for r in res["top"]:
                 print("  " + "  ".join(f"{k}={r[k]}" for k in keys) + f"  -> {r['tokens_per_s']:.3f} tok/s "
                       f"x{r['speedup']:.2f}  tau {r['tau']:.2f}  VRAM {r['vram_gib']:.2f} GiB")
+            print(f"acceptance: {res['acceptance']}")
             for n in res["notes"]:
                 print("note: " + n)
         return 0
     if args.sweep is not None:
         if not args.sweep:
-            raise SimulatorInputError("empty sweep: give at least one key=v1,v2 item after --sweep")
+            raise ConfigError("empty sweep: give at least one key=v1,v2 item after --sweep")
         grid = T.parse_grid(args.sweep)
         rows = T.sweep(hw, wl, acc, grid, args.schedule if args.schedule != "all" else "dovetail", opts, measured)
         _write(args.out, {"profile": hw.name, "model": wl.model.name, "rows": rows})
@@ -139,7 +153,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(payload, indent=1))
     else:
-        print(f"{hw.name}: {wl.model.name} ({wl.target_dtype}) on the CPU; draft {wl.draft.kind} "
+        print(f"{hw.name}: {wl.model.name} ({wl.target_dtype}, engine {wl.cpu_engine or 'profile'}) on the CPU; "
+              f"draft {wl.draft.fusion} "
               f"{wl.draft_layers} layer(s) ({wl.draft_dtype}); tree top_k={wl.tree.top_k} depth={wl.tree.depth} "
               f"total_tokens={wl.tree.total_tokens}; prompt {wl.prompt_len}, {wl.new_tokens} new tokens")
         if acc is not None:
@@ -156,9 +171,10 @@ def _write(out: str | Path | None, data: Any) -> None:
 
 
 def cmd_profile_hw(args: argparse.Namespace) -> int:
-    from simulator.profile import main as profile_main
+    from simulator.profile import ProfileOptions, run
 
-    return profile_main(args)
+    return run(ProfileOptions(out=Path(args.out), quick=args.quick, ops=args.ops, ops_out=Path(args.ops_out),
+                              draft_layers=args.draft_layers, top_k=args.top_k))
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -168,7 +184,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
-    from simulator.workload import SCHEDULES  # light: no numpy, no JAX
+    from simulator.schedules import SCHEDULES  # light: no numpy, no JAX
+    from simulator.workload import PAPER_TREE
 
     g = p.add_argument_group("machine")
     g.add_argument("--profile", default="host-2core-shared", help="preset name or profile JSON (dovetail profile-hw)")
@@ -178,15 +195,21 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vram-gb", type=float, help="what-if: GPU memory in GiB")
     g = p.add_argument_group("model and draft")
     g.add_argument("--model", default="smollm2-135m", help="public config name (smollm2-135m, llama2-7b, ...)")
-    g.add_argument("--target-dtype", default="f32", help="target weights on the CPU: f32, bf16, f16, int8, q4")
+    g.add_argument("--target-dtype", default="f32",
+                   help="target weights on the CPU: f32, bf16, f16, int8 (torch dynamic), q8_0, q4_0, q4_k, q4_k_m "
+                        "(llama.cpp); the engine refuses a dtype it has no real path for")
+    g.add_argument("--cpu-engine", default="auto",
+                   help="what runs the target on the CPU: dovetail-jax, hf-torch, llama.cpp (simulator/data/"
+                        "cpu_engines.json), or profile (the profile's own efficiency fields); auto = profile for a "
+                        "`profile-hw` measurement, else dovetail-jax")
     g.add_argument("--draft-dtype", default="f16", help="draft (and GPU-resident target layers) dtype")
     g.add_argument("--draft-layers", type=int, default=1)
     g.add_argument("--draft-vocab", type=int, default=None, help="reduced draft-head vocabulary V'")
     g.add_argument("--draft-kind", default="dgf", choices=("dgf", "eagle", "none"),
                    help="draft fusion: dgf (Dovetail), eagle (EAGLE's fc), none (a standalone LLaMA draft)")
-    g.add_argument("--top-k", type=int, default=10)
-    g.add_argument("--depth", type=int, default=7)
-    g.add_argument("--total-tokens", type=int, default=16)
+    g.add_argument("--top-k", type=int, default=PAPER_TREE.top_k)
+    g.add_argument("--depth", type=int, default=PAPER_TREE.depth)
+    g.add_argument("--total-tokens", type=int, default=PAPER_TREE.total_tokens)
     g.add_argument("--prompt-len", type=int, default=128)
     g.add_argument("--new-tokens", type=int, default=256)
     g = p.add_argument_group("acceptance (one of)")
@@ -195,8 +218,11 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank-probs", help="P(target token = draft's rank-r candidate), comma-separated (tree-aware)")
     g.add_argument("--depth-decay", type=float, default=1.0, help="with --rank-probs: factor per extra depth")
     g.add_argument("--runs", help="JSON of measured `dovetail generate --json` runs (dovetail mode)")
+    g.add_argument("--acceptance-profile", metavar="NAME",
+                   help="a shipped tree-aware profile (simulator/data/acceptance_profiles.json), e.g. smollm2-dgf1, "
+                        "eagle1-llama2-chat-7b-mtbench; --tune uses the model's default profile when none is given")
     g = p.add_argument_group("simulation")
-    g.add_argument("--schedule", default="all", choices=("all",) + SCHEDULES)
+    g.add_argument("--schedule", default="all", choices=("all", *SCHEDULES))
     g.add_argument("--measured", help="JSON table of measured per-operation timings (profile-hw --ops)")
     g.add_argument("--ngl", type=int, default=-1, help="target layers on the GPU (partial: -1 = max; dovetail: 0)")
     g.add_argument("--spec-trees", type=int, default=0, help="pipelined: speculative trees per cycle (0 = auto)")

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from simulator.errors import SimulatorInputError
+from simulator.errors import ConfigError
 from simulator.hardware import CpuSpec, GpuSpec, HardwareProfile
 from simulator.workload import ID_BYTES, Workload, dtype_bytes
 
@@ -46,8 +46,9 @@ class RooflineCosts:
     def __init__(self, hw: HardwareProfile, wl: Workload) -> None:
         self.hw, self.wl = hw, wl
         m = wl.model
-        self._tb, self._db = dtype_bytes(wl.target_dtype), dtype_bytes(wl.draft_dtype)
+        self._tb, self._db = wl.target_bytes_per_weight(), dtype_bytes(wl.draft_dtype)
         self._h, self._lp, self._kv, self._q = m.hidden_size, m.layer_params, m.kv_size, m.q_size
+        self.engine = wl.engine
 
     def _layers(self, dev: CpuSpec | GpuSpec, wbytes: float, kvbytes: float, n: int, ctx: int, layers: int,
                 head_rows: int, vocab: int, calls: int) -> float:
@@ -62,11 +63,29 @@ class RooflineCosts:
 
     def target_cpu(self, n: int, ctx: int, layers: int | None = None, head: bool = True) -> float:
         nl = self.wl.model.num_layers if layers is None else layers
+        if self.engine is not None:
+            return self._engine_forward(n, ctx, nl, head)
         return self._layers(self.hw.cpu, self._tb, 4, n, ctx, nl, n if head else 0, self.wl.model.vocab_size, 1)
 
+    def _engine_forward(self, n: int, ctx: int, layers: int, head: bool) -> float:
+        """A target forward as the chosen CPU engine runs it (see `simulator.engines`)."""
+        eng, cpu = self.engine, self.hw.cpu
+        assert eng is not None
+        path = eng.path(self.wl.target_dtype)
+        h, v = self._h, self.wl.model.vocab_size
+        wbytes = layers * self._lp * path.bytes_per_weight + (v * h * path.bytes_per_weight if head else 0.0)
+        kvbytes = layers * 2 * self._kv * (ctx + n) * eng.kv_bytes
+        macs = layers * (n * self._lp + 2 * n * (ctx + n) * self._q) + (n * v * h if head else 0)
+        # KV in the engine's own format, weights via their path; no engine streams faster than the DRAM peak
+        bw = min(cpu.mem_bw * cpu.bw_eff * eng.stream_frac, cpu.mem_bw)
+        rate = cpu.peak_flops * eng.gemm_frac * n / (n + eng.n_half)
+        return eng.call_s + layers * eng.layer_s + max(wbytes / (bw * path.stream_scale) + kvbytes / bw,
+                                                       2 * macs * path.mac_cost / rate)
+
     def target_gpu(self, n: int, ctx: int, layers: int, head: bool = False) -> float:
+        """Target layers on the GPU; an eager framework adds its per-layer dispatch (`gpu.layer_s`)."""
         return self._layers(self.hw.gpu, self._db, self._db, n, ctx, layers, n if head else 0,
-                            self.wl.model.vocab_size, 1)
+                            self.wl.model.vocab_size, 1) + layers * self.hw.gpu.layer_s
 
     def draft_pass(self, n: int, ctx: int) -> float:
         """Fusion (DGF or EAGLE fc) + the draft's decoder layers over n tokens; one launch per pass."""
@@ -74,7 +93,7 @@ class RooflineCosts:
         nl = self.wl.draft_layers
         nbytes = self.wl.fusion_params * db + nl * (self._lp * db + 2 * self._kv * (ctx + n) * db)
         flops = 2 * n * self.wl.fusion_params + nl * (2 * n * self._lp + 4 * n * (ctx + n) * self._q)
-        return roofline_seconds(g, nbytes, flops, n)
+        return roofline_seconds(g, nbytes, flops, n) + nl * g.layer_s
 
     def draft_head(self, n: int) -> float:
         """Draft LM head over n rows (reduced vocabulary V') + log-softmax / top-k, one launch."""
@@ -126,18 +145,18 @@ class _Table:
         for r in rows:
             s = r.get("s")
             if not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-                raise SimulatorInputError(f"measured timing for {op}: 's' must be a positive number, got {s!r}")
+                raise ConfigError(f"measured timing for {op}: 's' must be a positive number, got {s!r}")
             coords = []
             for k in keys:
                 v = r.get(k)
                 if not isinstance(v, (int, float)) or v < 0:
-                    raise SimulatorInputError(f"measured timing for {op}: '{k}' must be a number >= 0, got {v!r}")
+                    raise ConfigError(f"measured timing for {op}: '{k}' must be a number >= 0, got {v!r}")
                 coords.append(float(v))
             x = coords[0] if coords else 0.0
             g = coords[1] if len(coords) > 1 else 0.0
             groups.setdefault(g, {}).setdefault(x, []).append(float(s))
         if not groups:
-            raise SimulatorInputError(f"measured timing table for {op} is empty")
+            raise ConfigError(f"measured timing table for {op} is empty")
         self.gkeys = sorted(groups)
         self.curves = []
         for g in self.gkeys:
@@ -160,10 +179,10 @@ class MeasuredCosts:
     def __init__(self, table: dict[str, Any], fallback: CostModel, num_layers: int) -> None:
         ops = table.get("ops") if isinstance(table, dict) else None
         if not isinstance(ops, dict):
-            raise SimulatorInputError("measured timing table needs an 'ops' object")
+            raise ConfigError("measured timing table needs an 'ops' object")
         unknown = set(ops) - set(_OPS)
         if unknown:
-            raise SimulatorInputError(f"measured timing table has unknown ops {sorted(unknown)}; known: {sorted(_OPS)}")
+            raise ConfigError(f"measured timing table has unknown ops {sorted(unknown)}; known: {sorted(_OPS)}")
         self.tables = {op: _Table(op, rows) for op, rows in ops.items() if rows}
         self.fallback, self.num_layers = fallback, num_layers
 
@@ -172,7 +191,7 @@ class MeasuredCosts:
         try:
             table = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise SimulatorInputError(f"cannot read measured timings {str(path)!r}: {e}") from None
+            raise ConfigError(f"cannot read measured timings {str(path)!r}: {e}") from None
         return cls(table, fallback, num_layers)
 
     def target_cpu(self, n: int, ctx: int, layers: int | None = None, head: bool = True) -> float:
@@ -226,7 +245,7 @@ class ScaledCosts:
         for name, f in [("draft", draft), ("host", host), ("transfer", transfer), ("accept", accept)] + [
                 (f"target n={n}", x) for n, x in target]:
             if not (math.isfinite(f) and f > 0):
-                raise SimulatorInputError(f"calibration factor {name} must be positive and finite, got {f!r}")
+                raise ConfigError(f"calibration factor {name} must be positive and finite, got {f!r}")
         pts = sorted(target)
         self.base, self._xs = base, [math.log2(n) for n, _ in pts]
         self._ys = [f for _, f in pts]

@@ -1,13 +1,16 @@
-"""The simulator's user-input error, so the CLI can print one line instead of a traceback."""
+"""The simulator's errors: the library's `ConfigError` for every input it cannot use (profile, model, tree, draft,
+acceptance model, sweep), so the CLI prints one line instead of a traceback under one policy everywhere."""
 
 from __future__ import annotations
 
-from dovetail_jax.errors import DovetailError
+from dovetail_jax.errors import ConfigError
+
+__all__ = ["ConfigError", "DoesNotFitError", "SimulatorInputError"]
 
 
-class SimulatorInputError(DovetailError):
-    """A profile, model, acceptance model or sweep the simulator cannot use, with the reason in one sentence."""
+class DoesNotFitError(ConfigError):
+    """The schedule needs more VRAM (or host RAM) than the profile offers; comparisons report it and go on."""
 
 
-class DoesNotFitError(SimulatorInputError):
-    """The schedule needs more VRAM (or host RAM) than the profile offers."""
+# The former name of `ConfigError` here; only simulator/profile.py still uses it.
+SimulatorInputError = ConfigError

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from simulator.errors import SimulatorInputError
+from simulator.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -24,9 +24,9 @@ _PCIE_CODE = {1: 8 / 10, 2: 8 / 10, 3: 128 / 130, 4: 128 / 130, 5: 128 / 130, 6:
 def pcie_bandwidth(gen: int, lanes: int) -> float:
     """Theoretical one-direction PCIe bandwidth in bytes/s (e.g. Gen3 x16 -> 15.75e9)."""
     if gen not in _PCIE_GTS:
-        raise SimulatorInputError(f"link.gen must be one of {sorted(_PCIE_GTS)}, got {gen!r}")
+        raise ConfigError(f"link.gen must be one of {sorted(_PCIE_GTS)}, got {gen!r}")
     if lanes not in (1, 2, 4, 8, 16, 32):
-        raise SimulatorInputError(f"link.lanes must be one of 1, 2, 4, 8, 16, 32, got {lanes!r}")
+        raise ConfigError(f"link.lanes must be one of 1, 2, 4, 8, 16, 32, got {lanes!r}")
     return _PCIE_GTS[gen] * 1e9 * _PCIE_CODE[gen] * lanes / 8
 
 
@@ -84,6 +84,7 @@ class GpuSpec(_Roofline):
     launch_s: float  # per kernel / jit-call launch overhead
     reserved_bytes: float = 0.0  # runtime context and allocator slack not available to the model
     shares_cpu: bool = False
+    layer_s: float = 0.0  # per decoder layer per pass: an eager framework's op dispatch (0 = CUDA graphs / XLA)
 
     @property
     def overhead_s(self) -> float:
@@ -151,19 +152,19 @@ class HardwareProfile:
         return out
 
 
-_OPTIONAL = {"gpu.reserved_bytes": 0.0, "gpu.shares_cpu": False, "link.bandwidth": 0.0}
+_OPTIONAL = {"gpu.reserved_bytes": 0.0, "gpu.shares_cpu": False, "gpu.layer_s": 0.0, "link.bandwidth": 0.0}
 _FRACTIONS = {"cpu.flops_eff", "cpu.bw_eff", "gpu.flops_eff", "gpu.bw_eff", "link.efficiency"}
 
 
 def _positive(name: str, v: Any, where: str) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise SimulatorInputError(f"profile {where!r}: {name} must be a positive finite number, got {v!r}")
+        raise ConfigError(f"profile {where!r}: {name} must be a positive finite number, got {v!r}")
 
 
 def _section(raw: dict[str, Any], sect: str, cls: type, where: str, sources: dict[str, str]) -> Any:
     body = raw.get(sect)
     if not isinstance(body, dict):
-        raise SimulatorInputError(f"profile {where!r}: missing section {sect!r}")
+        raise ConfigError(f"profile {where!r}: missing section {sect!r}")
     kw: dict[str, Any] = {}
     for f in fields(cls):
         key = f"{sect}.{f.name}"
@@ -171,11 +172,11 @@ def _section(raw: dict[str, Any], sect: str, cls: type, where: str, sources: dic
             if key in _OPTIONAL:
                 kw[f.name] = _OPTIONAL[key]
                 continue
-            raise SimulatorInputError(f"profile {where!r}: missing field {key}")
+            raise ConfigError(f"profile {where!r}: missing field {key}")
         v = body[f.name]
         if isinstance(v, dict):
             if "value" not in v:
-                raise SimulatorInputError(f"profile {where!r}: field {key} has no 'value'")
+                raise ConfigError(f"profile {where!r}: field {key} has no 'value'")
             if v.get("source"):
                 sources[key] = str(v["source"])
             v = v["value"]
@@ -183,19 +184,19 @@ def _section(raw: dict[str, Any], sect: str, cls: type, where: str, sources: dic
             kw[f.name] = str(v)
         elif f.name == "shares_cpu":
             if not isinstance(v, bool):
-                raise SimulatorInputError(f"profile {where!r}: {key} must be true or false, got {v!r}")
+                raise ConfigError(f"profile {where!r}: {key} must be true or false, got {v!r}")
             kw[f.name] = v
         elif key in _OPTIONAL:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise SimulatorInputError(f"profile {where!r}: {key} must be a finite number >= 0, got {v!r}")
+                raise ConfigError(f"profile {where!r}: {key} must be a finite number >= 0, got {v!r}")
             kw[f.name] = float(v)
         else:
             _positive(key, v, where)
             if key in _FRACTIONS and v > 1:
-                raise SimulatorInputError(f"profile {where!r}: {key} is a fraction of peak and must be <= 1, "
-                                          f"got {v!r}")
+                raise ConfigError(f"profile {where!r}: {key} is a fraction of peak and must be <= 1, "
+                                  f"got {v!r}")
             if f.name in ("cores", "gen", "lanes") and int(v) != v:
-                raise SimulatorInputError(f"profile {where!r}: {key} must be an integer, got {v!r}")
+                raise ConfigError(f"profile {where!r}: {key} must be an integer, got {v!r}")
             kw[f.name] = int(v) if f.name in ("cores", "gen", "lanes") else float(v)
     return cls(**kw)
 
@@ -203,16 +204,25 @@ def _section(raw: dict[str, Any], sect: str, cls: type, where: str, sources: dic
 def parse_profile(raw: Any, where: str = "<dict>") -> HardwareProfile:
     """Validate a profile dict (numbers or `{value, source}` pairs) into a HardwareProfile."""
     if not isinstance(raw, dict):
-        raise SimulatorInputError(f"profile {where!r}: expected a JSON object")
+        raise ConfigError(f"profile {where!r}: expected a JSON object")
     sources: dict[str, str] = {}
     cpu = _section(raw, "cpu", CpuSpec, where, sources)
     gpu = _section(raw, "gpu", GpuSpec, where, sources)
     link = _section(raw, "link", LinkSpec, where, sources)
     pcie_bandwidth(link.gen, link.lanes)
     if gpu.reserved_bytes >= gpu.vram_bytes:
-        raise SimulatorInputError(f"profile {where!r}: gpu.reserved_bytes must be below gpu.vram_bytes")
+        raise ConfigError(f"profile {where!r}: gpu.reserved_bytes must be below gpu.vram_bytes")
     return HardwareProfile(name=str(raw.get("name", where)), cpu=cpu, gpu=gpu, link=link,
                            description=str(raw.get("description", "")), sources=sources)
+
+
+MEASURED_TAG = "measured by dovetail profile-hw"
+
+
+def default_engine(hw: HardwareProfile) -> str:
+    """The CPU engine `--cpu-engine auto` means: the profile's own rates when `profile-hw` measured them (they
+    are this project's engine on that machine), else this project's engine as fitted (`dovetail-jax`)."""
+    return "profile" if hw.sources.get("cpu.flops_eff", "").startswith(MEASURED_TAG) else "dovetail-jax"
 
 
 def list_presets() -> list[str]:
@@ -225,10 +235,10 @@ def load_profile(name_or_path: str | Path) -> HardwareProfile:
     if not p.suffix and (PRESET_DIR / f"{name_or_path}.json").exists():
         p = PRESET_DIR / f"{name_or_path}.json"
     if not p.exists():
-        raise SimulatorInputError(f"no hardware profile {str(name_or_path)!r}: not a file and not a preset "
-                                  f"(presets: {', '.join(list_presets())})")
+        raise ConfigError(f"no hardware profile {str(name_or_path)!r}: not a file and not a preset "
+                          f"(presets: {', '.join(list_presets())})")
     try:
         raw = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SimulatorInputError(f"cannot read hardware profile {str(p)!r}: {e}") from None
+        raise ConfigError(f"cannot read hardware profile {str(p)!r}: {e}") from None
     return parse_profile(raw, str(name_or_path))

@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dovetail_jax.config import LLAMA2_7B
+from dovetail_jax.config import LLAMA2_7B, DraftConfig, TreeConfig
 from simulator.acceptance import PositionalAcceptance
-from simulator.errors import DoesNotFitError, SimulatorInputError
+from simulator.errors import ConfigError, DoesNotFitError
 from simulator.hardware import load_profile
 from simulator.schedules import SimOptions, compare, max_gpu_layers, simulate
-from simulator.workload import DraftShape, TreeShape, Workload
+from simulator.workload import PAPER_TREE, Workload
 
 RESULTS = Path(__file__).resolve().parent.parent / "analysis" / "results"
 GiB = 2 ** 30
@@ -33,7 +33,7 @@ OPTS = SimOptions(cycles=3000)
 def _wl(profile: str, **kw: Any) -> Workload:
     """LLaMA-2-7B, f32 target where it fits host RAM, int8 otherwise (as the paper's laptop)."""
     hw = load_profile(profile)
-    wl = Workload(LLAMA2_7B, DraftShape(5), TreeShape(10, 7, 16), **kw)
+    wl = Workload(LLAMA2_7B, DraftConfig(5), PAPER_TREE, **kw)
     return wl if wl.host_bytes() <= hw.cpu.ram_bytes else wl.replace(target_dtype="int8")
 
 
@@ -45,7 +45,7 @@ def data_tree_size() -> dict[str, Any]:
         base = simulate("target-cpu", hw, wl, opts=OPTS).tokens_per_s
         pts = []
         for t in sizes:
-            p = simulate("dovetail", hw, wl.replace(tree=TreeShape(10, 7, t)), ACC, opts=OPTS)
+            p = simulate("dovetail", hw, wl.replace(tree=TreeConfig(10, 7, t)), ACC, opts=OPTS)
             pts.append({"total_tokens": t, "speedup": p.tokens_per_s / base, "tokens_per_s": p.tokens_per_s,
                         "tau": p.tau})
         series.append({"profile": prof, "cpu": hw.cpu.name, "target_dtype": wl.target_dtype,
@@ -92,7 +92,7 @@ def data_vram() -> dict[str, Any]:
         row: dict[str, Any] = {"vram_gib": gb}
         best: tuple[float, int] | None = None
         for n in range(1, 7):
-            w = wl.replace(draft=DraftShape(n))
+            w = wl.replace(draft=DraftConfig(n))
             try:
                 p = simulate("dovetail", hw, w, _acc_for_layers(n), opts=OPTS)
             except DoesNotFitError:
@@ -101,7 +101,7 @@ def data_vram() -> dict[str, Any]:
                 best = (p.tokens_per_s, n)
         if best:
             row["dovetail"] = {"speedup": best[0] / base, "draft_layers": best[1]}
-            w = wl.replace(draft=DraftShape(best[1]))
+            w = wl.replace(draft=DraftConfig(best[1]))
             ngl = max_gpu_layers(hw, w, reserved=w.draft_vram_bytes())
             if ngl:
                 p = simulate("dovetail", hw, w, _acc_for_layers(best[1]), opts=SimOptions(cycles=3000, ngl=ngl))
@@ -221,7 +221,7 @@ def make(name: str, out_dir: Path, recompute: bool = False) -> list[Path]:
     path = RESULTS / ("sim_validation.json" if name == "parity" else f"sim_{name.replace('-', '_')}.json")
     if name == "parity":
         if not path.exists():
-            raise SimulatorInputError(f"{path} does not exist: run `python -m simulator.validate check` first")
+            raise ConfigError(f"{path} does not exist: run `python -m simulator.validate check` first")
     elif recompute or not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(DATA[name](), indent=1) + "\n")
@@ -234,7 +234,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             for p in make(n, Path(args.out_dir), args.recompute):
                 print(f"wrote {p}")
-        except SimulatorInputError as e:
+        except ConfigError as e:
             if args.figure != "all":
                 raise
             print(f"skipped {n}: {e}")

@@ -10,7 +10,6 @@ Timings on a shared machine are noisy: rerun the command rather than trusting on
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,11 @@ ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 
 
 def _jax() -> Any:
-    import importlib
-
     import jax
 
-    importlib.import_module("dovetail_jax.devices")  # asks for two host devices before the backend starts
+    from dovetail_jax import devices
+
+    devices.setup()  # two host devices (the second stands in for the accelerator) before the backend starts
     return jax
 
 
@@ -63,10 +63,21 @@ def measure_gemm(jax: Any, dev: Any, reps: int) -> dict[int, float]:
 
 
 def measure_read_bw(jax: Any, dev: Any, reps: int, mib: int = 512) -> float:
-    """Streaming read bandwidth in B/s: the same measurement `dovetail bench target` reports."""
-    from dovetail_jax.bench.machine import memory_read_bandwidth_gbs
+    """Streaming read bandwidth in B/s: the best of `reps` jitted sums over a float32 array of `mib` MiB (beyond
+    the caches). A read-reduction writes almost nothing, so it times the streaming read that decode is bound by,
+    as `dovetail bench target` does."""
+    import jax.numpy as jnp
 
-    return memory_read_bandwidth_gbs(size_mib=mib, repeats=reps, device=dev) * 1e9
+    with jax.default_device(dev):
+        x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()  # compile and touch every page once
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best
 
 
 def measure_dispatch(jax: Any, dev: Any, reps: int) -> float:
@@ -241,23 +252,36 @@ def measure_ops(model: str, draft_layers: int, top_k: int, reps: int = 5,
             "source": f"measured by dovetail profile-hw --ops at {stamp}, f32, random weights", "ops": rows}
 
 
-def main(args: argparse.Namespace) -> int:
-    reps = 3 if args.quick else 7
+@dataclass(frozen=True)
+class ProfileOptions:
+    """What `dovetail profile-hw` measures and where it writes."""
+
+    out: Path = Path("hw_profile.json")
+    quick: bool = False  # fewer repetitions (noisier)
+    ops: str | None = None  # also time target/draft ops at this model's shapes (synthetic weights)
+    ops_out: Path = Path("op_timings.json")
+    draft_layers: int = 1
+    top_k: int = 10
+
+
+def run(opts: ProfileOptions) -> int:
+    """Measure this machine into a profile JSON (and per-operation timings with `opts.ops`); prints a summary."""
+    reps = 3 if opts.quick else 7
     try:
         prof = measure_profile(reps)
     except SimulatorInputError:
         raise
     except Exception as e:  # a JAX runtime problem is the user's environment, not a simulator bug
         raise SimulatorInputError(f"profile-hw could not measure this machine: {e}") from None
-    Path(args.out).write_text(json.dumps(prof, indent=1) + "\n")
+    Path(opts.out).write_text(json.dumps(prof, indent=1) + "\n")
     c = prof["cpu"]
-    print(f"wrote {args.out}: CPU {c['peak_flops']['value'] / 1e9:.0f} GFLOP/s, {c['mem_bw']['value'] / 1e9:.1f} GB/s, "
+    print(f"wrote {opts.out}: CPU {c['peak_flops']['value'] / 1e9:.0f} GFLOP/s, {c['mem_bw']['value'] / 1e9:.1f} GB/s, "
           f"n_half {c['n_half']['value']:.2f}, dispatch {c['dispatch_s']['value'] * 1e6:.0f} us; link "
           f"{prof['link']['latency_s']['value'] * 1e6:.0f} us + {prof['link']['bandwidth']['value'] / 1e9:.1f} GB/s")
-    if args.ops:
-        ops = measure_ops(args.ops, args.draft_layers, args.top_k, reps=3 if args.quick else 5)
-        Path(args.ops_out).write_text(json.dumps(ops, indent=1) + "\n")
+    if opts.ops:
+        ops = measure_ops(opts.ops, opts.draft_layers, opts.top_k, reps=3 if opts.quick else 5)
+        Path(opts.ops_out).write_text(json.dumps(ops, indent=1) + "\n")
         tf = ops["ops"]["target_forward"]
-        print(f"wrote {args.ops_out}: target forward n=1 {tf[0]['s'] * 1e3:.1f} ms, n={tf[-1]['n']} "
+        print(f"wrote {opts.ops_out}: target forward n=1 {tf[0]['s'] * 1e3:.1f} ms, n={tf[-1]['n']} "
               f"{tf[-1]['s'] * 1e3:.1f} ms (ctx {tf[-1]['ctx']})")
     return 0

@@ -4,23 +4,27 @@ Costs are precomputed per configuration (per context bin and per accepted length
 pre-sampled with numpy, so the event loop only looks numbers up: that is what makes 100k+ cycles/s possible in
 pure Python. On a machine whose "GPU" shares the CPU's cores (`gpu.shares_cpu`), both names map to one resource,
 so draft work adds to verification time exactly as measured there.
+
+`SCHEDULES` is the registry: each schedule registers its runner under its name (in the order the CLI lists and
+`compare` runs them). Importing this module loads neither numpy nor JAX, so the CLI can list the names cheaply.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from simulator.acceptance import MAX_GUESSES, AcceptanceModel, Outcomes
+from dovetail_jax.config import TREE_PRESETS, DraftConfig, TreeConfig
 from simulator.costs import CostModel, MeasuredCosts, RooflineCosts, feature_bytes, tree_bytes
 from simulator.engine import Engine, Process, Resource
-from simulator.errors import DoesNotFitError, SimulatorInputError
+from simulator.errors import ConfigError, DoesNotFitError
 from simulator.hardware import HardwareProfile
-from simulator.workload import EAGLE2_TREE, ID_BYTES, SCHEDULES, SPECULATIVE, DraftShape, Workload, dtype_bytes
+from simulator.workload import ID_BYTES, MAX_GUESSES, Workload, dtype_bytes
+
+if TYPE_CHECKING:  # numpy and the acceptance models load when a schedule runs, not when the CLI lists names
+    from simulator.acceptance import AcceptanceModel
 
 GiB = 2 ** 30
 
@@ -36,11 +40,11 @@ class SimOptions:
 
     def __post_init__(self) -> None:
         if self.cycles < 1:
-            raise SimulatorInputError(f"cycles must be >= 1, got {self.cycles}")
+            raise ConfigError(f"cycles must be >= 1, got {self.cycles}")
         if self.spec_trees < 0 or self.spec_trees > MAX_GUESSES:
-            raise SimulatorInputError(f"spec_trees must be in 0..{MAX_GUESSES}, got {self.spec_trees}")
+            raise ConfigError(f"spec_trees must be in 0..{MAX_GUESSES}, got {self.spec_trees}")
         if self.ctx_bins < 1:
-            raise SimulatorInputError(f"ctx_bins must be >= 1, got {self.ctx_bins}")
+            raise ConfigError(f"ctx_bins must be >= 1, got {self.ctx_bins}")
 
 
 @dataclass
@@ -64,6 +68,59 @@ class Prediction:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+Runner = Callable[[HardwareProfile, Workload, "AcceptanceModel | None", CostModel, SimOptions], Prediction]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One way to run the model on (CPU, GPU, link): its name, its runner, and what it needs."""
+
+    name: str
+    run: Runner
+    speculative: bool = False  # drafts a tree, so it needs an acceptance model
+    draft: DraftConfig | None = None  # a draft of its own that replaces the workload's (EAGLE-2's head) ...
+    tree: TreeConfig | None = None  # ... and the tree it drafts
+
+
+class ScheduleRegistry(Mapping[str, Schedule]):
+    """The schedules by name, in registration order (the order the CLI lists and `compare` runs them)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Schedule] = {}
+
+    def add(self, schedule: Schedule) -> None:
+        if schedule.name in self._by_name:
+            raise ValueError(f"schedule {schedule.name!r} is registered twice")  # a bug, not a user's input
+        self._by_name[schedule.name] = schedule
+
+    def register(self, name: str, **kw: Any) -> Callable[[Runner], Runner]:
+        """Decorator: the function is the runner of schedule `name` (`kw`: the other `Schedule` fields)."""
+
+        def add(run: Runner) -> Runner:
+            self.add(Schedule(name, run, **kw))
+            return run
+
+        return add
+
+    def resolve(self, name: str) -> Schedule:
+        """The schedule called `name`, or a ConfigError that lists the choices."""
+        if name not in self._by_name:
+            raise ConfigError(f"unknown schedule {name!r}; choose from {', '.join(self._by_name)}")
+        return self._by_name[name]
+
+    def __getitem__(self, name: str) -> Schedule:
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+
+SCHEDULES = ScheduleRegistry()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,7 +181,7 @@ def _finish(name: str, ctx: _Ctx, wl: Workload, tokens: int, cycles: int, tau_mo
             host: float, prefill: float, config: dict[str, Any], notes: list[str]) -> Prediction:
     t = ctx.eng.now
     if not (t > 0 and math.isfinite(t) and tokens > 0):
-        raise SimulatorInputError(f"{name}: the simulation produced no time or no tokens (check the cost inputs)")
+        raise ConfigError(f"{name}: the simulation produced no time or no tokens (check the cost inputs)")
     split = {k: v / tokens for k, v in sorted(ctx.eng.split.items()) if v > 0}
     util = ctx.eng.utilisation()
     if ctx.gpu is ctx.cpu:
@@ -154,14 +211,18 @@ def _autoregressive(name: str, hw: HardwareProfile, wl: Workload, opts: SimOptio
     return _finish(name, ctx, wl, wl.new_tokens, wl.new_tokens, 1.0, vram, host, prefill, config, notes)
 
 
-def target_cpu(hw: HardwareProfile, wl: Workload, costs: CostModel, opts: SimOptions) -> Prediction:
+@SCHEDULES.register("target-cpu")
+def target_cpu(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, costs: CostModel, opts: SimOptions
+               ) -> Prediction:
     host = wl.host_bytes()
     _check_fit(hw, "target-cpu", 0.0, host)
     return _autoregressive("target-cpu", hw, wl, opts, lambda c, n: [(c.cpu, costs.target_cpu(1, n), "verify")],
                            0.0, host, costs.target_cpu(wl.prompt_len, 0), {}, [])
 
 
-def gpu_only(hw: HardwareProfile, wl: Workload, costs: CostModel, opts: SimOptions) -> Prediction:
+@SCHEDULES.register("gpu-only")
+def gpu_only(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, costs: CostModel, opts: SimOptions
+             ) -> Prediction:
     m = wl.model
     vram = wl.gpu_target_bytes(m.num_layers) + (0 if m.tie_word_embeddings else m.vocab_size * m.hidden_size *
                                                  dtype_bytes(wl.draft_dtype))
@@ -175,27 +236,9 @@ def gpu_only(hw: HardwareProfile, wl: Workload, costs: CostModel, opts: SimOptio
                            costs.target_gpu(wl.prompt_len, 0, m.num_layers, head=True), {}, [])
 
 
-def partial(hw: HardwareProfile, wl: Workload, costs: CostModel, opts: SimOptions) -> Prediction:
-    m = wl.model
-    ngl = max_gpu_layers(hw, wl) if opts.ngl < 0 else opts.ngl
-    if ngl > m.num_layers:
-        raise SimulatorInputError(f"partial: ngl={ngl} exceeds the model's {m.num_layers} layers")
-    vram, host = wl.gpu_target_bytes(ngl), wl.host_bytes(m.num_layers - ngl)
-    _check_fit(hw, f"partial (ngl={ngl})", vram, host)
-    h = m.hidden_size
-
-    def tok(c: _Ctx, n: int) -> list[tuple[Resource, float, str]]:
-        ops = []
-        if ngl:
-            ops += [(c.link, costs.h2d(ID_BYTES), "transfer"), (c.gpu, costs.target_gpu(1, n, ngl), "gpu_target"),
-                    (c.link, costs.d2h(h * 4), "transfer")]
-        return ops + [(c.cpu, costs.target_cpu(1, n, m.num_layers - ngl, head=True), "verify")]
-
-    pre = costs.target_gpu(wl.prompt_len, 0, ngl) + costs.target_cpu(wl.prompt_len, 0, m.num_layers - ngl)
-    return _autoregressive("partial", hw, wl, opts, tok, vram, host, pre, {"ngl": ngl}, [])
-
-
-def offload(hw: HardwareProfile, wl: Workload, costs: CostModel, opts: SimOptions) -> Prediction:
+@SCHEDULES.register("offload")
+def offload(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, costs: CostModel, opts: SimOptions
+            ) -> Prediction:
     """Whole model on the GPU; layers that do not fit are streamed over the link for every token (2 buffers)."""
     m = wl.model
     db = dtype_bytes(wl.draft_dtype)
@@ -238,6 +281,28 @@ def offload(hw: HardwareProfile, wl: Workload, costs: CostModel, opts: SimOption
                    {"resident_layers": resident, "streamed_layers": streamed}, notes)
 
 
+@SCHEDULES.register("partial")
+def partial(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, costs: CostModel, opts: SimOptions
+            ) -> Prediction:
+    m = wl.model
+    ngl = max_gpu_layers(hw, wl) if opts.ngl < 0 else opts.ngl
+    if ngl > m.num_layers:
+        raise ConfigError(f"partial: ngl={ngl} exceeds the model's {m.num_layers} layers")
+    vram, host = wl.gpu_target_bytes(ngl), wl.host_bytes(m.num_layers - ngl)
+    _check_fit(hw, f"partial (ngl={ngl})", vram, host)
+    h = m.hidden_size
+
+    def tok(c: _Ctx, n: int) -> list[tuple[Resource, float, str]]:
+        ops = []
+        if ngl:
+            ops += [(c.link, costs.h2d(ID_BYTES), "transfer"), (c.gpu, costs.target_gpu(1, n, ngl), "gpu_target"),
+                    (c.link, costs.d2h(h * 4), "transfer")]
+        return ops + [(c.cpu, costs.target_cpu(1, n, m.num_layers - ngl, head=True), "verify")]
+
+    pre = costs.target_gpu(wl.prompt_len, 0, ngl) + costs.target_cpu(wl.prompt_len, 0, m.num_layers - ngl)
+    return _autoregressive("partial", hw, wl, opts, tok, vram, host, pre, {"ngl": ngl}, [])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # speculative schedules
 
@@ -256,13 +321,6 @@ class CycleCosts:
     spec_tree: list[float]  # [b]  pipelined: one speculative tree (1-token stable pass + expansions + heads)
     host: float
     d2h: float
-
-    def mean_cycle(self, p_a: np.ndarray) -> float:
-        """Expected serial cycle time (mid context): the analytic counterpart of the serial simulation."""
-        b = len(self.verify_cpu) // 2
-        per_a = [self.verify_gpu[b] + self.verify_link + self.verify_cpu[b] + self.accept[a] + self.h2d[a]
-                 + self.draft[b][a] + self.host + self.d2h for a in range(len(p_a))]
-        return float(np.dot(p_a, per_a))
 
 
 def cycle_costs(wl: Workload, costs: CostModel, ctxs: list[int], cap: int, ngl: int) -> CycleCosts:
@@ -284,12 +342,17 @@ def cycle_costs(wl: Workload, costs: CostModel, ctxs: list[int], cap: int, ngl: 
     )
 
 
-def _sample(out: Outcomes, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Common random numbers: the same seed gives the same uniforms for every configuration (less noisy sweeps)."""
-    u = np.random.default_rng(seed).random(n)
-    cls = np.searchsorted(out.cdf(), u, side="right")
-    cls = np.minimum(cls, len(out.cls_p) - 1)
-    return out.cls_a[cls], out.cls_rank[cls]
+def _cycle_bins(accepted: list[int], new_tokens: int, inv_step: float, last: int) -> list[int]:
+    """Context bin of each cycle: the context grows by a + 1 per cycle, and a new generation of `new_tokens` starts
+    over at the prompt (the outcomes are sampled up front, so the bins are known before the event loop runs)."""
+    bins, produced = [], 0
+    for a in accepted:
+        b = int(produced * inv_step)
+        bins.append(b if b <= last else last)
+        produced += a + 1
+        if produced >= new_tokens:
+            produced = 0
+    return bins
 
 
 def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceModel, costs: CostModel,
@@ -297,7 +360,7 @@ def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
     m = wl.model
     ngl = max(opts.ngl, 0)
     if ngl > m.num_layers:
-        raise SimulatorInputError(f"{name}: ngl={ngl} exceeds the model's {m.num_layers} layers")
+        raise ConfigError(f"{name}: ngl={ngl} exceeds the model's {m.num_layers} layers")
     vram = wl.draft_vram_bytes() + wl.gpu_target_bytes(ngl)
     host = wl.host_bytes(m.num_layers - ngl)
     _check_fit(hw, name, vram, host)
@@ -307,9 +370,9 @@ def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
     cc = cycle_costs(wl, costs, ctx.ctxs, cap, ngl)
     eng, cpu, gpu, link = ctx.eng, ctx.cpu, ctx.gpu, ctx.link
     n = opts.cycles
-    a_arr, rank_arr = _sample(out, n, opts.seed)
+    a_arr, rank_arr = out.sample(n, opts.seed)
     a_list, rank_list = a_arr.tolist(), rank_arr.tolist()
-    new_tokens, inv_step, nb1 = wl.new_tokens, 1.0 / ctx.step, ctx.nb - 1
+    b_list = _cycle_bins(a_list, wl.new_tokens, 1.0 / ctx.step, ctx.nb - 1)
     notes: list[str] = []
     if pipelined:
         mid = ctx.nb // 2
@@ -322,16 +385,9 @@ def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
                          f"{out.hit_probability(m_spec):.3f}")
     else:
         m_spec = 0
-    tokens = [0]
 
     def serial() -> Process:
-        produced = 0
-        tok = 0
-        for i in range(n):
-            a = a_list[i]
-            b = int(produced * inv_step)
-            if b > nb1:
-                b = nb1
+        for a, b in zip(a_list, b_list, strict=True):
             if ngl:
                 yield eng.use(gpu, cc.verify_gpu[b], "verify_gpu")
                 yield eng.use(link, cc.verify_link, "transfer")
@@ -341,21 +397,10 @@ def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
             yield eng.use(gpu, cc.draft[b][a], "draft")
             yield eng.use(cpu, cc.host, "host")
             yield eng.use(link, cc.d2h, "transfer")
-            tok += a + 1
-            produced += a + 1
-            if produced >= new_tokens:
-                produced = 0
-        tokens[0] = tok
 
     def pipe() -> Process:
-        produced = 0
-        tok = 0
         fix_a = -1  # accepted length whose true features still have to be folded into the draft KV
-        for i in range(n):
-            a, rank = a_list[i], rank_list[i]
-            b = int(produced * inv_step)
-            if b > nb1:
-                b = nb1
+        for a, rank, b in zip(a_list, rank_list, b_list, strict=True):
             if ngl:
                 yield eng.use(gpu, cc.verify_gpu[b], "verify_gpu")
                 yield eng.use(link, cc.verify_link, "transfer")
@@ -383,11 +428,6 @@ def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
                 yield eng.use(cpu, cc.host, "host")
                 yield eng.use(link, cc.d2h, "transfer")
                 fix_a = -1
-            tok += a + 1
-            produced += a + 1
-            if produced >= new_tokens:
-                produced = 0
-        tokens[0] = tok
 
     eng.process(pipe() if pipelined else serial())
     eng.run()
@@ -395,26 +435,27 @@ def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
     prefill = (costs.target_cpu(wl.prompt_len, 0, m.num_layers - ngl) + costs.h2d(feature_bytes(wl, wl.prompt_len))
                + costs.draft_pass(wl.prompt_len, 0) + cc.draft[ctx.nb // 2][0] - costs.draft_pass(1, mid))
     config = {"top_k": wl.tree.top_k, "depth": wl.tree.depth, "total_tokens": wl.tree.total_tokens,
-              "draft_layers": wl.draft_layers, "draft_kind": wl.draft.kind, "draft_vocab": wl.draft_vocab,
+              "draft_layers": wl.draft_layers, "draft_kind": wl.draft.fusion, "draft_vocab": wl.draft_vocab,
               "ngl": ngl, "acceptance": acc.describe()}
     if pipelined:
         config["spec_trees"] = m_spec
-    return _finish(name, ctx, wl, tokens[0], n, out.tau, vram, host, prefill, config, notes)
+    return _finish(name, ctx, wl, sum(a_list) + n, n, out.tau, vram, host, prefill, config, notes)
 
 
-def dovetail(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel, costs: CostModel, opts: SimOptions
-             ) -> Prediction:
-    return _speculative("dovetail", hw, wl, acc, costs, opts, pipelined=False)
+def _add_speculative(name: str, pipelined: bool, **kw: Any) -> None:
+    def run(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, costs: CostModel, opts: SimOptions
+            ) -> Prediction:
+        assert acc is not None  # `simulate` checks it
+        return _speculative(name, hw, wl, acc, costs, opts, pipelined)
+
+    SCHEDULES.add(Schedule(name, run, speculative=True, **kw))
 
 
-def dovetail_pipelined(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel, costs: CostModel, opts: SimOptions
-                       ) -> Prediction:
-    return _speculative("dovetail-pipelined", hw, wl, acc, costs, opts, pipelined=True)
-
-
-def eagle2_workload(wl: Workload) -> Workload:
-    """EAGLE-2's GPU default on Dovetail's placement: 1-layer fc head, full vocabulary, 60-token tree."""
-    return wl.replace(draft=DraftShape(n_layers=1, vocab=None, kind="eagle"), tree=EAGLE2_TREE)
+_add_speculative("dovetail", pipelined=False)
+_add_speculative("dovetail-pipelined", pipelined=True)
+# EAGLE-2's GPU default on Dovetail's placement: 1-layer fc head, full vocabulary, 60-token tree
+_add_speculative("eagle2", pipelined=False, draft=DraftConfig(num_layers=1, fusion="eagle"),
+                 tree=TREE_PRESETS["eagle2"])
 
 
 def make_costs(hw: HardwareProfile, wl: Workload, measured: dict[str, Any] | None = None) -> CostModel:
@@ -434,30 +475,26 @@ def simulate(schedule: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
     """Run one schedule. `measured` is a per-operation timing table (see `costs.MeasuredCosts`);
     `cost_factory(hw, wl)` replaces the cost model entirely (used by calibration)."""
     opts = opts or SimOptions()
-    if schedule not in SCHEDULES:
-        raise SimulatorInputError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
-    if schedule == "eagle2":
-        wl = eagle2_workload(wl)
-        if measured is not None:  # measured draft timings belong to Dovetail's draft, not the EAGLE head
+    sched = SCHEDULES.resolve(schedule)
+    if sched.draft is not None:  # its own draft and tree
+        wl = wl.replace(draft=sched.draft, tree=sched.tree or wl.tree)
+        if measured is not None:  # measured draft timings belong to Dovetail's draft, not this one
             measured = {"ops": {k: v for k, v in measured.get("ops", {}).items()
                                 if k not in ("draft_pass", "draft_head")}}
     costs = cost_factory(hw, wl) if cost_factory else make_costs(hw, wl, measured)
-    if schedule in SPECULATIVE:
-        if acc is None:
-            raise SimulatorInputError(f"{schedule} needs an acceptance model (--tau, --alpha, --rank-probs or --runs)")
-        return _speculative(schedule, hw, wl, acc, costs, opts, pipelined=schedule == "dovetail-pipelined")
-    fn = {"target-cpu": target_cpu, "gpu-only": gpu_only, "partial": partial, "offload": offload}[schedule]
-    return fn(hw, wl, costs, opts)
+    if sched.speculative and acc is None:
+        raise ConfigError(f"{schedule} needs an acceptance model (--tau, --alpha, --rank-probs or --runs)")
+    return sched.run(hw, wl, acc, costs, opts)
 
 
 def compare(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, measured: dict[str, Any] | None = None,
-            opts: SimOptions | None = None, schedules: tuple[str, ...] = SCHEDULES) -> list[Prediction | str]:
+            opts: SimOptions | None = None, schedules: Iterable[str] = SCHEDULES) -> list[Prediction | str]:
     """Every schedule on one machine; a schedule that does not fit yields its one-line reason instead."""
     opts = opts or SimOptions()
     base = simulate("target-cpu", hw, wl, acc, measured, opts)
     out: list[Prediction | str] = []
     for s in schedules:
-        if s in SPECULATIVE and acc is None:
+        if SCHEDULES[s].speculative and acc is None:
             out.append(f"{s}: no acceptance model given")
             continue
         try:

@@ -11,11 +11,12 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
+from dovetail_jax.config import DraftConfig, TreeConfig
 from simulator.acceptance import AcceptanceModel
-from simulator.errors import SimulatorInputError
+from simulator.errors import ConfigError
 from simulator.hardware import HardwareProfile
-from simulator.schedules import SimOptions, simulate
-from simulator.workload import SCHEDULES, DraftShape, TreeShape, Workload
+from simulator.schedules import SCHEDULES, SimOptions, simulate
+from simulator.workload import Workload
 
 GiB = 2 ** 30
 # key -> parser; tree / draft / placement / machine knobs a sweep can vary
@@ -43,15 +44,15 @@ def _values(key: str, text: str) -> list[Any]:
             try:
                 lo, hi, step = int(bits[0]), int(bits[1]), int(bits[2]) if len(bits) > 2 else 1
             except ValueError:
-                raise SimulatorInputError(f"sweep {key}: bad range {part!r} (use a:b or a:b:step)") from None
+                raise ConfigError(f"sweep {key}: bad range {part!r} (use a:b or a:b:step)") from None
             if step <= 0:
-                raise SimulatorInputError(f"sweep {key}: range step must be positive in {part!r}")
+                raise ConfigError(f"sweep {key}: range step must be positive in {part!r}")
             out.extend(range(lo, hi + 1, step))
             continue
         try:
             out.append(conv(part))
         except ValueError:
-            raise SimulatorInputError(f"sweep {key}: {part!r} is not a valid {conv.__name__}") from None
+            raise ConfigError(f"sweep {key}: {part!r} is not a valid {conv.__name__}") from None
     return out
 
 
@@ -60,21 +61,21 @@ def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
     grid: dict[str, list[Any]] = {}
     for item in items:
         if "=" not in item:
-            raise SimulatorInputError(f"sweep item {item!r} must look like key=v1,v2 (keys: {', '.join(GRID_KEYS)})")
+            raise ConfigError(f"sweep item {item!r} must look like key=v1,v2 (keys: {', '.join(GRID_KEYS)})")
         key, text = item.split("=", 1)
         key = key.strip().replace("-", "_")
         if key not in GRID_KEYS:
-            raise SimulatorInputError(f"unknown sweep key {key!r}; known: {', '.join(GRID_KEYS)}")
+            raise ConfigError(f"unknown sweep key {key!r}; known: {', '.join(GRID_KEYS)}")
         vals = _values(key, text)
         if not vals:
-            raise SimulatorInputError(f"sweep key {key!r} has no values: the sweep would be empty")
+            raise ConfigError(f"sweep key {key!r} has no values: the sweep would be empty")
         if key == "schedule":
             bad = [v for v in vals if v not in SCHEDULES]
             if bad:
-                raise SimulatorInputError(f"unknown schedule(s) {bad} in sweep; choose from {', '.join(SCHEDULES)}")
+                raise ConfigError(f"unknown schedule(s) {bad} in sweep; choose from {', '.join(SCHEDULES)}")
         grid[key] = vals
     if not grid:
-        raise SimulatorInputError("empty sweep: give at least one key=v1,v2 item")
+        raise ConfigError("empty sweep: give at least one key=v1,v2 item")
     return grid
 
 
@@ -82,7 +83,7 @@ def expand(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     keys = list(grid)
     combos = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(grid[k] for k in keys))]
     if not combos:
-        raise SimulatorInputError("empty sweep: the grid has no configurations")
+        raise ConfigError("empty sweep: the grid has no configurations")
     return combos
 
 
@@ -90,9 +91,10 @@ def apply_point(hw: HardwareProfile, wl: Workload, opts: SimOptions, point: dict
                 ) -> tuple[HardwareProfile, Workload, SimOptions, str]:
     """The (machine, workload, options, schedule) of one grid point."""
     tr, dr = wl.tree, wl.draft
-    tree = TreeShape(point.get("top_k", tr.top_k), point.get("depth", tr.depth),
-                     point.get("total_tokens", tr.total_tokens))
-    draft = DraftShape(point.get("draft_layers", dr.n_layers), point.get("draft_vocab", dr.vocab), dr.kind)
+    tree = TreeConfig(point.get("top_k", tr.top_k), point.get("depth", tr.depth),
+                      point.get("total_tokens", tr.total_tokens))
+    draft = DraftConfig(num_layers=point.get("draft_layers", dr.num_layers), fusion=dr.fusion,
+                        draft_vocab_size=point.get("draft_vocab", dr.draft_vocab_size))
     wl = wl.replace(tree=tree, draft=draft, prompt_len=point.get("prompt_len", wl.prompt_len),
                     new_tokens=point.get("new_tokens", wl.new_tokens))
     if "pcie_gen" in point or "lanes" in point:
@@ -117,11 +119,11 @@ def sweep(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, grid: 
         row: dict[str, Any] = dict(point)
         try:
             h, w, o, sched = apply_point(hw, wl, opts, point, schedule)
-            key = (h.cpu, w.prompt_len, w.new_tokens, w.target_dtype)
+            key = (h.cpu, w.prompt_len, w.new_tokens, w.target_dtype, w.cpu_engine)
             if key not in base_cache:
                 base_cache[key] = simulate("target-cpu", h, w, None, measured, o).tokens_per_s
             p = simulate(sched, h, w, acc, measured, o)
-        except SimulatorInputError as e:
+        except ConfigError as e:
             row.update(feasible=False, reason=str(e))
             rows.append(row)
             continue
@@ -135,17 +137,39 @@ def sweep(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, grid: 
 def tune(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel, vram_budget_gb: float | None = None,
          grid: dict[str, list[Any]] | None = None, opts: SimOptions | None = None,
          measured: dict[str, Any] | None = None, top: int = 5) -> dict[str, Any]:
-    """Best configuration (highest simulated tokens/s) among the grid points that fit the VRAM budget."""
+    """Best configuration (highest simulated tokens/s) among the grid points that fit the VRAM budget.
+
+    A model that ignores tree width (`--tau`, `--alpha`) cannot rank top_k or total_tokens: every wider tree only
+    costs more, so the grid is narrowed to chains (top_k 1, total_tokens depth + 2) over the depths, which is all
+    such a model determines; a user grid that varies the width is refused.
+    """
     if vram_budget_gb is not None:
         hw = hw.with_vram(vram_budget_gb * GiB)
+    notes = []
+    if not acc.tree_aware:
+        width = [k for k in ("top_k", "total_tokens") if grid is not None and len(grid.get(k, [])) > 1]
+        if width:
+            raise ConfigError(f"the acceptance model ({acc.describe()}) ignores tree width, so it cannot rank "
+                              f"{' and '.join(width)}: use --acceptance-profile or --rank-probs, or drop them from "
+                              "the grid")
+        if grid is None:
+            grid = {k: v for k, v in DEFAULT_TUNE_GRID.items() if k not in ("top_k", "total_tokens")}
+            notes.append(f"the acceptance model ({acc.describe()}) ignores tree width: tuned the depth of chains "
+                         "only (top_k 1, total_tokens = depth + 2); pass --acceptance-profile for tree shapes")
+            rows = []
+            for d in grid["depth"]:
+                rows += sweep(hw, wl, acc, {**grid, "depth": [d], "top_k": [1], "total_tokens": [d + 2]}, opts=opts,
+                              measured=measured)
+            return _best(rows, acc, hw, top, notes)
     rows = sweep(hw, wl, acc, grid or DEFAULT_TUNE_GRID, opts=opts, measured=measured)
+    return _best(rows, acc, hw, top, notes)
+
+
+def _best(rows: list[dict[str, Any]], acc: AcceptanceModel, hw: HardwareProfile, top: int, notes: list[str]
+          ) -> dict[str, Any]:
     ok = sorted((r for r in rows if r["feasible"]), key=lambda r: -r["tokens_per_s"])
     if not ok:
         reasons = sorted({r["reason"] for r in rows})
-        raise SimulatorInputError("no configuration of the grid fits: " + "; ".join(reasons[:3]))
-    notes = []
-    if not acc.tree_aware:
-        notes.append(f"the acceptance model ({acc.describe()}) ignores tree width, so the tuner cannot see what a "
-                     "wider tree buys: pass --rank-probs or --runs for a tree-aware model")
+        raise ConfigError("no configuration of the grid fits: " + "; ".join(reasons[:3]))
     return {"best": ok[0], "top": ok[:top], "evaluated": len(rows), "feasible": len(ok), "notes": notes,
-            "vram_budget_gib": hw.gpu.mem_bytes / GiB}
+            "acceptance": acc.describe(), "vram_budget_gib": hw.gpu.mem_bytes / GiB}

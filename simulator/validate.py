@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from dovetail_jax.config import ModelConfig
+from dovetail_jax.config import DraftConfig, ModelConfig
+from dovetail_jax.plan import cache_slots
 from simulator.acceptance import AcceptanceModel, RunsAcceptance, parse_run
 from simulator.costs import CostModel, ScaledCosts, feature_bytes, tree_bytes
-from simulator.errors import SimulatorInputError
+from simulator.errors import ConfigError
 from simulator.hardware import HardwareProfile, load_profile
 from simulator.schedules import SimOptions, make_costs, simulate
-from simulator.workload import DraftShape, TreeShape, Workload, resolve_model
+from simulator.workload import PAPER_TREE, Workload, resolve_model
 
 RESULTS = Path(__file__).resolve().parent.parent / "analysis" / "results"
 GOAL_MEDIAN, GOAL_MAX = 0.10, 0.20
@@ -65,9 +66,8 @@ DEFAULT_CALIBRATION = ("t-fib-64", "dt-r1-k4-d3-t8", "dt-self-k4-d3-t8")
 
 
 def kv_slots(prompt: int, new: int, tree: int, limit: int) -> int:
-    """Cache slots our decoding loop preallocates (mirrors dovetail_jax.decode.target_only.plan_sizes)."""
-    need = prompt + new + tree
-    return min(max(128, 1 << max(0, (need - 1).bit_length())), limit)
+    """Cache slots our decoding loop preallocates for prompt + new + tree tokens (`dovetail_jax.plan`)."""
+    return cache_slots(prompt + new + tree, limit)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,11 +117,11 @@ def _is_dovetail(run: dict[str, Any]) -> bool:
     return str(run.get("mode", "target")).startswith("dovetail")
 
 
-def run_workload(run: dict[str, Any], model: ModelConfig) -> Workload:
+def run_workload(run: dict[str, Any], model: ModelConfig, cpu_engine: str | None = None) -> Workload:
     """The workload a run executed (our loop: f32 target, f32 draft on the second host device)."""
     prompt, new = int(run["prompt_tokens"]), int(run["new_tokens"])
     stats = parse_run(run, run.get("name", "run")) if _is_dovetail(run) else None
-    tree = stats.tree if stats is not None and stats.tree is not None else TreeShape()
+    tree = stats.tree if stats is not None and stats.tree is not None else PAPER_TREE
     layers = stats.draft_layers if stats is not None and stats.draft_layers else 1
     slots = int(run.get("cache_slots") or kv_slots(prompt, new, tree.total_tokens if stats else 0,
                                                    model.max_position_embeddings))
@@ -129,7 +129,8 @@ def run_workload(run: dict[str, Any], model: ModelConfig) -> Workload:
     vocab = d.get("vocab")
     vocab = int(vocab) if vocab and int(vocab) != model.vocab_size else None
     kind = d.get("fusion", "dgf") if d.get("fusion") in ("dgf", "eagle", "none") else "dgf"
-    return Workload(model, DraftShape(layers, vocab, kind), tree, "f32", "f32", prompt, new, kv_slots=slots)
+    draft = DraftConfig(num_layers=layers, fusion=kind, draft_vocab_size=vocab)
+    return Workload(model, draft, tree, "f32", "f32", prompt, new, kv_slots=slots, cpu_engine=cpu_engine)
 
 
 def _phase(run: dict[str, Any], name: str) -> float:
@@ -138,12 +139,13 @@ def _phase(run: dict[str, Any], name: str) -> float:
 
 
 def calibrate(cal_runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelConfig,
-              measured: dict[str, Any] | None) -> tuple[dict[str, Any], AcceptanceModel | None]:
+              measured: dict[str, Any] | None, cpu_engine: str | None = None
+              ) -> tuple[dict[str, Any], AcceptanceModel | None]:
     """Calibration factors (measured / predicted per phase) and the acceptance model from calibration runs."""
     target_pts: dict[int, list[float]] = {}
     draft, host, transfer = [], [], []
     for r in cal_runs:
-        wl = run_workload(r, model)
+        wl = run_workload(r, model, cpu_engine)
         base = make_costs(hw, wl, measured)
         span = wl.kv_slots or wl.prompt_len
         if not _is_dovetail(r):
@@ -175,7 +177,8 @@ def calibrate(cal_runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelC
 
 
 def check(runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelConfig, measured: dict[str, Any] | None,
-          calibration: list[str], cycles: int = 4000, acceptance: str = "own") -> dict[str, Any]:
+          calibration: list[str], cycles: int = 4000, acceptance: str = "own", cpu_engine: str | None = None
+          ) -> dict[str, Any]:
     """Calibrate costs on the `calibration` runs and predict the others' tokens/s.
 
     `acceptance`: "own" feeds each held-out run's own accept histogram to the simulator (the question is then
@@ -183,20 +186,20 @@ def check(runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelConfig, m
     "calibration" pools the calibration runs' histograms (right only when the drafts and trees match).
     """
     if acceptance not in ("own", "calibration"):
-        raise SimulatorInputError(f"acceptance must be 'own' or 'calibration', got {acceptance!r}")
+        raise ConfigError(f"acceptance must be 'own' or 'calibration', got {acceptance!r}")
     names = [r.get("name", f"run{i}") for i, r in enumerate(runs)]
     for i, r in enumerate(runs):
         r.setdefault("name", names[i])
     unknown = set(calibration) - set(names)
     if unknown:
-        raise SimulatorInputError(f"calibration runs {sorted(unknown)} are not in the runs file ({', '.join(names)})")
+        raise ConfigError(f"calibration runs {sorted(unknown)} are not in the runs file ({', '.join(names)})")
     cal = [r for r in runs if r["name"] in calibration]
     held = [r for r in runs if r["name"] not in calibration]
     if not cal:
-        raise SimulatorInputError("no calibration run: name at least one with --calibrate")
+        raise ConfigError("no calibration run: name at least one with --calibrate")
     if not held:
-        raise SimulatorInputError("every run is used for calibration: nothing is left to validate")
-    factors, acc = calibrate(cal, hw, model, measured)
+        raise ConfigError("every run is used for calibration: nothing is left to validate")
+    factors, acc = calibrate(cal, hw, model, measured, cpu_engine)
 
     def factory(h: HardwareProfile, w: Workload) -> CostModel:
         # the runs' "host" phase holds the accept step and the tree bookkeeping: one factor for both
@@ -205,12 +208,12 @@ def check(runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelConfig, m
 
     rows = []
     for r in held:
-        wl = run_workload(r, model)
+        wl = run_workload(r, model, cpu_engine)
         if _is_dovetail(r):
             acc_r = RunsAcceptance([parse_run(r, r["name"])]) if acceptance == "own" else acc
             if acc_r is None:
-                raise SimulatorInputError(f"{r['name']} is a dovetail run but no dovetail run was used for "
-                                          f"calibration, so there is no acceptance model")
+                raise ConfigError(f"{r['name']} is a dovetail run but no dovetail run was used for "
+                                  f"calibration, so there is no acceptance model")
             p = simulate("dovetail", hw, wl, acc_r, opts=SimOptions(cycles=cycles), cost_factory=factory)
         else:
             p = simulate("target-cpu", hw, wl, opts=SimOptions(), cost_factory=factory)
@@ -222,7 +225,7 @@ def check(runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelConfig, m
                      "measured_tokens_per_s": meas, "error": p.tokens_per_s / meas - 1})
     errs = [abs(x["error"]) for x in rows]
     summary = {"profile": hw.name, "model": model.name, "calibration": calibration, "validated": len(rows),
-               "acceptance": acceptance,
+               "acceptance": acceptance, "cpu_engine": cpu_engine or "profile",
                "median_abs_error": statistics.median(errs), "max_abs_error": max(errs),
                "goal": {"median": GOAL_MEDIAN, "max": GOAL_MAX},
                "meets_goal": statistics.median(errs) <= GOAL_MEDIAN and max(errs) <= GOAL_MAX,
@@ -249,26 +252,82 @@ def _load_runs_file(path: str | Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SimulatorInputError(f"cannot read runs {str(path)!r}: {e}") from None
+        raise ConfigError(f"cannot read runs {str(path)!r}: {e}") from None
     runs = data["runs"] if isinstance(data, dict) and "runs" in data else data
     if not isinstance(runs, list) or not runs:
-        raise SimulatorInputError(f"{path}: expected a non-empty list of runs")
+        raise ConfigError(f"{path}: expected a non-empty list of runs")
     return runs
 
 
 def validate_file(path: str | Path, hw: HardwareProfile, model: ModelConfig, measured: dict[str, Any] | None,
                   calibrate: str | None = None, out: str | Path | None = None,
-                  acceptance: str = "own") -> dict[str, Any]:
+                  acceptance: str = "own", cpu_engine: str | None = None) -> dict[str, Any]:
     """`dovetail simulate --validate RUNS`: check, write JSON, and return the report with its text."""
     runs = _load_runs_file(path)
     names = {r.get("name") for r in runs}
     cal = calibrate.split(",") if calibrate else [n for n in DEFAULT_CALIBRATION if n in names]
-    rep = check(runs, hw, model, measured, cal, acceptance=acceptance)
+    rep = check(runs, hw, model, measured, cal, acceptance=acceptance, cpu_engine=cpu_engine)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(rep, indent=1) + "\n")
     rep["text"] = format_report(rep)
     return rep
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# engines: the same machine, three engines (--cpu-engine), target-only decode
+
+
+def engine_rows(results: Path = RESULTS) -> list[dict[str, Any]]:
+    """Measured target-only decode tok/s per engine on this machine (bench_target.json, bench_dovetail.json).
+
+    The engines' parameters (simulator/data/cpu_engines.json, analysis/fit_cpu_engines.py) used bench_target's
+    decode rates ("calibration" rows here); bench_dovetail's decode rates on chat prompts were not used
+    ("held-out")."""
+    rows: list[dict[str, Any]] = []
+    bt = json.loads((results / "bench_target.json").read_text())
+    prompt, new = int(bt["prompt"]["tokens"]), int(bt["max_new_tokens"])
+    for key, engine in (("hf_transformers", "hf-torch"), ("dovetail_jax", "dovetail-jax"),
+                        ("llama_cpp_f32", "llama.cpp")):
+        e = bt["engines"].get(key)
+        if e and e.get("decode_tok_s"):
+            rows.append({"name": f"target-{engine}-fib", "engine": engine, "prompt_tokens": prompt,
+                         "new_tokens": new, "measured_tokens_per_s": float(e["decode_tok_s"]),
+                         "cache_slots": e.get("cache_slots"), "source": "bench_target.json",
+                         "split": "calibration"})
+    bd = json.loads((results / "bench_dovetail.json").read_text())
+    for ds, res in bd["results"].items():
+        ps = bd["prompts"][ds]
+        prompt = round(statistics.mean(p["prompt_tokens"] for p in ps))
+        new = round(statistics.mean(p["target"]["tokens"] for p in ps))
+        for key, engine in (("target", "dovetail-jax"), ("llama_cpp_f32", "llama.cpp")):
+            if key in res:
+                rows.append({"name": f"target-{engine}-{ds}", "engine": engine, "prompt_tokens": prompt,
+                             "new_tokens": new, "measured_tokens_per_s": float(res[key]["decode_tok_s"]),
+                             "cache_slots": None, "source": f"bench_dovetail.json ({ds}, 12 prompts, chat)",
+                             "split": "held-out"})
+    return rows
+
+
+def check_engines(hw: HardwareProfile, model: ModelConfig, results: Path = RESULTS) -> dict[str, Any]:
+    """Predict each engine's measured target-only decode from the profile + `--cpu-engine` (no calibration)."""
+    out = []
+    for r in engine_rows(results):
+        slots = None
+        if r["engine"] == "dovetail-jax":  # our loop attends over its whole preallocated cache
+            slots = r["cache_slots"] or kv_slots(r["prompt_tokens"], r["new_tokens"], 0,
+                                                 model.max_position_embeddings)
+        wl = Workload(model, prompt_len=r["prompt_tokens"], new_tokens=r["new_tokens"], kv_slots=slots,
+                      cpu_engine=r["engine"])
+        p = simulate("target-cpu", hw, wl, opts=SimOptions())
+        out.append({**r, "predicted_tokens_per_s": p.tokens_per_s,
+                    "error": p.tokens_per_s / r["measured_tokens_per_s"] - 1})
+    errs = [abs(x["error"]) for x in out if x["split"] == "held-out"]
+    summary = {"profile": hw.name, "model": model.name, "rows": len(out), "held_out": len(errs),
+               "median_abs_error": statistics.median(errs),
+               "max_abs_error": max(errs), "goal": {"median": GOAL_MEDIAN, "max": GOAL_MAX},
+               "meets_goal": statistics.median(errs) <= GOAL_MEDIAN and max(errs) <= GOAL_MAX}
+    return {"summary": summary, "rows": out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,11 +347,29 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--measured", help="op timings JSON from profile-hw --ops")
     k.add_argument("--calibrate", help=f"comma-separated run names (default: {','.join(DEFAULT_CALIBRATION)})")
     k.add_argument("--out", default=str(RESULTS / "sim_validation.json"))
+    k.add_argument("--cpu-engine", default="profile",
+                   help="cost the target with this engine (simulator/data/cpu_engines.json) instead of the "
+                        "profile's own efficiencies (default: profile, i.e. a profile-hw measurement)")
     k.add_argument("--acceptance", choices=("own", "calibration"), default="own",
                    help="own: each held-out run's measured accept histogram drives its prediction (default); "
                         "calibration: the calibration runs' pooled histograms")
+    e = sub.add_parser("engines", help="predict HF, llama.cpp and our target-only decode via --cpu-engine")
+    e.add_argument("--profile", default="host-2core-shared")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--out", default=str(RESULTS / "sim_validation_engines.json"))
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "engines":
+            rep = check_engines(load_profile(args.profile), resolve_model(args.model))
+            Path(args.out).write_text(json.dumps(rep, indent=1) + "\n")
+            for r in rep["rows"]:
+                print(f"{r['name']:<30} {r['engine']:<13} {r['split']:<11} predicted {r['predicted_tokens_per_s']:7.2f}"
+                      f" measured {r['measured_tokens_per_s']:7.2f} error {r['error']:+7.1%}")
+            s = rep["summary"]
+            print(f"held-out ({s['held_out']} rows): median |error| {s['median_abs_error']:.1%}, max "
+                  f"{s['max_abs_error']:.1%} "
+                  f"(goal {GOAL_MEDIAN:.0%} / {GOAL_MAX:.0%}: {'met' if s['meets_goal'] else 'NOT met'})")
+            return 0
         if args.cmd == "collect":
             configs = json.loads(Path(args.configs).read_text()) if args.configs else DEFAULT_CONFIGS
             if args.only:
@@ -302,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         measured = json.loads(Path(args.measured).read_text()) if args.measured else None
         rep = validate_file(args.runs, load_profile(args.profile), resolve_model(args.model), measured,
-                            args.calibrate, args.out, args.acceptance)
+                            args.calibrate, args.out, args.acceptance,
+                            None if args.cpu_engine == "profile" else args.cpu_engine)
         print(rep["text"])
         return 0
     except DovetailError as e:

@@ -1,4 +1,5 @@
-"""What is being run: target model shapes (from `dovetail_jax.config`), draft, tree, dtypes, and memory footprints.
+"""What is being run: target model, draft and tree (the library's `dovetail_jax.config` classes, with their rules),
+dtypes, and memory footprints.
 
 Kept apart from costs so that memory checks ("does it fit the VRAM budget?") and cost predictors share one
 source of bytes and parameter counts.
@@ -8,18 +9,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from dovetail_jax.config import KNOWN_MODELS, ModelConfig
-from simulator.errors import SimulatorInputError
+from dovetail_jax.config import KNOWN_MODELS, TREE_PRESETS, DraftConfig, ModelConfig, TreeConfig
+from simulator.engines import CpuEngine, resolve_engine
+from simulator.errors import ConfigError
 
-SCHEDULES = ("target-cpu", "gpu-only", "offload", "partial", "dovetail", "dovetail-pipelined", "eagle2")
-SPECULATIVE = ("dovetail", "dovetail-pipelined", "eagle2")
-DTYPE_BYTES: dict[str, float] = {"f32": 4.0, "bf16": 2.0, "f16": 2.0, "int8": 1.0, "q4": 0.5625}
+# bytes per weight; GGUF block formats carry their scales: Q8_0 = 34 B / 32 weights, Q4_0 = 18 B / 32, Q4_K = 144 B /
+# 256; Q4_K_M mixes Q4_K and Q6_K tensors: llama.cpp lists LLaMA 7B Q4_K_M as 3.80 GiB for 6.74 B weights
+DTYPE_BYTES: dict[str, float] = {"f32": 4.0, "bf16": 2.0, "f16": 2.0, "int8": 1.0, "q4": 0.5625, "q8_0": 34 / 32,
+                                 "q5_0": 22 / 32, "q4_0": 18 / 32, "q4_k": 144 / 256, "q4_k_m": 3.80 * 2 ** 30 / 6.74e9}
 ID_BYTES = 4  # token ids / parents cross the boundary as int32
+MAX_GUESSES = 16  # speculative next trees the pipelined schedule may draft per cycle (acceptance ranks as many)
+# the simulator's default tree is the paper's server setting (10/7/16), not the library's 4/3/6, which is tuned
+# for this 2-core host: the simulator mostly answers questions about the paper's machines
+PAPER_TREE: TreeConfig = TREE_PRESETS["server"]
 
 
 def dtype_bytes(name: str) -> float:
     if name not in DTYPE_BYTES:
-        raise SimulatorInputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_BYTES)}")
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_BYTES)}")
     return DTYPE_BYTES[name]
 
 
@@ -27,82 +34,48 @@ def resolve_model(name: str) -> ModelConfig:
     """A public config by name (see `dovetail_jax.config.KNOWN_MODELS`)."""
     key = name.lower()
     if key not in KNOWN_MODELS:
-        raise SimulatorInputError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
     return KNOWN_MODELS[key]
-
-
-@dataclass(frozen=True)
-class DraftShape:
-    """Dovetail draft (DGF fusion + n_layers decoder layers) or EAGLE head (fc 2H->H + 1 layer), target width."""
-
-    n_layers: int = 1
-    vocab: int | None = None  # reduced draft-head vocabulary V'; None = target vocabulary
-    kind: str = "dgf"  # "dgf" | "eagle" | "none" (a standalone LLaMA draft: no fusion)
-
-    def __post_init__(self) -> None:
-        if self.n_layers < 1:
-            raise SimulatorInputError(f"draft layers must be >= 1, got {self.n_layers}")
-        if self.vocab is not None and self.vocab < 1:
-            raise SimulatorInputError(f"draft vocabulary must be >= 1, got {self.vocab}")
-        if self.kind not in ("dgf", "eagle", "none"):
-            raise SimulatorInputError(f"draft kind must be 'dgf', 'eagle' or 'none', got {self.kind!r}")
-
-
-@dataclass(frozen=True)
-class TreeShape:
-    """EAGLE-2 dynamic tree: top_k branching, depth expansion steps, total_tokens verified (root included)."""
-
-    top_k: int = 10
-    depth: int = 7
-    total_tokens: int = 16
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1 or self.depth < 1 or self.total_tokens < 2:
-            raise SimulatorInputError(f"tree needs top_k >= 1, depth >= 1, total_tokens >= 2; got top_k={self.top_k}, "
-                                      f"depth={self.depth}, total_tokens={self.total_tokens}")
-        if self.total_tokens - 1 > self.top_k + self.depth * self.top_k ** 2:
-            raise SimulatorInputError(f"total_tokens={self.total_tokens} exceeds the candidate pool "
-                                      f"{1 + self.top_k + self.depth * self.top_k ** 2} of top_k={self.top_k}, "
-                                      f"depth={self.depth}")
-
-    @property
-    def nodes(self) -> int:
-        return self.total_tokens - 1
-
-    @property
-    def max_accept(self) -> int:
-        """Deepest acceptable path: depth+1 levels below the root, and no more than the draft nodes."""
-        return min(self.depth + 1, self.nodes)
-
-
-EAGLE2_TREE = TreeShape(top_k=10, depth=5, total_tokens=60)
 
 
 @dataclass(frozen=True)
 class Workload:
     model: ModelConfig
-    draft: DraftShape = DraftShape()
-    tree: TreeShape = TreeShape()
+    draft: DraftConfig = DraftConfig()  # the draft's layers take the target's shapes
+    tree: TreeConfig = PAPER_TREE
     target_dtype: str = "f32"  # on the CPU
     draft_dtype: str = "f16"  # on the GPU (also the dtype of target layers placed on the GPU)
     prompt_len: int = 128
     new_tokens: int = 256
     kv_slots: int | None = None  # attention span of an implementation that attends over a preallocated cache
+    cpu_engine: str | None = None  # what runs the target on the CPU (simulator.engines); None = the profile's own
 
     def __post_init__(self) -> None:
         dtype_bytes(self.target_dtype)
         dtype_bytes(self.draft_dtype)
+        eng = self.engine
+        if eng is not None:
+            eng.path(self.target_dtype)  # refuses a dtype the engine has no real path for
         if self.prompt_len < 1 or self.new_tokens < 1:
-            raise SimulatorInputError(f"prompt_len and new_tokens must be >= 1, got {self.prompt_len}, "
-                                      f"{self.new_tokens}")
+            raise ConfigError(f"prompt_len and new_tokens must be >= 1, got {self.prompt_len}, "
+                              f"{self.new_tokens}")
         if self.kv_slots is not None and self.kv_slots < 1:
-            raise SimulatorInputError(f"kv_slots must be >= 1, got {self.kv_slots}")
+            raise ConfigError(f"kv_slots must be >= 1, got {self.kv_slots}")
         if self.max_ctx > self.model.max_position_embeddings:
-            raise SimulatorInputError(f"prompt_len + new_tokens + tree ({self.max_ctx}) exceeds the model's "
-                                      f"{self.model.max_position_embeddings} positions")
+            raise ConfigError(f"prompt_len + new_tokens + tree ({self.max_ctx}) exceeds the model's "
+                              f"{self.model.max_position_embeddings} positions")
 
     def replace(self, **kw: object) -> Workload:
         return replace(self, **kw)  # type: ignore[arg-type]
+
+    @property
+    def engine(self) -> CpuEngine | None:
+        return resolve_engine(self.cpu_engine)
+
+    def target_bytes_per_weight(self) -> float:
+        """Bytes per target weight as the engine stores it (its dtype path), else the dtype's nominal size."""
+        eng = self.engine
+        return eng.path(self.target_dtype).bytes_per_weight if eng else dtype_bytes(self.target_dtype)
 
     @property
     def max_ctx(self) -> int:
@@ -110,17 +83,17 @@ class Workload:
 
     @property
     def draft_vocab(self) -> int:
-        return self.draft.vocab or self.model.vocab_size
+        return self.draft.draft_vocab_size or self.model.vocab_size
 
     # ---- parameter counts -------------------------------------------------------------------------------
     @property
     def fusion_params(self) -> int:
         h = self.model.hidden_size
-        return {"dgf": 4 * h * h, "eagle": 2 * h * h + h, "none": 0}[self.draft.kind]
+        return {"dgf": 4 * h * h, "eagle": 2 * h * h + h, "none": 0}[self.draft.fusion]
 
     @property
     def draft_layers(self) -> int:
-        return self.draft.n_layers
+        return self.draft.num_layers
 
     def draft_params(self) -> int:
         """Fusion + layers + embedding copy + head copy (one copy when the target ties them and V' = V)."""
@@ -132,12 +105,14 @@ class Workload:
 
     # ---- bytes ---------------------------------------------------------------------------------------------
     def target_weight_bytes(self, layers: int | None = None, with_embed_head: bool = True) -> float:
+        """Target weights in the target dtype: `layers` decoder layers (default all), plus embedding, head and
+        final norm."""
         m = self.model
         nl = m.num_layers if layers is None else layers
         b = nl * m.layer_params
         if with_embed_head:
             b += m.num_params - m.num_layers * m.layer_params
-        return b * dtype_bytes(self.target_dtype)
+        return b * self.target_bytes_per_weight()
 
     def draft_vram_bytes(self) -> float:
         """Draft weights + its KV for the longest context + tree-expansion workspace (logits of k rows)."""
@@ -158,8 +133,4 @@ class Workload:
         """Target weights kept on the CPU + their fp32-or-target-dtype KV cache."""
         m = self.model
         nl = m.num_layers if cpu_layers is None else cpu_layers
-        tb = dtype_bytes(self.target_dtype)
-        w = nl * m.layer_params * tb
-        if with_head:
-            w += (m.num_params - m.num_layers * m.layer_params) * tb
-        return w + 2 * nl * m.kv_size * 4 * self.max_ctx
+        return self.target_weight_bytes(nl, with_head) + 2 * nl * m.kv_size * 4 * self.max_ctx

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dovetail_jax.config import SMOLLM2_135M
+from dovetail_jax.config import SMOLLM2_135M, DraftConfig, TreeConfig
 from simulator.acceptance import (
     ChainAcceptance,
     PositionalAcceptance,
@@ -20,15 +20,15 @@ from simulator.acceptance import (
     load_runs,
     parse_run,
 )
-from simulator.errors import SimulatorInputError
+from simulator.errors import ConfigError
 from simulator.hardware import load_profile
 from simulator.schedules import SimOptions, simulate
-from simulator.workload import DraftShape, TreeShape, Workload
+from simulator.workload import Workload
 
 
-def chain_tree(gamma: int) -> TreeShape:
+def chain_tree(gamma: int) -> TreeConfig:
     """A chain of gamma drafts: top_k 1, gamma levels below the root."""
-    return TreeShape(1, max(gamma - 1, 1), gamma + 1)
+    return TreeConfig(1, max(gamma - 1, 1), gamma + 1)
 
 
 @given(alpha=st.floats(0.0, 0.99), gamma=st.integers(1, 9))
@@ -43,13 +43,13 @@ def test_chain_closed_form(alpha: float, gamma: int) -> None:
 @given(tau=st.floats(1.0, 7.9))
 @settings(max_examples=30, deadline=None)
 def test_tau_model_reproduces_tau(tau: float) -> None:
-    out = TauAcceptance(tau).outcomes(TreeShape(10, 7, 16))
+    out = TauAcceptance(tau).outcomes(TreeConfig(10, 7, 16))
     assert out.tau == pytest.approx(tau, abs=1e-6)
     assert out.p_a.min() >= 0 and out.p_a.sum() == pytest.approx(1.0)
 
 
 def test_per_depth_rates() -> None:
-    out = ChainAcceptance([0.8, 0.5]).outcomes(TreeShape(4, 3, 8))  # cap 4, the last rate repeats
+    out = ChainAcceptance([0.8, 0.5]).outcomes(TreeConfig(4, 3, 8))  # cap 4, the last rate repeats
     ge = [1, 0.8, 0.4, 0.2, 0.1]
     assert out.tau == pytest.approx(sum(ge))
     assert out.p_a == pytest.approx([0.2, 0.4, 0.2, 0.1, 0.1])
@@ -57,19 +57,19 @@ def test_per_depth_rates() -> None:
 
 def test_positional_tree_is_eagle2_shaped() -> None:
     acc = PositionalAcceptance([0.6, 0.2, 0.1], 0.9)
-    s, depth, parent, _ = acc.tree_nodes(TreeShape(10, 5, 30))
+    s, depth, parent, _ = acc.tree_nodes(TreeConfig(10, 5, 30))
     assert len(s) == 29
     for i, p in enumerate(parent):
         if p >= 0:
             assert p < i and depth[i] == depth[p] + 1 and s[i] <= s[p]
         else:
             assert depth[i] == 1
-    taus = [acc.outcomes(TreeShape(10, 5, t)).tau for t in (2, 4, 8, 16, 32, 60)]
+    taus = [acc.outcomes(TreeConfig(10, 5, t)).tau for t in (2, 4, 8, 16, 32, 60)]
     assert all(b >= a for a, b in zip(taus, taus[1:], strict=False))  # a bigger tree never accepts less
 
 
 def test_hit_probabilities_are_consistent() -> None:
-    out = PositionalAcceptance([0.6, 0.2, 0.1], 0.9).outcomes(TreeShape(4, 3, 8))
+    out = PositionalAcceptance([0.6, 0.2, 0.1], 0.9).outcomes(TreeConfig(4, 3, 8))
     assert out.cls_p.sum() == pytest.approx(1.0)
     for a in range(out.cap + 1):
         assert out.cls_p[out.cls_a == a].sum() == pytest.approx(out.p_a[a])
@@ -79,7 +79,7 @@ def test_hit_probabilities_are_consistent() -> None:
 
 def test_simulated_tau_converges_to_analytic() -> None:
     acc = PositionalAcceptance([0.55, 0.2, 0.1, 0.05], 0.95)
-    wl = Workload(SMOLLM2_135M, DraftShape(1), TreeShape(4, 4, 10), draft_dtype="f32")
+    wl = Workload(SMOLLM2_135M, DraftConfig(1), TreeConfig(4, 4, 10), draft_dtype="f32")
     out = acc.outcomes(wl.tree)
     n = 40_000
     p = simulate("dovetail", load_profile("host-2core-shared"), wl, acc, opts=SimOptions(cycles=n, seed=3))
@@ -90,16 +90,16 @@ def test_simulated_tau_converges_to_analytic() -> None:
 
 @pytest.mark.parametrize("bad", [[-0.1], [1.2], [float("nan")], []])
 def test_rates_outside_unit_interval(bad: list[float]) -> None:
-    with pytest.raises(SimulatorInputError):
+    with pytest.raises(ConfigError):
         ChainAcceptance(bad)
 
 
 def test_bad_tau_and_rank_probs() -> None:
-    with pytest.raises(SimulatorInputError, match="impossible"):
-        TauAcceptance(9.0).outcomes(TreeShape(10, 4, 7))
-    with pytest.raises(SimulatorInputError, match=">= 1"):
+    with pytest.raises(ConfigError, match="impossible"):
+        TauAcceptance(9.0).outcomes(TreeConfig(10, 4, 7))
+    with pytest.raises(ConfigError, match=">= 1"):
         TauAcceptance(0.5)
-    with pytest.raises(SimulatorInputError, match="sum to <= 1"):
+    with pytest.raises(ConfigError, match="sum to <= 1"):
         PositionalAcceptance([0.7, 0.5])
 
 
@@ -116,9 +116,9 @@ def test_runs_loader_and_fit(tmp_path) -> None:  # noqa: ANN001
     f = tmp_path / "runs.json"
     f.write_text(json.dumps({"runs": runs}))
     acc = RunsAcceptance(load_runs(f))
-    same = acc.outcomes(TreeShape(4, 3, 8))
+    same = acc.outcomes(TreeConfig(4, 3, 8))
     assert same.p_a == pytest.approx(np.array([30, 40, 20, 8, 2]) / 100)
-    other = acc.outcomes(TreeShape(6, 4, 12))  # not measured: the fitted positional model
+    other = acc.outcomes(TreeConfig(6, 4, 12))  # not measured: the fitted positional model
     assert 1.5 < other.tau < 3.5 and acc.tree_aware
 
 
@@ -129,5 +129,5 @@ def test_hist_indexed_by_tokens_is_shifted() -> None:
 
 
 def test_run_without_acceptance_data() -> None:
-    with pytest.raises(SimulatorInputError, match="no accept_hist"):
+    with pytest.raises(ConfigError, match="no accept_hist"):
         parse_run({"mode": "dovetail", "tokens_per_s": 3.0})

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dovetail_jax.config import LLAMA2_7B, SMOLLM2_135M
+from dovetail_jax.config import LLAMA2_7B, SMOLLM2_135M, DraftConfig, TreeConfig
 from simulator.costs import MeasuredCosts, RooflineCosts, ScaledCosts, roofline_seconds
 from simulator.hardware import CpuSpec, load_profile, pcie_bandwidth
-from simulator.workload import DraftShape, TreeShape, Workload
+from simulator.workload import Workload
 
 
 def _cpu(bw: float = 50e9, flops: float = 1e15, n_half: float = 1e-9, dispatch: float = 0.0) -> CpuSpec:
@@ -22,7 +22,7 @@ def test_smollm2_f32_weight_bytes() -> None:
 
 
 def test_llama2_7b_sizes() -> None:
-    wl = Workload(LLAMA2_7B, DraftShape(5), target_dtype="f32", draft_dtype="f16")
+    wl = Workload(LLAMA2_7B, DraftConfig(5), target_dtype="f32", draft_dtype="f16")
     assert LLAMA2_7B.num_params == pytest.approx(6.74e9, rel=0.01)
     assert wl.target_weight_bytes() / 1e9 == pytest.approx(27.0, rel=0.01)  # dovetail-method.md §1
     # 5-layer DGF draft: 5 x 202.4M + 67.1M + 2 x 131M parameters (method §3.2) in fp16
@@ -67,7 +67,7 @@ def test_link_seconds() -> None:
 
 def test_measured_table_interpolates_and_falls_back() -> None:
     hw = load_profile("host-2core-shared")
-    wl = Workload(SMOLLM2_135M, DraftShape(1), TreeShape(4, 3, 8))
+    wl = Workload(SMOLLM2_135M, DraftConfig(1), TreeConfig(4, 3, 8))
     roof = RooflineCosts(hw, wl)
     table = {"ops": {"target_forward": [{"n": 1, "ctx": 128, "s": 0.010}, {"n": 8, "ctx": 128, "s": 0.017},
                                         {"n": 1, "ctx": 512, "s": 0.012}, {"n": 8, "ctx": 512, "s": 0.021}],

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from dovetail_jax.config import SMOLLM2_135M
+from dovetail_jax.config import SMOLLM2_135M, DraftConfig, TreeConfig
 from simulator.acceptance import ChainAcceptance
 from simulator.engine import Engine, Event
 from simulator.hardware import load_profile
 from simulator.schedules import SimOptions, simulate
-from simulator.workload import DraftShape, TreeShape, Workload
+from simulator.workload import Workload
 
 
 def test_serial_chain_of_resources() -> None:
@@ -110,7 +110,7 @@ class ConstCosts:
 
 
 # depth 1, top_k 1, 3 tokens: a chain of 2 drafts; alpha = 1 accepts both every cycle (3 tokens per cycle)
-WL = Workload(SMOLLM2_135M, DraftShape(1), TreeShape(1, 1, 3), prompt_len=16, new_tokens=64)
+WL = Workload(SMOLLM2_135M, DraftConfig(1), TreeConfig(1, 1, 3), prompt_len=16, new_tokens=64)
 ALL = ChainAcceptance([1.0])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -9,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dovetail_jax.config import LLAMA2_7B, LLAMA2_13B, SMOLLM2_135M
+from dovetail_jax.config import LLAMA2_7B, LLAMA2_13B, SMOLLM2_135M, DraftConfig, TreeConfig
 from dovetail_jax.errors import DovetailError
 from simulator import cli
 from simulator.acceptance import PositionalAcceptance
-from simulator.errors import DoesNotFitError, SimulatorInputError
+from simulator.errors import ConfigError, DoesNotFitError
 from simulator.hardware import PRESET_DIR, list_presets, load_profile, parse_profile
 from simulator.schedules import SCHEDULES, SimOptions, compare, simulate
 from simulator.tune import expand, parse_grid, sweep, tune
-from simulator.workload import DraftShape, TreeShape, Workload
+from simulator.workload import Workload
 
 ACC = PositionalAcceptance([0.6, 0.15, 0.08, 0.04, 0.02], 0.95)
 REQUIRED = {"cpu": ["name", "cores", "peak_flops", "mem_bw", "flops_eff", "bw_eff", "n_half", "dispatch_s",
@@ -48,7 +49,7 @@ def test_presets_include_the_papers_machines_and_cite_sources() -> None:
 def test_missing_field(sect: str, key: str) -> None:
     raw = _raw()
     del raw[sect][key]
-    with pytest.raises(SimulatorInputError, match=f"missing field {sect}.{key}"):
+    with pytest.raises(ConfigError, match=f"missing field {sect}.{key}"):
         parse_profile(raw, "x")
 
 
@@ -56,23 +57,23 @@ def test_missing_field(sect: str, key: str) -> None:
 def test_non_positive_field(value: object) -> None:
     raw = _raw()
     raw["cpu"]["peak_flops"] = value
-    with pytest.raises(SimulatorInputError, match="cpu.peak_flops"):
+    with pytest.raises(ConfigError, match="cpu.peak_flops"):
         parse_profile(raw, "x")
 
 
 def test_efficiency_above_one_and_bad_link() -> None:
     raw = _raw()
     raw["gpu"]["bw_eff"] = 1.5
-    with pytest.raises(SimulatorInputError, match="fraction"):
+    with pytest.raises(ConfigError, match="fraction"):
         parse_profile(raw, "x")
     raw = _raw()
     raw["link"]["lanes"] = 3
-    with pytest.raises(SimulatorInputError, match="lanes"):
+    with pytest.raises(ConfigError, match="lanes"):
         parse_profile(raw, "x")
 
 
 def test_unknown_profile() -> None:
-    with pytest.raises(SimulatorInputError, match="presets"):
+    with pytest.raises(ConfigError, match="presets"):
         load_profile("no-such-machine")
 
 
@@ -93,20 +94,20 @@ def test_model_that_does_not_fit() -> None:
 
 
 def test_sweep_inputs() -> None:
-    with pytest.raises(SimulatorInputError, match="empty"):
+    with pytest.raises(ConfigError, match="empty"):
         parse_grid([])
-    with pytest.raises(SimulatorInputError, match="no values"):
+    with pytest.raises(ConfigError, match="no values"):
         parse_grid(["depth="])
-    with pytest.raises(SimulatorInputError, match="unknown sweep key"):
+    with pytest.raises(ConfigError, match="unknown sweep key"):
         parse_grid(["width=3"])
-    with pytest.raises(SimulatorInputError, match="empty"):
+    with pytest.raises(ConfigError, match="empty"):
         expand({"depth": []})
     assert parse_grid(["depth=2:4", "top_k=4,8"]) == {"depth": [2, 3, 4], "top_k": [4, 8]}
 
 
 def test_sweep_keeps_infeasible_points_with_reason() -> None:
     hw = load_profile("paper-server1-4214r-2080super")
-    wl = Workload(LLAMA2_7B, DraftShape(5))
+    wl = Workload(LLAMA2_7B, DraftConfig(5))
     rows = sweep(hw, wl, ACC, {"total_tokens": [8, 16, 999]}, opts=SimOptions(cycles=200))
     assert [r["feasible"] for r in rows] == [True, True, False]
     assert "pool" in rows[2]["reason"]
@@ -114,23 +115,23 @@ def test_sweep_keeps_infeasible_points_with_reason() -> None:
 
 def test_tune_respects_vram_budget() -> None:
     hw = load_profile("paper-server1-4214r-2080super")
-    wl = Workload(LLAMA2_7B, DraftShape(5))
+    wl = Workload(LLAMA2_7B, DraftConfig(5))
     grid = {"total_tokens": [6, 16], "draft_layers": [1, 5], "ngl": [0, 4]}
     res = tune(hw, wl, ACC, vram_budget_gb=2.0, grid=grid, opts=SimOptions(cycles=300))
     assert res["best"]["vram_gib"] <= 2.0 and res["best"]["draft_layers"] == 1
-    with pytest.raises(SimulatorInputError, match="no configuration"):
+    with pytest.raises(ConfigError, match="no configuration"):
         tune(hw, wl, ACC, vram_budget_gb=0.1, grid=grid, opts=SimOptions(cycles=100))
 
 
-@given(preset=st.sampled_from(list_presets()), sched=st.sampled_from(SCHEDULES),
+@given(preset=st.sampled_from(list_presets()), sched=st.sampled_from(list(SCHEDULES)),
        t=st.integers(2, 60), depth=st.integers(1, 8), k=st.integers(1, 10))
 @settings(max_examples=40, deadline=None)
 def test_outputs_are_finite_and_positive(preset: str, sched: str, t: int, depth: int, k: int) -> None:
     hw = load_profile(preset)
     try:
-        wl = Workload(SMOLLM2_135M, DraftShape(2), TreeShape(k, depth, t), prompt_len=32, new_tokens=64)
+        wl = Workload(SMOLLM2_135M, DraftConfig(2), TreeConfig(k, depth, t), prompt_len=32, new_tokens=64)
         p = simulate(sched, hw, wl, ACC, opts=SimOptions(cycles=300))
-    except SimulatorInputError:
+    except ConfigError:
         return  # a clear refusal is fine (tree larger than its pool, does not fit)
     assert math.isfinite(p.tokens_per_s) and p.tokens_per_s > 0
     assert all(math.isfinite(v) and v >= 0 for v in p.split_s_per_token.values())
@@ -170,7 +171,50 @@ def test_cli_simulate_json(capsys) -> None:  # noqa: ANN001
 
 
 def test_errors_are_dovetail_errors() -> None:
-    assert issubclass(SimulatorInputError, DovetailError)
+    assert issubclass(ConfigError, DovetailError)
+    assert issubclass(DoesNotFitError, ConfigError) and issubclass(ConfigError, ValueError)
+
+
+def test_simulator_applies_the_library_tree_and_draft_rules() -> None:
+    """One set of rules: a tree or draft the library refuses, the simulator refuses with the same error."""
+    for bad in ({"top_k": 0}, {"depth": 0}, {"total_tokens": 0}, {"top_k": 2, "depth": 1, "total_tokens": 9}):
+        with pytest.raises(ConfigError):
+            cli.build_inputs(cli_args(**{"top_k": 2, "depth": 2, "total_tokens": 4, **bad}))
+    with pytest.raises(ConfigError, match="draft_vocab_size"):
+        cli.build_inputs(cli_args(draft_vocab=0))
+    _, wl, _, _, _ = cli.build_inputs(cli_args())
+    assert (wl.tree.top_k, wl.tree.depth, wl.tree.total_tokens) == (10, 7, 16)  # the paper's server tree
+
+
+def cli_args(**kw: object) -> argparse.Namespace:
+    """`simulate` arguments with their defaults, `kw` overriding some."""
+    parser = argparse.ArgumentParser()
+    cli.add_simulate_args(parser)
+    return argparse.Namespace(**{**vars(parser.parse_args([])), **kw})
+
+
+def test_schedule_registry() -> None:
+    """The registry is what the CLI offers and `compare` runs, in order; unknown names and missing acceptance
+    models are refused; eagle2 runs its own head and tree (EAGLE-2's 10/5/60, fc fusion, 1 layer)."""
+    names = ["target-cpu", "gpu-only", "offload", "partial", "dovetail", "dovetail-pipelined", "eagle2"]
+    assert list(SCHEDULES) == names
+    assert [n for n, s in SCHEDULES.items() if s.speculative] == names[4:]
+    parser = argparse.ArgumentParser()
+    cli.add_simulate_args(parser)
+    action = next(a for a in parser._actions if a.dest == "schedule")
+    assert list(action.choices) == ["all", *names]
+    hw = load_profile("paper-server1-4214r-2080super")
+    wl = Workload(LLAMA2_7B, DraftConfig(5))
+    with pytest.raises(ConfigError, match="unknown schedule 'nope'; choose from target-cpu, gpu-only"):
+        simulate("nope", hw, wl, ACC)
+    with pytest.raises(ConfigError, match="needs an acceptance model"):
+        simulate("dovetail", hw, wl, None)
+    out = compare(hw, wl, ACC, opts=SimOptions(cycles=100))
+    assert [p if isinstance(p, str) else p.schedule for p in out][:1] == ["target-cpu"]
+    assert all(isinstance(p, str) or p.schedule == n for p, n in zip(out, names, strict=True))
+    cfg = simulate("eagle2", hw, wl, ACC, opts=SimOptions(cycles=100)).config
+    assert (cfg["top_k"], cfg["depth"], cfg["total_tokens"], cfg["draft_kind"], cfg["draft_layers"]) == (
+        10, 5, 60, "eagle", 1)
 
 
 def test_simulator_runs_without_jax() -> None:

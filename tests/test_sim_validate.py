@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from dovetail_jax.config import SMOLLM2_135M
+from dovetail_jax.config import SMOLLM2_135M, DraftConfig, TreeConfig
 from simulator.acceptance import PositionalAcceptance
 from simulator.costs import RooflineCosts, ScaledCosts
-from simulator.errors import SimulatorInputError
+from simulator.errors import ConfigError
 from simulator.hardware import load_profile
 from simulator.schedules import SimOptions, simulate
 from simulator.validate import check
-from simulator.workload import DraftShape, TreeShape, Workload
+from simulator.workload import PAPER_TREE, Workload
 
 HW = load_profile("host-2core-shared")
 TRUE_ACC = PositionalAcceptance([0.55, 0.2, 0.1, 0.05], 0.95)
@@ -21,8 +21,8 @@ def truth(h, w):  # noqa: ANN001, ANN201 - the "real machine": roofline off by k
     return ScaledCosts(RooflineCosts(h, w), [(1, 1.3), (32, 1.6)], draft=2.0, host=3.0, transfer=1.5, accept=3.0)
 
 
-def fake_run(name: str, tree: TreeShape | None, new: int = 128, prompt: int = 16) -> dict:
-    wl = Workload(SMOLLM2_135M, DraftShape(1), tree or TreeShape(), "f32", "f32", prompt, new, kv_slots=256)
+def fake_run(name: str, tree: TreeConfig | None, new: int = 128, prompt: int = 16) -> dict:
+    wl = Workload(SMOLLM2_135M, DraftConfig(1), tree or PAPER_TREE, "f32", "f32", prompt, new, kv_slots=256)
     base = {"name": name, "prompt_tokens": prompt, "new_tokens": new, "cache_slots": 256}
     if tree is None:
         p = simulate("target-cpu", HW, wl, cost_factory=truth)
@@ -40,9 +40,9 @@ def fake_run(name: str, tree: TreeShape | None, new: int = 128, prompt: int = 16
 
 
 def test_calibrated_simulator_recovers_synthetic_runs() -> None:
-    runs = [fake_run("t-64", None, 64), fake_run("t-200", None, 200), fake_run("d-4-3-8", TreeShape(4, 3, 8)),
-            fake_run("d-8-4-16", TreeShape(8, 4, 16)), fake_run("d-4-5-12", TreeShape(4, 5, 12)),
-            fake_run("d-2-2-4", TreeShape(2, 2, 4)), fake_run("d-6-6-24", TreeShape(6, 6, 24))]
+    runs = [fake_run("t-64", None, 64), fake_run("t-200", None, 200), fake_run("d-4-3-8", TreeConfig(4, 3, 8)),
+            fake_run("d-8-4-16", TreeConfig(8, 4, 16)), fake_run("d-4-5-12", TreeConfig(4, 5, 12)),
+            fake_run("d-2-2-4", TreeConfig(2, 2, 4)), fake_run("d-6-6-24", TreeConfig(6, 6, 24))]
     rep = check(runs, HW, SMOLLM2_135M, None, ["t-64", "d-4-3-8", "d-8-4-16"])
     s = rep["summary"]
     assert s["validated"] == 4 and s["dovetail_runs_validated"] == 3
@@ -51,14 +51,14 @@ def test_calibrated_simulator_recovers_synthetic_runs() -> None:
 
 
 def test_check_refuses_unusable_splits() -> None:
-    runs = [fake_run("t-64", None, 64), fake_run("d-4-3-8", TreeShape(4, 3, 8))]
-    with pytest.raises(SimulatorInputError, match="not in the runs"):
+    runs = [fake_run("t-64", None, 64), fake_run("d-4-3-8", TreeConfig(4, 3, 8))]
+    with pytest.raises(ConfigError, match="not in the runs"):
         check(runs, HW, SMOLLM2_135M, None, ["nope"])
-    with pytest.raises(SimulatorInputError, match="nothing is left"):
+    with pytest.raises(ConfigError, match="nothing is left"):
         check(runs, HW, SMOLLM2_135M, None, ["t-64", "d-4-3-8"])
-    with pytest.raises(SimulatorInputError, match="no acceptance model"):
+    with pytest.raises(ConfigError, match="no acceptance model"):
         check(runs, HW, SMOLLM2_135M, None, ["t-64"], acceptance="calibration")
-    with pytest.raises(SimulatorInputError, match="'own' or 'calibration'"):
+    with pytest.raises(ConfigError, match="'own' or 'calibration'"):
         check(runs, HW, SMOLLM2_135M, None, ["t-64"], acceptance="mine")
     # with its own acceptance a dovetail run is predicted from a target-only calibration (draft factor 1)
     assert check(runs, HW, SMOLLM2_135M, None, ["t-64"])["summary"]["validated"] == 1

@@ -1,0 +1,134 @@
+"""CPU engines: how well a given inference engine turns a CPU's bandwidth and FLOP/s into target forwards.
+
+The same CPU decodes at very different speeds depending on what runs the target (on the team's 2-core machine,
+SmolLM2-135M f32: ~26 tok/s in HF transformers, ~73 in this project, ~86 in llama.cpp), so a prediction for a
+machine described only by its spec sheet needs the engine as an input. Each engine is a handful of numbers in
+`simulator/data/cpu_engines.json` (one file, so it is easy to refit when an engine gets faster), every number with
+its source:
+
+- `stream_frac`: weight-streaming rate of a decode step / the profile's achieved read bandwidth (mem_bw x bw_eff);
+- `gemm_frac`: large multi-token GEMM FLOP/s / the profile's fp32 peak (`peak_flops`, the spec-sheet FMA peak);
+- `n_half`: tokens per forward at which half of that GEMM rate is reached (small-M GEMMs are inefficient);
+- `call_s`, `layer_s`: fixed overhead per forward and per decoder layer (graph build, eager op dispatch);
+- `kv_bytes`: bytes per cached K/V element; `dtypes`: the weight formats the engine really has a path for, each
+  with bytes per weight, a streaming factor and a compute cost per multiply-add relative to its f32 GEMM
+  (dequantisation included). A dtype the engine has no path for is refused, not silently costed as f32.
+
+A forward over n tokens then costs  call_s + layers x layer_s + max(weights / (BW x stream_scale) + KV / BW,
+FLOPs x mac_cost / R(n)),  BW = min(mem_bw x bw_eff x stream_frac, mem_bw),  R(n) = peak_flops x gemm_frac x n /
+(n + n_half).
+The engine `profile` (the default) keeps the profile's own `flops_eff`, `bw_eff`, `n_half` and `dispatch_s`: right
+for a `dovetail profile-hw` measurement, which times this project's own engine on the machine itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from simulator.errors import ConfigError
+
+ENGINES_FILE = Path(__file__).parent / "data" / "cpu_engines.json"
+PROFILE_ENGINE = "profile"  # the profile's own efficiency fields (today's behaviour, and the default)
+
+
+@dataclass(frozen=True)
+class DtypePath:
+    """One weight format as an engine runs it."""
+
+    bytes_per_weight: float
+    stream_scale: float  # achieved streaming rate relative to the engine's f32 rate (dequant-bound paths < 1)
+    mac_cost: float  # compute per multiply-add relative to the engine's f32 GEMM rate (dequantisation included)
+    source: str
+
+
+@dataclass(frozen=True)
+class CpuEngine:
+    name: str
+    description: str
+    stream_frac: float
+    gemm_frac: float
+    n_half: float
+    call_s: float
+    layer_s: float
+    kv_bytes: float
+    dtypes: dict[str, DtypePath] = field(compare=False)
+    sources: dict[str, str] = field(compare=False, default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def path(self, dtype: str) -> DtypePath:
+        """The engine's path for a target dtype, or a one-line refusal that lists the ones it has."""
+        if dtype not in self.dtypes:
+            raise ConfigError(f"cpu engine {self.name!r} has no real path for target dtype {dtype!r} "
+                              f"(it runs: {', '.join(self.dtypes)})")
+        return self.dtypes[dtype]
+
+
+def _num(d: dict[str, Any], key: str, where: str, sources: dict[str, str], lo: float = 0.0,
+         allow_zero: bool = False) -> float:
+    v = d.get(key)
+    if isinstance(v, dict):
+        if v.get("source"):
+            sources[key] = str(v["source"])
+        v = v.get("value")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or (
+            v == lo and not allow_zero):
+        raise ConfigError(f"cpu engine {where}: {key} must be a finite number {'>=' if allow_zero else '>'} {lo}, "
+                          f"got {v!r}")
+    return float(v)
+
+
+def parse_engine(name: str, raw: Any) -> CpuEngine:
+    """Validate one engine entry of the data file."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"cpu engine {name!r}: expected a JSON object")
+    src: dict[str, str] = {}
+    vals = {k: _num(raw, k, name, src, allow_zero=k in ("call_s", "layer_s"))
+            for k in ("stream_frac", "gemm_frac", "n_half", "call_s", "layer_s", "kv_bytes")}
+    if vals["gemm_frac"] > 1:
+        raise ConfigError(f"cpu engine {name!r}: gemm_frac is a fraction of peak and must be <= 1")
+    dts = raw.get("dtypes")
+    if not isinstance(dts, dict) or not dts:
+        raise ConfigError(f"cpu engine {name!r}: needs a non-empty 'dtypes' object")
+    paths = {}
+    for dt, d in dts.items():
+        if not isinstance(d, dict):
+            raise ConfigError(f"cpu engine {name!r}: dtype {dt!r} must be an object")
+        s: dict[str, str] = {}
+        paths[dt] = DtypePath(_num(d, "bytes_per_weight", f"{name}/{dt}", s),
+                              _num(d, "stream_scale", f"{name}/{dt}", s),
+                              _num(d, "mac_cost", f"{name}/{dt}", s), str(d.get("source", "")))
+    return CpuEngine(name, str(raw.get("description", "")), dtypes=paths, sources=src, **vals)
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> dict[str, CpuEngine]:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read cpu engines {path!r}: {e}") from None
+    engines = raw.get("engines") if isinstance(raw, dict) else None
+    if not isinstance(engines, dict) or not engines:
+        raise ConfigError(f"{path}: expected an 'engines' object")
+    return {n: parse_engine(n, e) for n, e in engines.items()}
+
+
+def engine_names() -> list[str]:
+    """`profile` first, then the engines of the data file."""
+    return [PROFILE_ENGINE, *_load(str(ENGINES_FILE))]
+
+
+def resolve_engine(name: str | None) -> CpuEngine | None:
+    """None for `profile` (or None), else the named engine; unknown names list the choices."""
+    if name is None or name == PROFILE_ENGINE:
+        return None
+    engines = _load(str(ENGINES_FILE))
+    if name not in engines:
+        raise ConfigError(f"unknown cpu engine {name!r}; choose from {', '.join(engine_names())}")
+    return engines[name]
