@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from dovetail_jax.errors import ConfigError
 
-__all__ = ["ConfigError", "DoesNotFitError", "SimulatorInputError"]
+__all__ = ["ConfigError", "DoesNotFitError"]
 
 
 class DoesNotFitError(ConfigError):
     """The schedule needs more VRAM (or host RAM) than the profile offers; comparisons report it and go on."""
 
-
-# The former name of `ConfigError` here; only simulator/profile.py still uses it.
-SimulatorInputError = ConfigError

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from simulator.errors import SimulatorInputError
+from simulator.errors import ConfigError
 from simulator.hardware import parse_profile
 
 GEMM_K, GEMM_N = 2048, 8192  # 64 MiB f32 weight: larger than the L3 of the machines we target, so it streams
@@ -63,21 +63,10 @@ def measure_gemm(jax: Any, dev: Any, reps: int) -> dict[int, float]:
 
 
 def measure_read_bw(jax: Any, dev: Any, reps: int, mib: int = 512) -> float:
-    """Streaming read bandwidth in B/s: the best of `reps` jitted sums over a float32 array of `mib` MiB (beyond
-    the caches). A read-reduction writes almost nothing, so it times the streaming read that decode is bound by,
-    as `dovetail bench target` does."""
-    import jax.numpy as jnp
+    """Streaming read bandwidth in B/s on `dev`, measured as `dovetail bench target` does (`dovetail_jax.machine`)."""
+    from dovetail_jax import machine
 
-    with jax.default_device(dev):
-        x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()  # compile and touch every page once
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        total(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return x.nbytes / best
+    return machine.memory_read_bandwidth_gbs(mib, reps, dev) * 1e9
 
 
 def measure_dispatch(jax: Any, dev: Any, reps: int) -> float:
@@ -269,10 +258,10 @@ def run(opts: ProfileOptions) -> int:
     reps = 3 if opts.quick else 7
     try:
         prof = measure_profile(reps)
-    except SimulatorInputError:
+    except ConfigError:
         raise
     except Exception as e:  # a JAX runtime problem is the user's environment, not a simulator bug
-        raise SimulatorInputError(f"profile-hw could not measure this machine: {e}") from None
+        raise ConfigError(f"profile-hw could not measure this machine: {e}") from None
     Path(opts.out).write_text(json.dumps(prof, indent=1) + "\n")
     c = prof["cpu"]
     print(f"wrote {opts.out}: CPU {c['peak_flops']['value'] / 1e9:.0f} GFLOP/s, {c['mem_bw']['value'] / 1e9:.1f} GB/s, "

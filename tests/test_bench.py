@@ -134,13 +134,13 @@ def test_bad_input_is_a_one_line_error(run_cli, tmp_path, argv, needle):
 
 def test_adding_the_options_does_not_import_jax():
     """The CLI builds every subcommand's parser on each call, so this module must stay cheap to import."""
-    code = ("import argparse, sys; from dovetail_jax.bench import target; target.add_args(argparse.ArgumentParser());"
+    code = ("import sys; from dovetail_jax import cli; cli.build_parser();"
             " assert not {'jax', 'torch', 'llama_cpp'} & set(sys.modules), 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_memory_bandwidth_is_measured():
-    from dovetail_jax.bench import machine
+    from dovetail_jax import machine
 
     assert machine.memory_read_bandwidth_gbs(size_mib=512, repeats=1) > 0
     with pytest.raises(ValueError):
@@ -155,7 +155,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 
 def test_bench_json_schema_on_a_tiny_model(run_cli, tmp_path, monkeypatch, tiny_folder):
-    from dovetail_jax.bench import machine
+    from dovetail_jax import machine
 
     monkeypatch.setattr(machine, "memory_read_bandwidth_gbs", lambda: 25.0)  # the real one reads 1 GiB
     out_file = tmp_path / "results" / "bench.json"
@@ -198,11 +198,9 @@ def test_bench_json_schema_on_a_tiny_model(run_cli, tmp_path, monkeypatch, tiny_
 
 
 def test_llama_cpp_is_skipped_for_a_folder_model(tiny_folder):
-    from argparse import Namespace
-
     from dovetail_jax.bench.target import _llama_skip
 
-    assert "not a GGUF" in _llama_skip(Namespace(no_llama_cpp=False), tiny_folder)
+    assert "not a GGUF" in _llama_skip(True, tiny_folder)
 
 
 def test_bench_forward_on_a_tiny_model(run_cli, tmp_path, tiny_folder):

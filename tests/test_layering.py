@@ -19,7 +19,7 @@ PACKAGES = ("dovetail_jax", "simulator")
 # and any unit of a lower layer; units of one layer may import each other unless SEPARATE says otherwise.
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"config", "errors", "paths", "plan", "stats", "argtypes"}),  # no JAX: the simulator shares these
-    frozenset({"devices", "kernels"}),
+    frozenset({"devices", "kernels", "machine"}),  # machine: what this host is and can do (measured)
     frozenset({"model"}),
     # io reads files into the model's parameter description (names and shapes checked against model/, draft
     # pytrees built from checkpoint tensors), so it sits above model/, which reads no files
@@ -32,7 +32,7 @@ LAYERS: tuple[frozenset[str], ...] = (
 SEPARATE = {frozenset({"train", "bench"})}  # both sit beside the API; neither builds on the other
 # What the simulator may use of dovetail_jax: the JAX-free low layer; its profiler also measures the runtime.
 SIMULATOR_USES = LAYERS[0] - {"argtypes", "paths"}
-SIMULATOR_PROFILE_USES = SIMULATOR_USES | {"devices", "model"}
+SIMULATOR_PROFILE_USES = SIMULATOR_USES | {"devices", "machine", "model"}
 
 
 def _layer(unit: str) -> int:

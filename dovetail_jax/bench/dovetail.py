@@ -528,8 +528,7 @@ def _model_record(target: Any, model_path: Path) -> dict[str, Any]:
 def _prepare(opts: DovetailBenchOptions) -> tuple[_Methods, dict[str, list[tuple[str, list[int]]]], dict[str, Any]]:
     """Load the targets, the drafts and llama.cpp, encode and check the prompts, warm every method up; returns
     the methods, the encoded prompts and the result's header."""
-    from dovetail_jax import api
-    from dovetail_jax.bench import machine
+    from dovetail_jax import api, machine
     from dovetail_jax.io.registry import default_model_path
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -574,7 +573,7 @@ def run(opts: DovetailBenchOptions) -> dict[str, Any]:
     """Run the benchmark, rewriting `opts.out` after every prompt; returns the final result."""
     from tqdm import tqdm
 
-    from dovetail_jax.bench import machine
+    from dovetail_jax import machine
 
     m, encoded, res = _prepare(opts)
     names = [c.name for c in opts.configs]

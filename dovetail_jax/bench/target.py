@@ -255,7 +255,7 @@ def _print(res: dict[str, Any], opts: TargetBenchOptions) -> None:
 
 def run(opts: TargetBenchOptions) -> dict[str, Any]:
     """Measure all engines, write the JSON atomically to `opts.out`, print the table; returns the result."""
-    from dovetail_jax.bench import machine
+    from dovetail_jax import machine
     from dovetail_jax.io.registry import default_model_path
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
