@@ -39,6 +39,7 @@ from dovetail_jax.model.params import (
     LayerParams,
     Layout,
     TargetParams,
+    fast_layout,
     from_tensors,
     init_tensors,
     place,
@@ -209,15 +210,16 @@ def make_shared(target: TargetParams, cfg: ModelConfig, vocab_map: np.ndarray | 
 
 
 def init_draft(key: jax.Array, cfg: ModelConfig, dcfg: DraftConfig, device: jax.Device | None = None,
-               layout: Layout = "in_out") -> DraftParams:
-    """A randomly initialised draft: Xavier-uniform fusion (as EAGLE/Dovetail), N(0, 0.02) blocks, unit norms."""
-    spec = DraftParams.spec(cfg, dcfg, layout)
+               layout: Layout | None = None) -> DraftParams:
+    """A randomly initialised draft: Xavier-uniform fusion (as EAGLE/Dovetail), N(0, 0.02) blocks, unit norms.
+    `layout` None: the faster one for the draft's multi-token forwards here (`params.fast_layout`)."""
+    spec = DraftParams.spec(cfg, dcfg, layout or fast_layout(2))
     # `key` is split in 4 + 8 per layer (more than are drawn), as since the first release: a seed's draft is stable.
     return from_tensors(spec, init_tensors(spec, key, num_keys=4 + 8 * dcfg.num_layers), device)
 
 
 def draft_from_lm(
-    lm: TargetParams, lm_cfg: ModelConfig, device: jax.Device | None = None, layout: Layout = "in_out",
+    lm: TargetParams, lm_cfg: ModelConfig, device: jax.Device | None = None, layout: Layout | None = None,
     num_layers: int | None = None,
 ) -> tuple[DraftConfig, DraftParams, DraftShared]:
     """Use a whole LLaMA (e.g. a smaller model with the same tokenizer, or the target itself in tests) as
@@ -230,7 +232,7 @@ def draft_from_lm(
     # The LM's own weights already form a fusion-"none" draft in its layout; convert it to `layout` on `device`.
     as_draft = DraftParams(fusion=None, layers=lm.layers[:n], final_norm=lm.final_norm, layout=lm.layout)
     tensors = to_tensors(DraftParams.spec(lm_cfg, dcfg, lm.layout), as_draft)
-    params = from_tensors(DraftParams.spec(lm_cfg, dcfg, layout), tensors, device)
+    params = from_tensors(DraftParams.spec(lm_cfg, dcfg, layout or fast_layout(2)), tensors, device)
     return dcfg, params, make_shared(lm, lm_cfg, None, device)
 
 
@@ -263,10 +265,11 @@ def check_draft_tensors(cfg: ModelConfig, dcfg: DraftConfig, tensors: Mapping[st
 
 def draft_params_from_tensors(cfg: ModelConfig, dcfg: DraftConfig, tensors: Mapping[str, np.ndarray],
                               device: jax.Device | None = None, source: str = "draft checkpoint",
-                              layout: Layout = "in_out") -> DraftParams:
-    """Validate strictly (never load a draft partly) and place the float32 weights on `device`."""
+                              layout: Layout | None = None) -> DraftParams:
+    """Validate strictly (never load a draft partly) and place the float32 weights on `device` (`layout` None:
+    `params.fast_layout` for the draft's multi-token forwards)."""
     check_draft_tensors(cfg, dcfg, tensors, source)
-    return from_tensors(DraftParams.spec(cfg, dcfg, layout), tensors, device)
+    return from_tensors(DraftParams.spec(cfg, dcfg, layout or fast_layout(2)), tensors, device)
 
 
 def draft_tensors(params: DraftParams, cfg: ModelConfig) -> dict[str, np.ndarray]:

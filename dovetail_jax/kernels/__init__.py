@@ -1,0 +1,167 @@
+"""Small-T f32 matmul kernels for XLA CPU, called through `jax.ffi` from inside jitted forwards.
+
+Decoding and tree verification multiply 1-32 token rows by f32 weights; that is memory-bound, so the weights
+should be read once whatever T is. XLA CPU does not do that for T >= 2 (YNNPACK packs `[out, in]` weights on
+every call, see README). `matmul.cc` streams each weight row (or column panel) once for all T tokens on XLA's
+own thread pool. It is compiled with the system C++ compiler on first use into the cache directory (keyed by
+source, flags and jaxlib version; atomic, so concurrent processes are safe) and registered as FFI targets.
+
+Where it cannot run (no compiler, no AVX-512, build or load failure, `DOVETAIL_KERNELS=off`) `kernels_enabled()`
+is False and callers use XLA's dot: same semantics, one line on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from dovetail_jax import paths
+
+log = logging.getLogger(__name__)
+
+# Rows per call up to which `layers.linear` uses the kernel (verification trees, decode batches). Beyond, XLA's
+# GEMM; measured in a 30-layer matmul chain under load: the kernel is still ~2x faster at 64 rows, even at 128.
+MAX_TOKENS = 32
+SOURCE = Path(__file__).with_name("matmul.cc")
+CXX_FLAGS = ("-O3", "-march=x86-64-v4", "-mtune=znver3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "fma")  # what -march=x86-64-v4 emits
+TARGETS = {"out_in": "dovetail_matmul_oi", "in_out": "dovetail_matmul_io"}
+_SYMBOLS = {"out_in": "DovetailMatmulOI", "in_out": "DovetailMatmulIO"}
+
+
+class KernelUnavailable(RuntimeError):
+    """Why the compiled kernels cannot be used on this machine (reported once, then XLA's dot is used)."""
+
+
+def cache_dir() -> Path:
+    """Where built kernels live: `$DOVETAIL_CACHE_DIR/kernels`, default `~/.cache/dovetail_jax/kernels`."""
+    return paths.kernels_cache()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx:
+        raise KernelUnavailable("no C++ compiler found (set $CXX)")
+    return cxx
+
+
+def build(force: bool = False) -> Path:
+    """Compile `matmul.cc` into the cache (once per source/flags/jaxlib version) and return the library path."""
+    import jaxlib
+
+    cxx = _compiler()
+    include = jax.ffi.include_dir()
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, " ".join(CXX_FLAGS).encode(), jaxlib.__version__.encode(),
+                                     cxx.encode()])).hexdigest()[:16]
+    out = cache_dir() / f"dovetail_matmul_{key}.so"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *CXX_FLAGS, "-isystem", include, str(SOURCE), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            raise KernelUnavailable(f"compiling {SOURCE.name} failed: {tail[0]}")
+        os.replace(tmp, out)  # atomic: a racing process either sees no file or a complete one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build, load and register the kernels once per process; None if they are usable, else the reason."""
+    if os.environ.get("DOVETAIL_KERNELS", "on").strip().lower() in ("off", "0", "false", "no"):
+        return "DOVETAIL_KERNELS=off"
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    try:
+        lib = ctypes.CDLL(str(build()))
+        for layout, name in TARGETS.items():
+            fn = getattr(lib, _SYMBOLS[layout])
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
+    except Exception as e:  # any build or load failure means "use XLA's dot", never a crash
+        return f"{type(e).__name__}: {e}" if not isinstance(e, KernelUnavailable) else str(e)
+    return None
+
+
+@functools.cache
+def kernels_enabled() -> bool:
+    """True when the compiled kernels are registered; logs why not (once per process) otherwise."""
+    reason = _load()
+    if reason is None:
+        return True
+    if reason == "DOVETAIL_KERNELS=off":
+        log.info("dovetail: compiled matmul kernels off (%s); using XLA's dot", reason)
+    else:
+        log.warning("dovetail: compiled matmul kernels unavailable (%s); using XLA's dot", reason)
+    return False
+
+
+_forced_off = 0  # > 0 inside `xla_only()`
+
+
+@contextlib.contextmanager
+def xla_only() -> Iterator[None]:
+    """Functions *traced* inside use XLA's dot even where the kernel could run (benchmarks compare both)."""
+    global _forced_off
+    _forced_off += 1
+    try:
+        yield
+    finally:
+        _forced_off -= 1
+
+
+def supports(x: jax.Array, w: jax.Array) -> bool:
+    """Whether `matmul(x, w)` may use the kernel: f32, 2-D weights, 1..MAX_TOKENS rows, kernels built."""
+    if _forced_off:
+        return False
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2 and 1 <= rows <= MAX_TOKENS
+            and x.ndim >= 1 and kernels_enabled())
+
+
+def matmul(x: jax.Array, w: jax.Array, layout: str) -> jax.Array:
+    """`x [..., in]` times `w` (`[out, in]` for "out_in", `[in, out]` for "in_out") -> `[..., out]`, on the CPU.
+
+    Call only when `supports(x, w)`; no autodiff rule of its own (`layers.linear` adds one).
+    """
+    if not kernels_enabled():
+        raise KernelUnavailable(f"compiled matmul kernels unavailable: {_load()}")
+    k = x.shape[-1]
+    n = w.shape[0] if layout == "out_in" else w.shape[1]
+    x2 = x.reshape(-1, k)
+    call = jax.ffi.ffi_call(TARGETS[layout], jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+                            vmap_method="sequential")
+    return call(x2, w).reshape(*x.shape[:-1], n)
