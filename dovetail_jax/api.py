@@ -1,7 +1,7 @@
 """The notebook entry point: load a target and a draft, generate, read the statistics.
 
     from dovetail_jax import api
-    target = api.load_target(layout="in_out")   # the embedded SmolLM2-135M-Instruct, on the CPU
+    target = api.load_target()   # the embedded SmolLM2-135M-Instruct, on the CPU
     draft = api.load_draft(target)              # the shipped draft (else a random one), on the accelerator
     out = api.generate(target, "What is JAX?", chat=True, max_new_tokens=64, draft=draft,
                        tree=api.TreeConfig(top_k=10, depth=4, total_tokens=7))
@@ -14,6 +14,7 @@ places the target (`devices.placement()`, or the `placement` it is given); draft
 from __future__ import annotations
 
 import functools
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,8 +69,9 @@ def load_target(path: str | Path | None = None, layout: Layout = "out_in", token
                 *, placement: Placement | None = None) -> Target:
     """Load a GGUF file or HF folder (None: the embedded default) onto the target (CPU) device.
 
-    `layout` of the projection weights: "out_in" is fastest for single-token decoding, "in_out" for
-    multi-token forwards such as tree verification (see `model/params.py`). `tokenizer` (a tokenizer.json or
+    `layout` of the projection weights: "out_in" is fastest for single-token decoding, and for multi-token
+    forwards such as tree verification where the compiled kernel runs; `params.fast_layout(T)` says which is
+    faster for T tokens on this machine (without the kernel, "in_out" for T >= 2). `tokenizer` (a tokenizer.json or
     its folder) replaces the model's own, e.g. for a SentencePiece GGUF. `placement`: where the target and its
     drafts run; default `devices.placement()`, which sets JAX up first (two host devices, the compilation
     cache), so call this before other JAX work.
@@ -149,6 +151,47 @@ class GenerationOutput:
         return d if self.placement is None else d | {"devices": self.placement.describe()}
 
 
+def _prompt_ids(target: Target, prompt: Any, chat: bool, system: str | None) -> list[int]:
+    """The prompt's token ids; a list of ids is checked against the vocabulary (a bad id would decode garbage)."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ConfigError("the prompt is empty")
+        return encode_prompt(target, prompt, chat, system)
+    if chat or system is not None:
+        raise ConfigError("chat and system apply to a text prompt, not to token ids")
+    if not isinstance(prompt, (list, tuple, np.ndarray)):
+        raise ConfigError(f"prompt must be text or a list of token ids, got {type(prompt).__name__}")
+    ids = list(np.asarray(prompt).ravel().tolist()) if isinstance(prompt, np.ndarray) else list(prompt)
+    if not ids:
+        raise ConfigError("the prompt has no tokens")
+    vocab = target.cfg.vocab_size
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < vocab:
+            raise ConfigError(f"prompt token id {i!r} is not in the vocabulary (integers 0..{vocab - 1})")
+    return [int(i) for i in ids]
+
+
+def _check_generate(max_new_tokens: Any, sampling: Any, system: str | None, chat: bool, draft: Any,
+                    tree: Any, on_text: Any) -> None:
+    """Refuse what the CLI refuses, in the same words, before any work (ConfigError)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if sampling is not None and not isinstance(sampling, SamplingConfig):
+        raise ConfigError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+    if system is not None and not chat:
+        raise ConfigError("system only applies to chat=True prompts")
+    if system is not None and not isinstance(system, str):
+        raise ConfigError(f"system must be text, got {type(system).__name__}")
+    if draft is not None and not isinstance(draft, Draft):
+        raise ConfigError(f"draft must be a Draft (api.load_draft / api.random_draft), got {type(draft).__name__}")
+    if tree is not None and draft is None:
+        raise ConfigError("tree only applies to Dovetail decoding: pass a draft too")
+    if tree is not None and not isinstance(tree, TreeConfig):
+        raise ConfigError(f"tree must be a TreeConfig, got {type(tree).__name__}")
+    if on_text is not None and not callable(on_text):
+        raise ConfigError("on_text must be a function taking a text piece")
+
+
 def generate(
     target: Target,
     prompt: str | list[int],
@@ -164,8 +207,11 @@ def generate(
 ) -> GenerationOutput:
     """Dovetail generation with `draft` (tree shape `tree`), else target-only. `on_text` receives decoded
     text pieces as tokens arrive (streaming). Greedy output is the target's own; sampling follows the target's
-    distribution exactly."""
-    prompt_ids = list(prompt) if isinstance(prompt, list) else encode_prompt(target, prompt, chat, system)
+    distribution exactly. Bad arguments (as the CLI would refuse them) raise `ConfigError` before any work."""
+    if not isinstance(target, Target):
+        raise ConfigError(f"target must be a Target (api.load_target), got {type(target).__name__}")
+    _check_generate(max_new_tokens, sampling, system, chat, draft, tree, on_text)
+    prompt_ids = _prompt_ids(target, prompt, chat, system)
     sampling = sampling or SamplingConfig()
     stream = StreamDecoder(target.tokenizer) if on_text is not None else None
     eos = target.eos_ids

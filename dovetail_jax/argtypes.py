@@ -34,6 +34,25 @@ def nonneg_float(s: str) -> float:
     return v
 
 
+def positive_float(s: str) -> float:
+    """A finite number > 0, such as a learning rate (nan and inf are refused: they train nothing)."""
+    v = float(s)
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
+    return v
+
+
+SEED_LIMIT = 2**63  # JAX keys and numpy generators take seeds below this
+
+
+def seed_int(s: str) -> int:
+    """A random seed in [0, 2^63): larger values overflow JAX's key, negative ones numpy's generator."""
+    v = int(s)
+    if not 0 <= v < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^63), got {s}")
+    return v
+
+
 def probability(s: str) -> float:
     """A value in (0, 1], such as top-p."""
     v = float(s)

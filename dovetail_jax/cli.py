@@ -24,14 +24,24 @@ from dovetail_jax.argtypes import (
     nonempty_text,
     nonneg_float,
     nonneg_int,
+    positive_float,
     positive_int,
     probability,
+    seed_int,
 )
 from dovetail_jax.config import TREE_PRESETS, SamplingConfig
 from dovetail_jax.errors import DovetailError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command's error policy: a bad argument is one `dovetail: error:` line (exit 2), not a
+    usage dump; subcommand parsers inherit this class (`add_subparsers` uses the parent's type)."""
+
+    def error(self, message: str) -> Any:  # argparse declares NoReturn
+        self.exit(EXIT_USER_ERROR, f"dovetail: error: {message} (see '{self.prog} --help')\n")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -46,7 +56,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
     p.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (default 0: off)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed for sampling (default 0)")
 
 
 def add_dovetail_args(p: argparse.ArgumentParser) -> None:
@@ -139,9 +149,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_generate(args, flags)
     dovetail = args.mode == "dovetail"
     tree = flags.tree_config() if dovetail else None
-    # tree verification runs multi-token forwards, where the [in, out] weight layout is faster (params.py)
-    target = api.load_target(args.model, layout="in_out" if dovetail else "out_in", tokenizer=args.tokenizer,
-                             placement=_placement())
+    placement = _placement()  # sets JAX up before anything touches it
+    from dovetail_jax.model.params import fast_layout
+
+    # tree verification runs multi-token forwards: the layout that is faster for them here (params.fast_layout)
+    target = api.load_target(args.model, layout=fast_layout(2) if dovetail else "out_in", tokenizer=args.tokenizer,
+                             placement=placement)
     draft = _load_draft(api, target, flags, args.seed) if dovetail else None
     out = api.generate(target, args.prompt, chat=args.chat, system=args.system, max_new_tokens=args.max_new_tokens,
                        sampling=_sampling(args), ignore_eos=args.ignore_eos, on_text=None if args.json else _stream,
@@ -199,10 +212,16 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
                        draft_vocab_size=args.draft_vocab if args.draft_vocab else None)
     tc = TrainConfig(steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr, warmup=args.warmup,
                      noise=args.noise, seed=args.seed, save_every=args.save_every, eval_every=args.eval_every)
-    target = api.load_target(args.model, layout="in_out", tokenizer=args.tokenizer, placement=_placement())
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        pipeline.check_out(out, args.force)  # before any work: an existing draft is never replaced by accident
+    placement = _placement()  # sets JAX up before anything touches it
+    from dovetail_jax.model.params import fast_layout
+
+    target = api.load_target(args.model, layout=fast_layout(2), tokenizer=args.tokenizer, placement=placement)
     opts = pipeline.PipelineOptions(
         work=Path(args.work) if args.work else pipeline.default_work_dir(target),
-        run_dir=Path(args.run) if args.run else None, out=Path(args.out) if args.out else None,
+        run_dir=Path(args.run) if args.run else None, out=out, force=args.force,
         num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch,
         eval_prompts=args.eval_prompts, stages=args.stage, stop_at=args.stop_at)
     summary = pipeline.run(target, dcfg, tc, opts)
@@ -260,8 +279,9 @@ def _add_bench_dovetail(bsub: Any) -> None:
 
     p = bsub.add_parser("dovetail", help="Dovetail vs target-only (and llama.cpp) on HumanEval / MT-bench prompts",
                         description="Dovetail decoding on the evaluation prompts (chat template, EOS stops), "
-                                    "round-robin with target-only and llama.cpp F32 per prompt; JSON rewritten "
-                                    "after every prompt.")
+                                    "round-robin with target-only and llama.cpp F32 per prompt; progress JSON "
+                                    "rewritten after every prompt in <out>.partial.json, --out written only when "
+                                    "the run is complete.")
     add_model_args(p)
     p.add_argument("--datasets", default=DEFAULT_DATASETS,
                    help=f"comma-separated evaluation sets among {', '.join(eval_prompts.DATASETS)} "
@@ -320,7 +340,10 @@ def _add_train_draft(sub: Any) -> None:
     _add_training_schedule_args(t)
     t.add_argument("--run", metavar="DIR", default=None, help="run folder (default: <work>/runs/<architecture>)")
     t.add_argument("--out", metavar="DIR", default=None,
-                   help="where to write the draft checkpoint (default: <run>/export)")
+                   help="where to write the draft checkpoint (default: <run>/export); an existing draft folder "
+                        "is never replaced without --force")
+    t.add_argument("--force", action="store_true",
+                   help="replace an existing --out folder (atomically, once the new draft is complete)")
     t.add_argument("--eval-prompts", type=nonneg_int, default=8,
                    help="held-out prompts for the card's tau (0: skip)")
     t.add_argument("--json", action="store_true", help="print a JSON summary at the end")
@@ -330,10 +353,10 @@ def _add_train_draft(sub: Any) -> None:
 def _add_training_schedule_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--steps", type=positive_int, default=1000, help="optimiser steps in all (1000)")
     t.add_argument("--batch-tokens", type=positive_int, default=4096, help="padded tokens per step (4096)")
-    t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (1e-3)")
+    t.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW learning rate (1e-3)")
     t.add_argument("--warmup", type=nonneg_int, default=100, help="warm-up steps (100)")
     t.add_argument("--noise", type=nonneg_float, default=0.2, help="width of the uniform feature noise (0.2)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=seed_int, default=0, help="initialisation and batch-order seed (0)")
     t.add_argument("--stop-at", type=positive_int, default=None, metavar="STEP",
                    help="end this sitting at STEP with a checkpoint (the schedule still spans --steps); "
                         "rerun without it to finish")
@@ -342,7 +365,7 @@ def _add_training_schedule_args(t: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dovetail",
         description="Dovetail speculative decoding in JAX: the target LLM on the CPU, the draft on the accelerator.",
     )
@@ -362,7 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad argument (2, one line already printed)
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)

@@ -7,10 +7,25 @@ Invalid values raise `ConfigError`, the one error type for bad configurations in
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
 from dovetail_jax.errors import ConfigError
+
+SEED_RANGE = (-(2**63), 2**63)  # what a JAX key takes
+
+
+def _check_int(owner: str, name: str, v: object) -> None:
+    """An integer option must be an integer (numpy's too), never a float or bool that would pass a comparison."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ConfigError(f"{owner}.{name} must be an integer, got {v!r}")
+
+
+def _check_number(owner: str, name: str, v: object) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ConfigError(f"{owner}.{name} must be a number, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -85,12 +100,18 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        for f in ("temperature", "top_p"):
+            _check_number("SamplingConfig", f, getattr(self, f))
+        for f in ("top_k", "seed"):
+            _check_int("SamplingConfig", f, getattr(self, f))
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise ConfigError(f"seed must be in [-2^63, 2^63), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -170,6 +191,7 @@ class TreeConfig:
 
     def __post_init__(self) -> None:
         for f in ("top_k", "depth", "total_tokens"):
+            _check_int("TreeConfig", f, getattr(self, f))
             if getattr(self, f) < 1:
                 raise ConfigError(f"tree {f} must be >= 1, got {getattr(self, f)}")
         if self.total_tokens - 1 > self.pool_size:

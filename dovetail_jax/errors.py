@@ -12,3 +12,8 @@ class ModelFormatError(DovetailError):
 class ConfigError(DovetailError, ValueError):
     """An option or configuration value is out of range (raised by the config classes themselves, so callers
     need no translation; a ValueError too, as a bad value is one)."""
+
+
+class TrainingDivergedError(DovetailError):
+    """Training met a non-finite loss (or parameters): the run stops, its last good checkpoint is kept and
+    nothing is exported."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,34 @@ from typing import Any
 from simulator.errors import ConfigError
 
 RESULTS = Path(__file__).resolve().parent.parent / "analysis" / "results"
+
+
+# argparse types (the simulator may not import the library's argtypes): 0 is refused, never read as "the default"
+def positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    v = float(s)
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
+    return v
+
+
+def seed_int(s: str) -> int:
+    v = int(s)
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^63), got {s}")
+    return v
+
+
+def nonempty_text(s: str) -> str:
+    if not s.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return s
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -97,7 +126,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from simulator.validate import validate_file
 
         report = validate_file(args.validate, hw, wl.model, measured, calibrate=args.calibrate,
-                               out=args.out or RESULTS / "sim_validation.json")
+                               out=RESULTS / "sim_validation.json" if args.out is None else args.out)
         print(json.dumps(report["summary"], indent=1) if args.json else report["text"])
         return 0
     if args.tune:
@@ -165,7 +194,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _write(out: str | Path | None, data: Any) -> None:
-    if out:
+    if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(data, indent=1) + "\n")
 
@@ -189,10 +218,11 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("machine")
     g.add_argument("--profile", default="host-2core-shared", help="preset name or profile JSON (dovetail profile-hw)")
-    g.add_argument("--pcie-gen", type=int, help="what-if: PCIe generation of the link")
-    g.add_argument("--lanes", type=int, help="what-if: PCIe lanes")
-    g.add_argument("--link-gbps", type=float, help="what-if: link bandwidth in GB/s (overrides gen/lanes)")
-    g.add_argument("--vram-gb", type=float, help="what-if: GPU memory in GiB")
+    # every number is checked here (0 is an error, never "use the default"): a what-if must not silently be the base
+    g.add_argument("--pcie-gen", type=positive_int, help="what-if: PCIe generation of the link")
+    g.add_argument("--lanes", type=positive_int, help="what-if: PCIe lanes")
+    g.add_argument("--link-gbps", type=positive_float, help="what-if: link bandwidth in GB/s (overrides gen/lanes)")
+    g.add_argument("--vram-gb", type=positive_float, help="what-if: GPU memory in GiB")
     g = p.add_argument_group("model and draft")
     g.add_argument("--model", default="smollm2-135m", help="public config name (smollm2-135m, llama2-7b, ...)")
     g.add_argument("--target-dtype", default="f32",
@@ -203,15 +233,15 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
                         "cpu_engines.json), or profile (the profile's own efficiency fields); auto = profile for a "
                         "`profile-hw` measurement, else dovetail-jax")
     g.add_argument("--draft-dtype", default="f16", help="draft (and GPU-resident target layers) dtype")
-    g.add_argument("--draft-layers", type=int, default=1)
-    g.add_argument("--draft-vocab", type=int, default=None, help="reduced draft-head vocabulary V'")
+    g.add_argument("--draft-layers", type=positive_int, default=1)
+    g.add_argument("--draft-vocab", type=positive_int, default=None, help="reduced draft-head vocabulary V'")
     g.add_argument("--draft-kind", default="dgf", choices=("dgf", "eagle", "none"),
                    help="draft fusion: dgf (Dovetail), eagle (EAGLE's fc), none (a standalone LLaMA draft)")
-    g.add_argument("--top-k", type=int, default=PAPER_TREE.top_k)
-    g.add_argument("--depth", type=int, default=PAPER_TREE.depth)
-    g.add_argument("--total-tokens", type=int, default=PAPER_TREE.total_tokens)
-    g.add_argument("--prompt-len", type=int, default=128)
-    g.add_argument("--new-tokens", type=int, default=256)
+    g.add_argument("--top-k", type=positive_int, default=PAPER_TREE.top_k)
+    g.add_argument("--depth", type=positive_int, default=PAPER_TREE.depth)
+    g.add_argument("--total-tokens", type=positive_int, default=PAPER_TREE.total_tokens)
+    g.add_argument("--prompt-len", type=positive_int, default=128)
+    g.add_argument("--new-tokens", type=positive_int, default=256)
     g = p.add_argument_group("acceptance (one of)")
     g.add_argument("--tau", type=float, help="mean tokens per cycle incl. the bonus")
     g.add_argument("--alpha", help="per-depth acceptance rates, comma-separated (last one repeats)")
@@ -226,14 +256,15 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--measured", help="JSON table of measured per-operation timings (profile-hw --ops)")
     g.add_argument("--ngl", type=int, default=-1, help="target layers on the GPU (partial: -1 = max; dovetail: 0)")
     g.add_argument("--spec-trees", type=int, default=0, help="pipelined: speculative trees per cycle (0 = auto)")
-    g.add_argument("--cycles", type=int, default=2000)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cycles", type=positive_int, default=2000)
+    g.add_argument("--seed", type=seed_int, default=0)
     g.add_argument("--json", action="store_true", help="machine-readable output")
-    g.add_argument("--out", help="also write the JSON result here")
+    g.add_argument("--out", type=nonempty_text, help="also write the JSON result here")
     g = p.add_argument_group("exploration")
     g.add_argument("--sweep", nargs="*", metavar="KEY=V1,V2", help="grid, e.g. total_tokens=4,8,16 depth=3:7")
     g.add_argument("--tune", action="store_true", help="best configuration (grid: --sweep or a default tree grid)")
-    g.add_argument("--vram-budget", type=float, help="--tune: GiB of VRAM the draft (and target layers) may use")
+    g.add_argument("--vram-budget", type=positive_float,
+                   help="--tune: GiB of VRAM the draft (and target layers) may use")
     g.add_argument("--validate", help="runs JSON (simulator.validate collect): predict and compare tokens/s")
     g.add_argument("--calibrate", help="with --validate: comma-separated run names used for calibration")
 

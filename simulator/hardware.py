@@ -131,7 +131,8 @@ class HardwareProfile:
         """The same machine on another link (what-if: 'speedup vs PCIe bandwidth')."""
         link = self.link
         if gen is not None or lanes is not None:
-            link = replace(link, gen=gen or link.gen, lanes=lanes or link.lanes, bandwidth=0.0)
+            link = replace(link, gen=link.gen if gen is None else gen,  # 0 is refused, never the default
+                           lanes=link.lanes if lanes is None else lanes, bandwidth=0.0)
             pcie_bandwidth(link.gen, link.lanes)
         if bandwidth is not None:
             _positive("link.bandwidth", bandwidth, self.name)

@@ -17,6 +17,7 @@ from dovetail_jax.bench import dovetail as bd
 from dovetail_jax.config import TREE_PRESETS, DraftConfig, TreeConfig
 from dovetail_jax.errors import ConfigError
 from dovetail_jax.io import eval_prompts
+from dovetail_jax.model.params import fast_layout
 
 
 def _need(package: str) -> None:
@@ -250,7 +251,7 @@ def test_cli_end_to_end(run_cli, smollm2_path, tmp_path, monkeypatch):
     for key in ("schema", "complete", "timestamp", "command", "machine", "model", "settings", "configs", "results",
                 "prompts", "skipped", "warmup_compile_s"):
         assert key in d, key
-    assert d["complete"] is True and d["model"]["layout"].startswith("in_out")
+    assert d["complete"] is True and d["model"]["layout"].startswith(fast_layout(2))
     assert (tmp_path / "bd.png").stat().st_size > 1000 and (tmp_path / "bd.svg").is_file()  # the figure
     assert d["settings"]["chat"] is True and d["settings"]["ignore_eos"] is False and d["settings"]["greedy"]
     assert d["skipped"]["llama_cpp_f32"] == "--no-llama-cpp"

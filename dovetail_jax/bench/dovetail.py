@@ -14,9 +14,10 @@ tokens as target-only did for that prompt. Tokens are counted alike for all meth
 Σ(prefill + decode). Every aggregate pools counts over prompts (Σcommitted / Σcycles, Σaccepted at depth d /
 Σcycles reaching depth d, Σtokens / Σseconds), never a mean of per-prompt ratios.
 
-The JSON is rewritten atomically after every prompt ("complete": false until the end), so an interrupted run
-keeps what it measured. This module is imported when the CLI parser is built: JAX and the engines are imported
-only inside `run`.
+The JSON is rewritten atomically after every prompt ("complete": false until the end) to `<out>.partial.json`,
+so an interrupted run keeps what it measured; `--out` itself is written (atomically) only by a complete run, so
+an interrupted or failed one leaves the old result byte-identical. This module is imported when the CLI parser
+is built: JAX and the engines are imported only inside `run`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from dovetail_jax.argtypes import RANDOM_FLAGS, TREE_FLAGS, DraftFlags, flag
 from dovetail_jax.bench import report
 from dovetail_jax.bench.report import fmt, rate, ratio
-from dovetail_jax.bench.results import write_json_atomic
+from dovetail_jax.bench.results import partial_path, write_json_atomic
 from dovetail_jax.config import TREE_PRESETS, DraftConfig, SamplingConfig, TreeConfig
 from dovetail_jax.errors import ConfigError, DovetailError, ModelFormatError
 from dovetail_jax.io import eval_prompts
@@ -521,7 +522,7 @@ def _settings(opts: DovetailBenchOptions) -> dict[str, Any]:
 
 def _model_record(target: Any, model_path: Path) -> dict[str, Any]:
     return {"source": target.source, "path": str(model_path), "name": target.cfg.name,
-            "num_params": target.cfg.num_params, "layout": "in_out (dovetail), out_in (target-only)",
+            "num_params": target.cfg.num_params, "layout": f"{target.params.layout} (dovetail), out_in (target-only)",
             "load_s": target.load_s, "eos_ids": list(target.eos_ids)}
 
 
@@ -530,6 +531,7 @@ def _prepare(opts: DovetailBenchOptions) -> tuple[_Methods, dict[str, list[tuple
     the methods, the encoded prompts and the result's header."""
     from dovetail_jax import api, machine
     from dovetail_jax.io.registry import default_model_path
+    from dovetail_jax.model.params import fast_layout
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_start = machine.load_average()
@@ -537,8 +539,9 @@ def _prepare(opts: DovetailBenchOptions) -> tuple[_Methods, dict[str, list[tuple
     model_path = Path(opts.model).expanduser() if opts.model is not None else default_model_path()
     lc_skip = _llama_plan(opts.llama_cpp, model_path)
     n = opts.max_new_tokens
-    _say(f"loading the target ({opts.model or 'default'}, [in, out] layout)")
-    target = api.load_target(opts.model, layout="in_out", tokenizer=opts.tokenizer, placement=opts.placement)
+    layout = fast_layout(2)
+    _say(f"loading the target ({opts.model or 'default'}, {layout} layout for verification)")
+    target = api.load_target(opts.model, layout=layout, tokenizer=opts.tokenizer, placement=opts.placement)
     baseline = api.load_target(opts.model, layout="out_in", tokenizer=opts.tokenizer, placement=target.placement)
     encoded = _encode(api, target, prompts, opts.configs, n)
     drafts, draft_info = _load_drafts(api, target, opts.configs, opts.sampling.seed)
@@ -570,7 +573,8 @@ def _finish(res: dict[str, Any], out: Path) -> None:
 
 
 def run(opts: DovetailBenchOptions) -> dict[str, Any]:
-    """Run the benchmark, rewriting `opts.out` after every prompt; returns the final result."""
+    """Run the benchmark, rewriting `<out>.partial.json` after every prompt and writing `opts.out` (atomically)
+    only when every prompt is done, so an interrupted or failed run leaves the old result intact."""
     from tqdm import tqdm
 
     from dovetail_jax import machine
@@ -581,11 +585,13 @@ def run(opts: DovetailBenchOptions) -> dict[str, Any]:
     records: dict[str, list[dict[str, Any]]] = {ds: [] for ds in opts.datasets}
     res |= {"results": {}, "prompts": records}
 
-    def write() -> None:
+    def write(final: bool = False) -> None:
         res["results"] = {ds: summarize_dataset(records[ds], names, greedy) for ds in opts.datasets if records[ds]}
         res["skipped"]["llama_cpp_f32"] = m.lc_skip
         res["machine"]["load_average_1m"]["end"] = machine.load_average()
-        write_json_atomic(Path(opts.out), res)
+        write_json_atomic(Path(opts.out) if final else partial_path(Path(opts.out)), res)
+        if final:
+            partial_path(Path(opts.out)).unlink(missing_ok=True)
 
     write()
     bar = tqdm(total=sum(len(ps) for ps in encoded.values()), desc="prompts", unit="prompt", file=sys.stderr)
@@ -604,6 +610,6 @@ def run(opts: DovetailBenchOptions) -> dict[str, Any]:
     if m.llama is not None:
         m.llama.close()
     res["complete"] = True
-    write()
+    write(final=True)
     _finish(res, Path(opts.out))
     return res

@@ -1,4 +1,7 @@
-"""Benchmark results on disk: JSON under analysis/results/, written atomically (never a half-written file)."""
+"""Benchmark results on disk: JSON under analysis/results/, written atomically (never a half-written file).
+
+A result file is replaced only by a complete run: progress goes to `partial_path(out)` beside it, which the
+finished run removes, so an interrupted or failed run leaves the committed file byte-identical."""
 
 from __future__ import annotations
 
@@ -17,3 +20,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def partial_path(path: Path) -> Path:
+    """Where a run in progress keeps its results: x.json -> x.partial.json, beside the final file."""
+    return path.with_name(f"{path.stem}.partial{path.suffix or '.json'}")
+

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +24,7 @@ import numpy as np
 
 from dovetail_jax import paths
 from dovetail_jax.config import TREE_PRESETS, DraftConfig, SamplingConfig, TreeConfig
-from dovetail_jax.errors import ConfigError
+from dovetail_jax.errors import ConfigError, TrainingDivergedError
 from dovetail_jax.stats import Acceptance
 from dovetail_jax.train.answers import generate_answers, read_answers
 from dovetail_jax.train.features import extract_all, load_features
@@ -36,6 +39,7 @@ class PipelineOptions:
     work: Path  # answers, feature shards and runs (see `default_work_dir`)
     run_dir: Path | None = None  # default: <work>/runs/<architecture>
     out: Path | None = None  # the checkpoint folder; default: <run>/export
+    force: bool = False  # replace an existing `out` (atomically, once the new draft is complete)
     num_prompts: int | None = None  # the first N training prompts (None: all)
     max_new_tokens: int = 256  # longest answer
     gen_batch: int = 48  # prompts answered per batch
@@ -48,6 +52,24 @@ class PipelineOptions:
 def default_work_dir(target: Any) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", target.cfg.name.lower()).strip("-")
     return paths.train_work() / f"{slug}-{(target.sha256 or 'unknown')[:12]}"
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an `out` that holds anything (a draft, above all) unless `force`: a run never replaces a draft by
+    accident. Called before any work; `export` replaces it atomically."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not out.is_dir():
+            raise ConfigError(f"{out} exists and is not a folder; choose another --out")
+        if not force:
+            raise ConfigError(f"{out} already exists; choose another --out, or pass --force to replace it "
+                              "once the new draft is complete")
+
+
+def check_draft_vocab(dcfg: DraftConfig, vocab_size: int) -> None:
+    """A reduced vocabulary cannot be larger than the target's (it selects target tokens)."""
+    if dcfg.draft_vocab_size is not None and dcfg.draft_vocab_size > vocab_size:
+        raise ConfigError(f"--draft-vocab {dcfg.draft_vocab_size} is larger than the target's vocabulary "
+                          f"({vocab_size} tokens); use at most {vocab_size}, or 0 for the full vocabulary")
 
 
 def arch_name(dcfg: DraftConfig) -> str:
@@ -89,14 +111,14 @@ def _data(target: Any, opts: PipelineOptions, say: Callable[[str], None],
 
 
 def _vocab_map(fs: Any, train_seqs: np.ndarray, dcfg: DraftConfig, run_dir: Path,
-               eos_ids: tuple[int, ...]) -> np.ndarray | None:
+               eos_ids: tuple[int, ...], vocab_size: int) -> np.ndarray | None:
     """The reduced vocabulary, chosen once per run folder and reused on resume."""
     if dcfg.draft_vocab_size is None:
         return None
     vm_path = run_dir / "vocab_map.npy"
     if vm_path.exists():
         return np.load(vm_path)
-    vocab_map = choose_vocab(fs, train_seqs, dcfg.draft_vocab_size, eos_ids)
+    vocab_map = choose_vocab(fs, train_seqs, dcfg.draft_vocab_size, eos_ids, vocab_size)
     np.save(vm_path, vocab_map)
     return vocab_map
 
@@ -105,9 +127,16 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
     """Answers -> features -> training -> checkpoint and card, each stage resuming; returns a JSON summary.
 
     A sitting that ends before `tc.steps` (--stop-at, or Ctrl-C during training, which saves a checkpoint)
-    returns `"complete": False` (and `"interrupted": True` after Ctrl-C) after saying how to resume.
+    returns `"complete": False` (and `"interrupted": True` after Ctrl-C) after saying how to resume. An
+    existing `opts.out` is refused before any work unless `opts.force`; a diverged run raises
+    `TrainingDivergedError` and exports nothing.
     """
     say = (lambda m: print(f"dovetail: {m}", file=sys.stderr)) if opts.progress else (lambda m: None)
+    check_draft_vocab(dcfg, target.cfg.vocab_size)
+    run_dir = opts.run_dir or opts.work / "runs" / arch_name(dcfg)
+    exports = opts.stages == "all" or (opts.stages == "train" and opts.out is not None)
+    if exports:
+        check_out(opts.out or run_dir / "export", opts.force)
     opts.work.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"work": str(opts.work)}
     records = _data(target, opts, say, summary)
@@ -115,14 +144,13 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
         return summary
     features = opts.work / "features"
     fs = load_features(features, target.sha256, target.cfg.hidden_size)
-    run_dir = opts.run_dir or opts.work / "runs" / arch_name(dcfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_record(target.cfg, dcfg, tc, target.sha256, {"folder": str(features),
                                                               "conversations": fs.num_sequences})
     check_run(run_dir, record)
     (run_dir / "run.json").write_text(json.dumps(record, indent=1))
     train_seqs, held_seqs = split(fs, tc.heldout_every)
-    vocab_map = _vocab_map(fs, train_seqs, dcfg, run_dir, tuple(target.eos_ids))
+    vocab_map = _vocab_map(fs, train_seqs, dcfg, run_dir, tuple(target.eos_ids), target.cfg.vocab_size)
     say(f"train: {arch_name(dcfg)} on {train_seqs.size} conversations ({int(fs.offsets[-1])} tokens in all), "
         f"{held_seqs.size} held out; run folder {run_dir}")
     result = train(target.params, target.cfg, dcfg, tc, fs, vocab_map, run_dir, target.sha256, opts.progress,
@@ -132,21 +160,57 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
         say(f"training stopped at step {result.step} of {tc.steps} (checkpoint saved in {run_dir}); "
             "rerun the same command to resume")
         return summary | {"complete": False} | ({"interrupted": True} if result.interrupted else {})
-    if opts.stages == "train" and opts.out is None:
+    if not exports:
         return summary
+    if not math.isfinite(result.heldout.get("loss", math.nan)):
+        raise TrainingDivergedError(f"training diverged: the held-out loss is {result.heldout.get('loss')}; "
+                                    f"nothing exported (run folder {run_dir}); lower --lr or use another run folder")
     out = opts.out or run_dir / "export"
     return summary | export(target, dcfg, tc, result, vocab_map, out, records, fs, opts.eval_prompts, say)
 
 
+def _replace_folder(new: Path, out: Path) -> None:
+    """Move the complete folder `new` to `out`: a rename when `out` is free, else a swap by two renames, the old
+    folder kept beside until the new one is in place (a crash in between leaves both on disk, never neither)."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+        os.replace(new, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export(target: Any, dcfg: DraftConfig, tc: TrainConfig, result: Any, vocab_map: np.ndarray | None, out: Path,
            records: list[dict[str, Any]], fs: Any, eval_prompts: int, say: Any) -> dict[str, Any]:
-    """Write the checkpoint, measure τ on held-out prompts with it, and write the card again with τ."""
+    """Write the checkpoint into a temporary folder beside `out`, measure τ on held-out prompts with it, write the
+    card again with τ, and only then move it to `out` (replacing what is there: the caller checked `--force`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        card = _write_draft(target, dcfg, tc, result, vocab_map, out.name, tmp, records, fs, eval_prompts, say)
+        _replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"wrote {out} (held-out top-1 {result.heldout['top1']:.3f})")
+    return {"checkpoint": str(out), "card": card}
+
+
+def _write_draft(target: Any, dcfg: DraftConfig, tc: TrainConfig, result: Any, vocab_map: np.ndarray | None,
+                 name: str, folder: Path, records: list[dict[str, Any]], fs: Any, eval_prompts: int,
+                 say: Any) -> dict[str, Any]:
+    """The checkpoint and its card in `folder` (τ measured with the written draft); returns the card."""
     from dovetail_jax import api
     from dovetail_jax.io.checkpoint import save_draft
 
     held = [r for r in records if r["index"] % tc.heldout_every == 0]
     card: dict[str, Any] = {
-        "name": out.name,
+        "name": name,
         "training": {
             "data": "self-distillation: the target's greedy answers (max 256 tokens) to offline prompts "
                     "(Python standard-library functions + templated chat requests; dovetail_jax/train/prompts.py)",
@@ -157,13 +221,12 @@ def export(target: Any, dcfg: DraftConfig, tc: TrainConfig, result: Any, vocab_m
         "heldout": {k: round(float(v), 5) for k, v in result.heldout.items()},
         "created": time.strftime("%Y-%m-%d"),
     }
-    save_draft(out, target.cfg, dcfg, result.params, vocab_map, target.sha256, "bfloat16", card)
+    save_draft(folder, target.cfg, dcfg, result.params, vocab_map, target.sha256, "bfloat16", card)
     if eval_prompts > 0:
-        draft = api.load_draft(target, out)
+        draft = api.load_draft(target, folder)
         card["heldout_tau"] = {}
-        for name in ("server", "laptop"):
-            say(f"held-out τ with the {name} tree on {eval_prompts} training-distribution prompts")
-            card["heldout_tau"][name] = heldout_tau(target, draft, held, TREE_PRESETS[name], eval_prompts, 128)
-        save_draft(out, target.cfg, dcfg, result.params, vocab_map, target.sha256, "bfloat16", card)
-    say(f"wrote {out} (held-out top-1 {result.heldout['top1']:.3f})")
-    return {"checkpoint": str(out), "card": card}
+        for tree in ("server", "laptop"):
+            say(f"held-out τ with the {tree} tree on {eval_prompts} training-distribution prompts")
+            card["heldout_tau"][tree] = heldout_tau(target, draft, held, TREE_PRESETS[tree], eval_prompts, 128)
+        save_draft(folder, target.cfg, dcfg, result.params, vocab_map, target.sha256, "bfloat16", card)
+    return card

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from dovetail_jax.config import DraftConfig, ModelConfig
-from dovetail_jax.errors import ConfigError
+from dovetail_jax.errors import ConfigError, TrainingDivergedError
 from dovetail_jax.model import draft as D
 from dovetail_jax.model.params import TargetParams
 from dovetail_jax.plan import train_length as _bucket  # the padded length of a batch
@@ -51,6 +52,21 @@ class TrainConfig:
     eval_every: int = 200
     heldout_every: int = 20  # every 20th conversation (by index in the answers file) is held out
 
+    def __post_init__(self) -> None:
+        """Refuse what would train garbage (a nan or 0 learning rate) before any work, as the CLI does."""
+        for f in ("lr", "weight_decay", "clip_value", "noise", "p_weight", "min_lr_ratio"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"TrainConfig.{f} must be a finite number >= 0, got {v!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        for f in ("steps", "batch_tokens", "save_every", "eval_every", "heldout_every"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"TrainConfig.{f} must be a positive integer, got {v!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ConfigError(f"TrainConfig.warmup must be an integer >= 0, got {self.warmup!r}")
+
 
 def split(fs: FeatureSet, every: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) sequence numbers; held out: answers-file index divisible by `every`."""
@@ -58,10 +74,12 @@ def split(fs: FeatureSet, every: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def choose_vocab(fs: FeatureSet, seqs: np.ndarray, size: int, always: tuple[int, ...] = ()) -> np.ndarray:
+def choose_vocab(fs: FeatureSet, seqs: np.ndarray, size: int, always: tuple[int, ...] = (),
+                 vocab_size: int | None = None) -> np.ndarray:
     """The `size` target ids most frequent among the answers' tokens and the target's greedy choices of the
-    training split (EOS ids always kept): the reduced draft vocabulary."""
-    counts = np.zeros(int(max(fs.ids.max(), fs.argmax.max())) + 1, np.int64)
+    training split (EOS ids always kept): the reduced draft vocabulary. With the target's `vocab_size`, ids
+    never seen fill it up to `size` (else the map could come out shorter than the draft's head)."""
+    counts = np.zeros(max(int(max(fs.ids.max(), fs.argmax.max())) + 1, vocab_size or 0), np.int64)
     for s in seqs:
         a, b = int(fs.offsets[s]) + int(fs.prompt_len[s]), int(fs.offsets[s + 1])
         counts += np.bincount(fs.ids[a:b], minlength=counts.size)[: counts.size]
@@ -170,6 +188,19 @@ def _batches(lengths: np.ndarray, seqs: np.ndarray, tc: TrainConfig, start: int)
         epoch += 1
 
 
+def _finite(tree: Any) -> bool:
+    """Whether every leaf of a parameter pytree is finite (checked before a checkpoint is written)."""
+    return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
+
+
+def _diverged(what: str, step: int, mngr: Any, run: Path, tc: TrainConfig) -> TrainingDivergedError:
+    kept = mngr.latest_step()
+    where = f"the last good checkpoint (step {kept}) is kept in {run / 'ckpt'}" if kept is not None else \
+        "no checkpoint was written"
+    return TrainingDivergedError(f"training diverged: {what} at step {step}; stopped, nothing exported, {where}; "
+                                 f"lower --lr (now {tc.lr:g}) or use another run folder")
+
+
 def run_record(cfg: ModelConfig, dcfg: DraftConfig, tc: TrainConfig, target_sha256: str | None,
                features: dict[str, Any]) -> dict[str, Any]:
     return {"target": {"name": cfg.name, "sha256": target_sha256}, "draft": dataclasses.asdict(dcfg),
@@ -236,6 +267,8 @@ def train(target: TargetParams, cfg: ModelConfig, dcfg: DraftConfig, tc: TrainCo
     ema: dict[str, float] = {}
 
     def save(s: int) -> None:
+        if not _finite(params):  # never a checkpoint of diverged weights: the last good one stays the latest
+            raise _diverged("the parameters are not finite", s, mngr, run, tc)
         mngr.save(s, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
         mngr.wait_until_finished()
 
@@ -247,6 +280,8 @@ def train(target: TargetParams, cfg: ModelConfig, dcfg: DraftConfig, tc: TrainCo
             params, opt_state, m = step_fn(params, opt_state, shared, make_batch(fs, chunk),
                                            jax.random.fold_in(key, step))
             step += 1
+            if not math.isfinite(float(m["loss"])):
+                raise _diverged(f"the loss is {float(m['loss'])}", step, mngr, run, tc)
             for k in ("loss", "top1"):
                 ema[k] = float(m[k]) if k not in ema else 0.95 * ema[k] + 0.05 * float(m[k])
             bar.update(1)
@@ -263,6 +298,9 @@ def train(target: TargetParams, cfg: ModelConfig, dcfg: DraftConfig, tc: TrainCo
         interrupted = True
         if mngr.latest_step() != step:
             save(step)
+    except TrainingDivergedError:
+        mngr.close()
+        raise
     finally:
         bar.close()
         log.close()
