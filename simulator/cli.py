@@ -8,42 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from dovetail_jax.argtypes import nonempty_text, positive_float, positive_int, seed_int
 from simulator.errors import ConfigError
 
 RESULTS = Path(__file__).resolve().parent.parent / "analysis" / "results"
-
-
-# argparse types (the simulator may not import the library's argtypes): 0 is refused, never read as "the default"
-def positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def positive_float(s: str) -> float:
-    v = float(s)
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
-    return v
-
-
-def seed_int(s: str) -> int:
-    v = int(s)
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^63), got {s}")
-    return v
-
-
-def nonempty_text(s: str) -> str:
-    if not s.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return s
 
 
 def _floats(text: str, what: str) -> list[float]:

@@ -31,7 +31,7 @@ LAYERS: tuple[frozenset[str], ...] = (
 )
 SEPARATE = {frozenset({"train", "bench"})}  # both sit beside the API; neither builds on the other
 # What the simulator may use of dovetail_jax: the JAX-free low layer; its profiler also measures the runtime.
-SIMULATOR_USES = LAYERS[0] - {"argtypes", "paths"}
+SIMULATOR_USES = LAYERS[0] - {"paths"}
 SIMULATOR_PROFILE_USES = SIMULATOR_USES | {"devices", "machine", "model"}
 
 
