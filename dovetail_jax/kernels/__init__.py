@@ -1,13 +1,19 @@
-"""Small-T f32 matmul kernels for XLA CPU, called through `jax.ffi` from inside jitted forwards.
+"""Compiled f32 kernels for XLA CPU, called through `jax.ffi` from inside jitted forwards.
 
 Decoding and tree verification multiply 1-32 token rows by f32 weights; that is memory-bound, so the weights
 should be read once whatever T is. XLA CPU does not do that for T >= 2 (YNNPACK packs `[out, in]` weights on
 every call, see README). `matmul.cc` streams each weight row (or column panel) once for all T tokens on XLA's
-own thread pool. It is compiled with the system C++ compiler on first use into the cache directory (keyed by
-source, flags and jaxlib version; atomic, so concurrent processes are safe) and registered as FFI targets.
+own thread pool. The same holds for attention over the KV cache: XLA runs it as batched dot_generals at ~1/3
+of DRAM speed; `attention.cc` streams each cached K/V row once for all query rows of its kv head and returns
+the partial softmax state (max, sum of exp, un-normalised output) that `layers.attention` merges with the new
+tokens' scores. Both sources are compiled with the system C++ compiler on first use into one library in the
+cache directory (keyed by every source, flags and jaxlib version; atomic, so concurrent processes are safe)
+and registered as FFI targets.
 
-Where it cannot run (no compiler, no AVX-512, build or load failure, `DOVETAIL_KERNELS=off`) `kernels_enabled()`
-is False and callers use XLA's dot: same semantics, one line on stderr, no traceback.
+Where they cannot run (no compiler, no AVX-512, build or load failure, `DOVETAIL_KERNELS=off`)
+`kernels_enabled()` is False and callers use XLA: same semantics, one line on stderr, no traceback.
+`DOVETAIL_ATTENTION_KERNEL=off` (read when a forward is traced) keeps the matmul kernel but computes attention
+with XLA, for before/after comparisons.
 """
 
 from __future__ import annotations
@@ -34,11 +40,15 @@ log = logging.getLogger(__name__)
 # Rows per call up to which `layers.linear` uses the kernel (verification trees, decode batches). Beyond, XLA's
 # GEMM; measured in a 30-layer matmul chain under load: the kernel is still ~2x faster at 64 rows, even at 128.
 MAX_TOKENS = 32
-SOURCE = Path(__file__).with_name("matmul.cc")
+# Query rows per kv head (G * T) up to which `layers.attention` uses the cache kernel (G = 3: trees of 32).
+MAX_ATTENTION_ROWS = 128
+SOURCES = (Path(__file__).with_name("matmul.cc"), Path(__file__).with_name("attention.cc"))
 CXX_FLAGS = ("-O3", "-march=x86-64-v4", "-mtune=znver3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "fma")  # what -march=x86-64-v4 emits
 TARGETS = {"out_in": "dovetail_matmul_oi", "in_out": "dovetail_matmul_io"}
 _SYMBOLS = {"out_in": "DovetailMatmulOI", "in_out": "DovetailMatmulIO"}
+ATTENTION_TARGET = "dovetail_cache_attention"
+_ATTENTION_SYMBOL = "DovetailCacheAttention"
 
 
 class KernelUnavailable(RuntimeError):
@@ -69,26 +79,27 @@ def _compiler() -> str:
 
 
 def build(force: bool = False) -> Path:
-    """Compile `matmul.cc` into the cache (once per source/flags/jaxlib version) and return the library path."""
+    """Compile the kernel sources into one library in the cache (once per sources/flags/jaxlib version) and
+    return its path."""
     import jaxlib
 
     cxx = _compiler()
     include = jax.ffi.include_dir()
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, " ".join(CXX_FLAGS).encode(), jaxlib.__version__.encode(),
+    srcs = [p.read_bytes() for p in SOURCES]
+    key = hashlib.sha256(b"\0".join([*srcs, " ".join(CXX_FLAGS).encode(), jaxlib.__version__.encode(),
                                      cxx.encode()])).hexdigest()[:16]
-    out = cache_dir() / f"dovetail_matmul_{key}.so"
+    out = cache_dir() / f"dovetail_kernels_{key}.so"
     if out.exists() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *CXX_FLAGS, "-isystem", include, str(SOURCE), "-o", tmp]
+        cmd = [cxx, *CXX_FLAGS, "-isystem", include, *map(str, SOURCES), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-            raise KernelUnavailable(f"compiling {SOURCE.name} failed: {tail[0]}")
+            raise KernelUnavailable(f"compiling {', '.join(p.name for p in SOURCES)} failed: {tail[0]}")
         os.replace(tmp, out)  # atomic: a racing process either sees no file or a complete one
     finally:
         if os.path.exists(tmp):
@@ -109,6 +120,8 @@ def _load() -> str | None:
         for layout, name in TARGETS.items():
             fn = getattr(lib, _SYMBOLS[layout])
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
+        fn = getattr(lib, _ATTENTION_SYMBOL)
+        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(fn), platform="cpu")
     except Exception as e:  # any build or load failure means "use XLA's dot", never a crash
         return f"{type(e).__name__}: {e}" if not isinstance(e, KernelUnavailable) else str(e)
     return None
@@ -121,9 +134,9 @@ def kernels_enabled() -> bool:
     if reason is None:
         return True
     if reason == "DOVETAIL_KERNELS=off":
-        log.info("dovetail: compiled matmul kernels off (%s); using XLA's dot", reason)
+        log.info("dovetail: compiled matmul/attention kernels off (%s); using XLA", reason)
     else:
-        log.warning("dovetail: compiled matmul kernels unavailable (%s); using XLA's dot", reason)
+        log.warning("dovetail: compiled matmul/attention kernels unavailable (%s); using XLA", reason)
     return False
 
 
@@ -132,7 +145,7 @@ _forced_off = 0  # > 0 inside `xla_only()`
 
 @contextlib.contextmanager
 def xla_only() -> Iterator[None]:
-    """Functions *traced* inside use XLA's dot even where the kernel could run (benchmarks compare both)."""
+    """Functions *traced* inside use XLA even where the kernels could run (benchmarks compare both)."""
     global _forced_off
     _forced_off += 1
     try:
@@ -165,3 +178,39 @@ def matmul(x: jax.Array, w: jax.Array, layout: str) -> jax.Array:
     call = jax.ffi.ffi_call(TARGETS[layout], jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                             vmap_method="sequential")
     return call(x2, w).reshape(*x.shape[:-1], n)
+
+
+def attention_enabled() -> bool:
+    """Whether the cache-attention kernel may be used at all (kernels built, not switched off, not in `xla_only`)."""
+    off = os.environ.get("DOVETAIL_ATTENTION_KERNEL", "on").strip().lower() in ("off", "0", "false", "no")
+    return not _forced_off and not off and kernels_enabled()
+
+
+def supports_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+    """Whether `cache_attention(q, k, v, ...)` may run: f32 `q [B, K, M, D]`, `k, v [B, K, S, D]` of matching
+    (B, K, D), 1..MAX_ATTENTION_ROWS query rows, the kernel enabled."""
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        return False
+    b, kh, m, d = q.shape
+    return (all(a.dtype == jnp.float32 for a in (q, k, v)) and k.shape[:2] == (b, kh) and k.shape[3] == d
+            and 1 <= m <= MAX_ATTENTION_ROWS and d >= 1 and attention_enabled())
+
+
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array,
+                    hi: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Partial softmax attention of `q [B, K, M, D]` (already scaled) over cache slots `[lo[b], hi)` of
+    `k, v [B, K, S, D]` (`lo [B]`, `hi` scalar or `[B]`, int32; clipped to [0, S]).
+
+    Returns `m [B, K, M]` (max score), `l [B, K, M]` (sum of exp(s - m)) and `o [B, K, M, D]` (sum of
+    exp(s - m) v); an empty range gives m = -inf, l = 0, o = 0. Call only when `supports_attention`; no
+    autodiff rule of its own (`layers.attention` adds one).
+    """
+    if not kernels_enabled():
+        raise KernelUnavailable(f"compiled kernels unavailable: {_load()}")
+    b, kh, m, d = q.shape
+    f32 = jnp.float32
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, (jax.ShapeDtypeStruct((b, kh, m), f32),
+                                               jax.ShapeDtypeStruct((b, kh, m), f32),
+                                               jax.ShapeDtypeStruct((b, kh, m, d), f32)),
+                            vmap_method="sequential")
+    return call(q, k, v, jnp.asarray(lo, jnp.int32).reshape(b), jnp.asarray(hi, jnp.int32))

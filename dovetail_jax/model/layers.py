@@ -84,11 +84,16 @@ def attention(
 ) -> jax.Array:
     """Grouped-query attention of T new tokens over the committed prefix and over each other.
 
-    The cache is read as it was *before* this step's write, as two matmuls batched over (B, K), and the new
-    keys are scored separately; one softmax spans both. Reading the just-written cache instead makes XLA
-    CPU materialise a copy of every layer's cache each step (measured 2x slower decode at 2048 slots).
-    Without a cache (a prefill from empty) only the new tokens are scored. A per-row `[B, T, U]` mask and
-    `kv_start` serve batched generation over left-padded prompts. Returns `[B, T, N*D]`.
+    The cache is read as it was *before* this step's write, and the new keys are scored separately; one
+    softmax spans both. Reading the just-written cache instead makes XLA CPU materialise a copy of every
+    layer's cache each step (measured 2x slower decode at 2048 slots). The cache part is the compiled kernel
+    of `dovetail_jax.kernels` where it runs (f32, up to MAX_ATTENTION_ROWS query rows per kv head): it streams
+    the visible slots once for all queries and returns a partial softmax (max, sum, un-normalised output) that
+    is merged exactly with the new tokens' part; elsewhere two matmuls batched over (B, K). Gradients through
+    the kernel are those of the XLA computation. Without a cache (a prefill from empty) only the new tokens
+    are scored. A per-row `[B, T, U]` mask and `kv_start` serve batched generation over left-padded prompts.
+    A query row that sees no key at all gets an arbitrary average (the XLA path averages over every slot).
+    Returns `[B, T, N*D]`.
     """
     b, t, n, d = q.shape
     u, kh = k_new.shape[1], k_new.shape[2]
@@ -103,7 +108,13 @@ def attention(
         tree_mask = tree_mask[:, None, None]  # [B, 1, 1, T, U]
     s_new = jnp.where(tree_mask, s_new, NEG_INF)
     m = s_new.max(-1, keepdims=True)
-    if k_cache is not None:
+    fused = k_cache is not None and kernels.supports_attention(qh, k_cache, v_cache)
+    if fused:  # partial softmax over the cache: m_c [B, K, G, T, 1] (-inf: nothing visible), l_c, o_c [.., D]
+        lo = jnp.zeros((b,), jnp.int32) if kv_start is None else kv_start.astype(jnp.int32)
+        m_c, l_c, o_c = _cache_partial(qh, k_cache, v_cache, lo, jnp.asarray(prefix_len, jnp.int32))
+        m_c, l_c, o_c = m_c.reshape(b, kh, g, t, 1), l_c.reshape(b, kh, g, t, 1), o_c.reshape(b, kh, g, t, d)
+        m = jnp.maximum(m, m_c)  # >= NEG_INF: finite, so exp(m_c - m) is 0 for an empty range
+    elif k_cache is not None:
         s_cache = jax.lax.dot_general(qh, k_cache, dims).reshape(b, kh, g, t, -1)  # [B, K, G, T, S]
         slot = jnp.arange(k_cache.shape[2])
         visible = slot < prefix_len
@@ -114,12 +125,51 @@ def attention(
     e_new = jnp.exp(s_new - m)
     denom = e_new.sum(-1, keepdims=True)
     out = jax.lax.dot_general(e_new.reshape(b, kh, g * t, u), vn, pv)  # [B, K, G*T, D]
-    if k_cache is not None:
+    if fused:
+        scale = jnp.exp(m_c - m)
+        denom = denom + l_c * scale
+        out = out.reshape(b, kh, g, t, d) + o_c * scale
+    elif k_cache is not None:
         e_cache = jnp.exp(s_cache - m)
         denom = denom + e_cache.sum(-1, keepdims=True)
         out = out + jax.lax.dot_general(e_cache.reshape(b, kh, g * t, -1), v_cache, pv)
     out = out.reshape(b, kh, g, t, d) / denom
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * d)
+
+
+def _cache_partial(qh: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array,
+                   hi: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`kernels.cache_attention` on the CPU (XLA's equivalent elsewhere): the softmax state over slots [lo, hi)."""
+    return jax.lax.platform_dependent(qh, k, v, lo, hi, cpu=_kernel_cache_partial, default=_xla_cache_partial)
+
+
+def _xla_cache_partial(qh: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array,
+                       hi: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    slot = jnp.arange(k.shape[2])
+    visible = ((slot < hi) & (slot >= lo[:, None]))[:, None, None, :]  # [B, 1, 1, S]
+    s = jnp.where(visible, jax.lax.dot_general(qh, k, (((3,), (3,)), ((0, 1), (0, 1)))), NEG_INF)  # [B, K, M, S]
+    m = s.max(-1)
+    e = jnp.where(visible, jnp.exp(s - m[..., None]), 0.0)  # an empty range: l = 0, o = 0 (m = NEG_INF)
+    return m, e.sum(-1), jax.lax.dot_general(e, v, (((3,), (2,)), ((0, 1), (0, 1))))
+
+
+@jax.custom_vjp
+def _kernel_cache_partial(qh: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array,
+                          hi: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return kernels.cache_attention(qh, k, v, lo, hi)
+
+
+def _kernel_cache_partial_fwd(qh: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi: jax.Array) -> tuple:
+    return _kernel_cache_partial(qh, k, v, lo, hi), (qh, k, v, lo, hi)
+
+
+def _kernel_cache_partial_bwd(res: tuple, g: tuple) -> tuple:
+    qh, k, v, lo, hi = res
+    _, vjp = jax.vjp(lambda a, b, c: _xla_cache_partial(a, b, c, lo, hi), qh, k, v)
+    return (*vjp(g), None, None)
+
+
+_kernel_cache_partial.defvjp(_kernel_cache_partial_fwd, _kernel_cache_partial_bwd)
 
 
 def swiglu(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, in_out: bool = False) -> jax.Array:
