@@ -18,7 +18,8 @@ PACKAGES = ("dovetail_jax", "simulator")
 # Units of dovetail_jax (its first-level modules and subpackages), low to high. A unit may import its own modules
 # and any unit of a lower layer; units of one layer may import each other unless SEPARATE says otherwise.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"config", "errors", "paths", "plan", "stats", "argtypes"}),  # no JAX: the simulator shares these
+    # no JAX: the simulator shares these
+    frozenset({"config", "errors", "paths", "plan", "stats", "argtypes", "progress"}),
     frozenset({"devices", "kernels", "machine"}),  # machine: what this host is and can do (measured)
     frozenset({"model"}),
     # io reads files into the model's parameter description (names and shapes checked against model/, draft

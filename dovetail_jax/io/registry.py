@@ -32,9 +32,13 @@ def default_model_path() -> Path:
     return path
 
 
-CHECKPOINTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
+CHECKPOINTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints"  # this checkout's (editable install)
+# A wheel carries the default drafts inside the package (setup.py maps checkpoints/NAME to dovetail_jax/_drafts/NAME
+# for every NAME in DEFAULT_DRAFTS), since `pip install .` leaves the checkout's top-level folders behind.
+PACKAGED_DRAFTS_DIR = Path(__file__).resolve().parents[1] / "_drafts"
 # Shipped default drafts, keyed by the sha256 of the target's weights file: a draft belongs to exact weights,
-# so another file with the same model name (another quantisation, say) falls back to no default.
+# so another file with the same model name (another quantisation, say) falls back to no default. setup.py reads
+# this literal (with ast) to put these folders into the wheel: a renamed or added default is this one edit.
 SMOLLM2_Q4_1_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_DRAFTS: dict[str, str] = {SMOLLM2_Q4_1_SHA256: "smollm2-135m-dgf1-v8192"}
 
@@ -44,5 +48,8 @@ def default_draft_path(target_sha256: str | None) -> Path | None:
     name = DEFAULT_DRAFTS.get(target_sha256 or "")
     if name is None:
         return None
-    path = CHECKPOINTS_DIR / name
-    return path if (path / "card.json").is_file() else None
+    for root in (PACKAGED_DRAFTS_DIR, CHECKPOINTS_DIR):
+        path = root / name
+        if (path / "card.json").is_file():
+            return path
+    return None
