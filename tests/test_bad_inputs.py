@@ -11,6 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +38,15 @@ def _existing_files(tmp: Path) -> None:
     (tmp / "draft" / "card.json").write_text('{"name": "precious"}\n')
     (tmp / "draft" / "weights.safetensors").write_bytes(bytes(range(256)) * 4)
     (tmp / "results.json").write_text('{"complete": true, "results": {"keep": 1}}\n')
+    # and what a user can give by mistake: a pipe, a draft copied without its card, damaged figure data
+    os.mkfifo(tmp / "fifo")
+    (tmp / "nocard").mkdir()
+    (tmp / "nocard" / "weights.safetensors").write_bytes(b"\0" * 64)
+    (tmp / "data").mkdir()
+    for name, text in (("tree_size", '{"series": [{"cpu": "x", "points": [{"total'), ("pcie", "[1, 2]\n"),
+                       ("split", "{}\n"), ("vram", '{"rows": 7}\n')):
+        (tmp / "data" / f"sim_{name}.json").write_text(text)
+    (tmp / "data" / "sim_validation.json").write_bytes(b"\xff\xfe not text")
 
 
 def _assert_refused(code: int, err: str, needle: str) -> None:
@@ -79,6 +93,138 @@ CASES: list[tuple[list[str], str]] = [
     (["simulate", "--tau", "2", "--out", ""], "--out"),
     (SIM + ["--lanes", "3"], "lanes"),  # not a PCIe width: refused by the profile rules, in one line
     (SIM + ["--pcie-gen", "9"], "gen"),
+]
+
+# --- tracebacks, hangs and misleading messages on plain user input (issue 13, second part) ----------------------
+
+GEN = ["generate", "--prompt", "hi"]
+DOV = GEN + ["--mode", "dovetail"]
+BT = ["bench", "target", "--out", "{tmp}/results.json"]
+BD = ["bench", "dovetail", "--out", "{tmp}/results.json"]
+PHW = ["profile-hw", "--quick", "--out", "{tmp}/results.json"]
+OPS = PHW + ["--ops", "smollm2-135m"]
+PLOT = ["plot", "tree-size", "--out-dir", "{tmp}/figs", "--data-dir", "{tmp}/data"]
+NOT_FINITE = ("nan", "inf", "-inf", "1e400")  # 1e400 parses as inf; given as --flag=-inf (argparse would take a
+# bare -inf for an option)
+
+CASES += [
+    # invalid UTF-8 in argv (Python keeps it as lone surrogates) reached the tokenizer as a TypeError
+    (["generate", "--prompt", "\udcff"], "UTF-8"),
+    (["generate", "--prompt", "caf\udce9 au lait"], "0xe9"),
+    (GEN + ["--chat", "--system", "\udcc0\udc80"], "--system"),
+    (BT + ["--prompt", "\udcff"], "UTF-8"),
+    # empty, blank and out-of-range values of every generate flag, refused before the model is read
+    *[(["generate", "--prompt", v], "--prompt") for v in ("", "   ", "\n\t ")],
+    *[(GEN + ["--max-new-tokens", v], "--max-new-tokens") for v in ("0", "-3", "1.5", "ten", str(2**31),
+                                                                      str(10**30))],
+    *[(GEN + [f"--top-p={v}"], "--top-p") for v in ("0", "1.5", "-0.1", *NOT_FINITE)],
+    *[(GEN + ["--top-k", v], "--top-k") for v in ("-1", str(2**31), "x")],
+    *[(GEN + [f"--temperature={v}"], "--temperature") for v in ("-1", "-inf", "1e400", "warm")],
+    *[(GEN + ["--seed", v], "--seed") for v in ("1.5", "abc", str(-(2**63)))],
+    *[(DOV + [f, v], f) for f in ("--tree-top-k", "--depth", "--total-tokens", "--draft-layers", "--draft-vocab")
+      for v in ("0", "-2")],
+    (DOV + ["--tree", "huge"], "--tree"),
+    (DOV + ["--draft-fusion", "medusa"], "--draft-fusion"),
+    (DOV + ["--tree-top-k", "1", "--depth", "1", "--total-tokens", "99"], "total_tokens"),
+    (DOV + ["--draft", "self", "--draft-layers", "2"], "random draft"),
+    (GEN + ["--tree", "laptop"], "--mode dovetail"),
+    (GEN + ["--system", "be brief"], "--chat"),
+    (GEN + ["--no-such-flag"], "unrecognized"),
+    (GEN + ["--mode", "turbo"], "--mode"),
+    # a pipe or device given as a file hung forever; a folder without its card was "not a model folder"
+    (GEN + ["--model", "{tmp}/fifo"], "not a regular file"),
+    (GEN + ["--tokenizer", "{tmp}/fifo"], "--tokenizer"),
+    (DOV + ["--draft", "{tmp}/fifo"], "--draft"),
+    (DOV + ["--draft", "{tmp}/nocard"], "card.json is missing"),
+    (BT + ["--model", "{tmp}/fifo"], "--model"),
+    (BD + ["--configs", "{tmp}/fifo"], "--configs"),
+    (BD + ["--configs", "{tmp}/draft"], "is a folder"),
+    (TRAIN[:2] + ["{tmp}/fifo", "--work", "{tmp}/work"], "--model"),
+    # bench: counts, output paths that cannot be written (checked before the model is read)
+    *[(BT + [f, "0"], f) for f in ("--repeats", "--max-new-tokens")],
+    (BT + ["--prompt", " "], "--prompt"),
+    *[(["bench", w, "--out", o], "--out") for w in ("target", "dovetail")
+      for o in ("{tmp}/draft", "{tmp}/results.json/x.json", "{tmp}/fifo", "")],
+    *[(BD + [f, "0"], f) for f in ("--limit", "--max-new-tokens")],
+    (BD + ["--datasets", ""], "names no dataset"),
+    (BD + ["--datasets", "humaneval,nope"], "nope"),
+    (BD + ["--top-p", "nan"], "--top-p"),
+    (BD + ["--configs", "{tmp}/results.json", "--tree", "laptop"], "--configs"),
+    # train-draft: unwritable work/run/out folders, schedule flags out of range (all before any work)
+    *[(TRAIN[:3] + [f, d], f) for f in ("--work", "--run", "--out") for d in ("{tmp}/results.json/sub",)],
+    (TRAIN[:3] + ["--work", "{tmp}/results.json"], "not a folder"),
+    (TRAIN + ["--steps", str(2**31)], "--steps"),
+    (TRAIN + ["--lr", "1e400"], "--lr"),
+    *[(TRAIN + [f, v], f) for f in ("--p-weight", "--v-weight", "--ttt-decay") for v in ("nan", "-1")],
+    (TRAIN + ["--ttt-steps", "0"], "--ttt-steps"),
+    (TRAIN + ["--sources", "wikipedia"], "--sources"),
+    (TRAIN + ["--fusion", "medusa"], "--fusion"),
+    (TRAIN + ["--stage", "export"], "--stage"),
+    # simulate: output paths, pipes, sizes too large for a machine (named by flag, not a profile field in bytes)
+    *[(SIM[:-1] + [o], "--out") for o in ("{tmp}/draft", "{tmp}/results.json/x.json", "{tmp}/fifo")],
+    *[(SIM + [f, "{tmp}/fifo"], f) for f in ("--profile", "--measured", "--runs", "--validate")],
+    (SIM + ["--measured", "{tmp}/draft"], "is a folder"),
+    # binary files where JSON is expected (a UnicodeDecodeError traceback before)
+    *[(SIM + [f, "{tmp}/data/sim_validation.json"], f) for f in ("--profile", "--validate")],
+    (["simulate", "--runs", "{tmp}/data/sim_validation.json", "--cycles", "50"], "--runs"),
+    (SIM + ["--measured", "{tmp}/data/sim_validation.json"], "measured timings"),
+    (SIM + ["--profile", "{tmp}/results.json"], "missing section"),
+    # a draft head or tree wider than the vocabulary (the what-if looked valid)
+    (SIM + ["--draft-vocab", "49153"], "--draft-vocab"),
+    (SIM + ["--top-k", "49153"], "--top-k"),
+    (SIM + ["--top-k", "65", "--draft-vocab", "64"], "--top-k"),
+    (SIM + ["--link-gbps", "1e300"], "--link-gbps"),
+    (SIM + ["--vram-gb", "1e300"], "--vram-gb"),
+    (["simulate", "--tune", "--vram-budget", "1e300", "--out", "{tmp}/results.json"], "--vram-budget"),
+    *[(SIM + [f"{f}={v}"], f) for f in ("--link-gbps", "--vram-gb") for v in NOT_FINITE],
+    (["simulate", "--tune", "--vram-budget", "nan"], "--vram-budget"),
+    # options that only apply with another one were silently ignored
+    (SIM + ["--vram-budget", "4"], "--tune"),
+    (SIM + ["--depth-decay", "0.9"], "--rank-probs"),
+    (SIM + ["--calibrate", "a,b"], "--validate"),
+    (["simulate", "--rank-probs", "0.5,0.2", "--depth-decay", "nan", "--cycles", "50"], "decay"),
+    (["simulate", "--rank-probs", "0.9,0.9", "--cycles", "50"], "sum"),
+    (["simulate", "--alpha", "a,b", "--cycles", "50"], "--alpha"),
+    (["simulate", "--tau", "2", "--alpha", "0.5", "--cycles", "50"], "one acceptance model"),
+    *[(["simulate", "--tau", v, "--cycles", "50"], "tau") for v in ("nan", "inf", "0.5")],
+    *[(SIM + ["--ngl", v], "--ngl") for v in ("-2", "1.5")],
+    *[(SIM + ["--spec-trees", v], "--spec-trees") for v in ("-1", "17")],
+    (SIM + ["--draft-layers", "31"], "--draft-layers"),  # SmolLM2-135M has 30 layers
+    (SIM + ["--model", "gpt-5"], "unknown model"),
+    (SIM + ["--cpu-engine", "abacus"], "abacus"),
+    (SIM + ["--target-dtype", "f8"], "f8"),
+    (SIM + ["--draft-kind", "medusa"], "--draft-kind"),
+    (["simulate", "--acceptance-profile", "nope", "--cycles", "50"], "nope"),
+    (SIM + ["--schedule", "warp"], "--schedule"),
+    (["simulate", "--tau", "2", "--sweep", "--cycles", "50"], "empty sweep"),
+    (["simulate", "--tau", "2", "--sweep", "bogus", "--cycles", "50"], "bogus"),
+    # profile-hw: every argument is checked when parsed, before the minute of measuring
+    *[(OPS + ["--top-k", v], "--top-k") for v in ("-1", "0", "1025")],
+    *[(OPS + ["--draft-layers", v], "--draft-layers") for v in ("0", "-1", "31")],
+    *[(["profile-hw", "--out", o], "--out") for o in ("{tmp}/results.json/x.json", "{tmp}/draft", "{tmp}/fifo", "")],
+    *[(OPS + ["--ops-out", o], "--ops-out") for o in ("{tmp}/results.json/x.json", "{tmp}/draft")],
+    # where nothing can be created even by root (/proc): refused at once, found by trying, not by os.access
+    (["profile-hw", "--out", "/proc/dovetail/hw.json"], "--out"),
+    (OPS + ["--ops-out", "/proc/ops.json"], "--ops-out"),
+    (["profile-hw", "--out", "/proc/version"], "not writable"),  # exists, but cannot be replaced
+    (SIM[:-1] + ["/proc/dovetail/results.json"], "--out"),
+    (["plot", "tree-size", "--out-dir", "/proc/dovetail"], "--out-dir"),
+    (TRAIN[:3] + ["--work", "/proc/dovetail"], "--work"),
+    (BT[:2] + ["--out", "/proc/version"], "--out"),
+    (PHW + ["--top-k", "4"], "--ops"),
+    (PHW + ["--ops-out", "{tmp}/ops.json"], "--ops"),
+    (PHW + ["--ops", "gpt-5"], "unknown model"),
+    # plot: unwritable output folder, damaged or missing figure data (named, with how to rebuild it)
+    (["plot", "tree-size", "--out-dir", "{tmp}/results.json"], "--out-dir"),
+    (["plot", "tree-size", "--out-dir", "{tmp}/results.json/figs"], "--out-dir"),
+    (["plot", "tree-size", "--data-dir", "{tmp}/results.json"], "--data-dir"),
+    (["plot", "wiggle"], "invalid choice"),
+    (PLOT, "--recompute"),  # truncated JSON
+    *[(PLOT[:1] + [fig] + PLOT[2:], "--recompute") for fig in ("pcie", "split", "vram", "parity")],
+    (["plot", "parity", "--out-dir", "{tmp}/figs", "--data-dir", "{tmp}/draft"], "does not exist"),
+    # no command, unknown command
+    ([], "required"),
+    (["-v"], "required"),
 ]
 
 
@@ -129,6 +275,88 @@ def tiny_files(tmp_path_factory):
     return write_gguf(model, tmp / "tiny.gguf")
 
 
+def _with_template(src: Path, dst: Path, template: str | None) -> Path:
+    """A copy of the GGUF `src` whose chat template is `template` (None: no template at all)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    key = gguf.Keys.Tokenizer.CHAT_TEMPLATE
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents(),
+                             endianess=reader.endianess)
+    new = {} if template is None else {key: MetadataDetails(gguf.GGUFValueType.STRING, template)}
+    copy_with_new_metadata(reader, writer, new, [] if template is not None else [key])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_templates(tiny_files, tmp_path_factory):
+    """The tiny GGUF without a chat template, and with templates that fail when rendered."""
+    tmp = tmp_path_factory.mktemp("templates")
+    return {"none": _with_template(tiny_files, tmp / "none.gguf", None),
+            "type": _with_template(tiny_files, tmp / "type.gguf", "{{ messages[0]['content'] + 1 }}"),
+            "raise": _with_template(tiny_files, tmp / "raise.gguf", "{{ raise_exception('no user role here') }}")}
+
+
+# refused after the (tiny) model is read, before anything is generated or written; "{model}" is the tiny GGUF
+MODEL_CASES: list[tuple[list[str], str]] = [
+    (GEN + ["--max-new-tokens", "5000"], "context"),  # fits the parser, not the model's 2048 positions
+    (GEN + ["--max-new-tokens", str(2**31 - 1)], "context"),
+    (DOV + ["--draft-layers", "7"], "--draft-layers"),  # the tiny target has 2 layers
+    (DOV + ["--draft-layers", "3", "--draft-vocab", "8"], "1..2"),
+    (DOV + ["--draft", "{tmp}/draft"], "card"),  # a card without the draft's fields
+    (DOV + ["--draft", "{tmp}/results.json"], "results.json"),  # a JSON file is not a model
+    (GEN + ["--tokenizer", "{tmp}/results.json"], "tokenizer"),
+    (GEN + ["--tokenizer", "{tmp}/draft"], "tokenizer"),
+    (["train-draft", "--layers", "3", "--work", "{tmp}/work"], "--layers"),
+    (["train-draft", "--draft-vocab", "321", "--work", "{tmp}/work"], "vocabulary"),
+    (GEN + ["--chat", "--template", "type"], "chat template"),
+    (GEN + ["--chat", "--template", "raise"], "no user role here"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", MODEL_CASES, ids=[" ".join(a[-2:]) for a, _ in MODEL_CASES])
+def test_cli_refuses_after_reading_the_model(run_cli, tiny_files, tiny_templates, tmp_path, argv, needle):
+    argv = list(argv)
+    model = tiny_files
+    if "--template" in argv:  # a variant of the tiny model with this chat template
+        i = argv.index("--template")
+        model = tiny_templates[argv[i + 1]]
+        del argv[i:i + 2]
+    _existing_files(tmp_path)
+    before = _snapshot(tmp_path)
+    code, _, err = run_cli(*[a.replace(NEEDS_TMP, str(tmp_path)) for a in argv], "--model", str(model))
+    _assert_refused(code, err, needle)
+    assert _snapshot(tmp_path) == before
+
+
+def test_chat_template_syntax_error_is_one_line(run_cli, smollm2_path, tmp_path):
+    """The real model with a template that does not compile: one line naming the template, no traceback."""
+    bad = _with_template(smollm2_path, tmp_path / "bad.gguf", "{% for m in messages %}{{ m['content'] }")
+    code, _, err = run_cli("generate", "--model", str(bad), "--prompt", "hi", "--chat", "--max-new-tokens", "2")
+    _assert_refused(code, err, "chat template has a syntax error")
+    from dovetail_jax.io.tokenizer import Tokenizer
+
+    raw = Tokenizer.from_gguf(bad).encode_prompt("hi")  # a raw prompt never touches the template
+    assert raw == Tokenizer.from_gguf(smollm2_path).encode_prompt("hi")
+
+
+def test_chat_without_template_says_chatml_once(run_cli, tiny_templates):
+    """--chat on a model without a template still works, in ChatML, and says so once on stderr."""
+    code, out, err = run_cli("generate", "--model", str(tiny_templates["none"]), "--prompt", "hi", "--chat",
+                             "--max-new-tokens", "2", "--ignore-eos", "--json")
+    assert code == 0, err
+    assert err.count("ChatML") == 1 and "Traceback" not in err
+    from dovetail_jax.io.tokenizer import Tokenizer
+
+    chatml = Tokenizer.from_gguf(tiny_templates["none"]).encode(
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    assert json.loads(out)["prompt_tokens"] == len(chatml)  # what the note says is what was used
+    code, _, err = run_cli("generate", "--model", str(tiny_templates["none"]), "--prompt", "hi",
+                           "--max-new-tokens", "2", "--json")
+    assert code == 0 and "ChatML" not in err  # no note without --chat
+
+
 @pytest.fixture(scope="module")
 def tiny_api(tiny_files):
     from dovetail_jax import api
@@ -162,6 +390,27 @@ API_CASES: list[tuple[dict, str]] = [
     ({"sampling": {"temperature": 1.0}}, "SamplingConfig"),
     ({"on_text": "print"}, "on_text"),
     ({"target": "default"}, "Target"),
+    # misuse that raised TypeError / AttributeError / OverflowError from deep inside
+    ({"prompt": "\udcff"}, "UTF-8"),
+    ({"prompt": "hi", "chat": True, "system": "\udcff"}, "system"),
+    ({"prompt": "hi", "chat": True, "system": 5}, "system must be text"),
+    ({"prompt": b"hi"}, "bytes"),
+    ({"prompt": None}, "NoneType"),
+    ({"prompt": {"text": "hi"}}, "dict"),
+    ({"prompt": [[1, 2]]}, "[1, 2]"),
+    ({"prompt": np.array([1.5])}, "1.5"),
+    ({"prompt": [np.int64(-3)]}, "-3"),
+    ({"max_new_tokens": 10**30}, "context"),
+    ({"max_new_tokens": 10**6, "draft": True}, "context"),
+    ({"max_new_tokens": "8"}, "'8'"),
+    ({"max_new_tokens": None}, "None"),
+    ({"max_new_tokens": np.float32(4)}, "4.0"),
+    ({"tree": "laptop", "draft": True}, "TreeConfig"),
+    ({"tree": (4, 3, 6), "draft": True}, "TreeConfig"),
+    ({"sampling": 0.5}, "SamplingConfig"),
+    ({"draft": 1}, "Draft"),
+    ({"on_text": 5}, "on_text"),
+    ({"target": None}, "Target"),
 ]
 
 
@@ -179,13 +428,15 @@ def test_api_generate_refuses(tiny_api, kw, needle):
 
 @pytest.mark.parametrize("kw", [{"temperature": math.inf}, {"temperature": math.nan}, {"temperature": -1.0},
                                 {"temperature": True}, {"top_k": 2.0}, {"top_k": True}, {"top_p": "1"},
-                                {"seed": 2**63}, {"seed": 1.5}])
+                                {"seed": 2**63}, {"seed": 1.5}, {"top_p": math.nan}, {"top_p": 0.0},
+                                {"top_p": 1.5}, {"top_k": -1}, {"seed": -(2**63) - 1}, {"temperature": "1"}])
 def test_sampling_config_refuses(kw):
     with pytest.raises(ConfigError):
         SamplingConfig(**kw)
 
 
-@pytest.mark.parametrize("kw", [{"top_k": 2.0}, {"depth": True}, {"total_tokens": "6"}])
+@pytest.mark.parametrize("kw", [{"top_k": 2.0}, {"depth": True}, {"total_tokens": "6"}, {"top_k": 0},
+                                {"depth": -1}, {"top_k": 1, "depth": 1, "total_tokens": 99}])
 def test_tree_config_refuses(kw):
     with pytest.raises(ConfigError):
         TreeConfig(**kw)
@@ -199,6 +450,74 @@ def test_train_config_refuses(kw):
 
     with pytest.raises(ConfigError):
         TrainConfig(**kw)
+
+
+def _api_entry_cases() -> list[tuple[str, dict, type, str]]:
+    """(entry point, arguments, error class, words of the message): misuse of the other public entry points.
+    "{tiny}", "{fifo}" and "{nocard}" stand for the tiny GGUF, a pipe and a draft folder without its card."""
+    from dovetail_jax.config import DraftConfig
+    from dovetail_jax.errors import DovetailError, ModelFormatError
+
+    return [
+        ("load_target", {"path": 123}, ConfigError, "path must be a file or folder path"),
+        ("load_target", {"path": "{fifo}"}, ConfigError, "not a regular file"),
+        ("load_target", {"path": "{tiny}", "layout": "rows"}, ConfigError, "layout"),
+        ("load_target", {"path": "{tiny}", "tokenizer": 5}, ConfigError, "tokenizer"),
+        ("load_target", {"path": "{tiny}", "placement": "cpu"}, ConfigError, "Placement"),
+        ("load_draft", {"path": 5}, ConfigError, "draft must be a file or folder path"),
+        ("load_draft", {"path": "{nocard}"}, ModelFormatError, "card.json is missing"),
+        ("load_draft", {"path": "{fifo}"}, ConfigError, "not a regular file"),
+        ("load_draft", {"target": None}, ConfigError, "Target"),
+        ("load_draft", {"fallback_random": "dgf"}, ConfigError, "DraftConfig"),
+        ("load_draft", {"path": "self", "seed": 2**64}, ConfigError, "seed"),
+        ("random_draft", {"cfg": "dgf"}, ConfigError, "DraftConfig"),
+        ("random_draft", {"cfg": DraftConfig(num_layers=3)}, ConfigError, "deeper than the target"),
+        ("random_draft", {"cfg": DraftConfig(num_layers=1.5)}, ConfigError, "num_layers"),
+        ("random_draft", {"cfg": DraftConfig(draft_vocab_size=2.5)}, ConfigError, "draft_vocab_size"),
+        ("random_draft", {"seed": 2**64}, ConfigError, "seed"),
+        ("random_draft", {"seed": 1.5}, ConfigError, "seed"),
+        ("random_draft", {"seed": True}, ConfigError, "seed"),
+        ("random_draft", {"target": "tiny"}, ConfigError, "Target"),
+        ("encode_prompt", {"prompt": 123}, ConfigError, "prompt must be text"),
+        ("encode_prompt", {"prompt": "\udcff"}, ConfigError, "UTF-8"),
+        ("encode_prompt", {"prompt": "hi", "chat": True, "system": ["x"]}, ConfigError, "system"),
+        ("encode_prompt", {"target": None}, ConfigError, "Target"),
+        ("encode_prompt", {"prompt": ""}, DovetailError, "empty"),
+    ]
+
+
+API_ENTRY_CASES = _api_entry_cases()
+
+
+@pytest.mark.parametrize("fn,kw,exc,needle", API_ENTRY_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(API_ENTRY_CASES)])
+def test_api_entry_points_refuse(tiny_api, tiny_files, tmp_path, fn, kw, exc, needle):
+    """Wrong types and unusable paths at every public entry point: the error names the argument, never a
+    TypeError from inside JAX or the tokenizer, and a pipe never hangs."""
+    api, target, _ = tiny_api
+    _existing_files(tmp_path)
+    subst = {"{tiny}": str(tiny_files), "{fifo}": str(tmp_path / "fifo"), "{nocard}": str(tmp_path / "nocard")}
+    kw = {k: subst.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
+    if fn == "load_target":
+        call = lambda: api.load_target(**kw)  # noqa: E731
+    elif fn == "encode_prompt":
+        call = lambda: api.encode_prompt(kw.pop("target", target), kw.pop("prompt", "hi"), **kw)  # noqa: E731
+    else:
+        call = lambda: getattr(api, fn)(kw.pop("target", target), **kw)  # noqa: E731
+    with pytest.raises(exc) as e:
+        call()
+    assert needle in str(e.value), str(e.value)
+
+
+def test_api_numpy_counts_and_huge_top_k(tiny_api):
+    """A numpy max_new_tokens is a count like any other, and a top_k beyond the vocabulary keeps every token, as
+    top_k = 0 does (it overflowed before)."""
+    api, target, _ = tiny_api
+    ref = api.generate(target, [1, 2], max_new_tokens=3, ignore_eos=True,
+                       sampling=SamplingConfig(temperature=1.0, top_k=0, seed=3))
+    got = api.generate(target, [1, 2], max_new_tokens=np.int64(3), ignore_eos=True,
+                       sampling=SamplingConfig(temperature=1.0, top_k=10**30, seed=3))
+    assert got.token_ids == ref.token_ids and len(got.token_ids) == 3
 
 
 def test_api_edges_still_generate(tiny_api):
@@ -299,3 +618,105 @@ def test_bench_target_interrupted_keeps_results(run_cli, tiny_files, tmp_path, m
                            "1", "--max-new-tokens", "4", "--out", str(out))
     assert code == 130 and "Traceback" not in err
     assert _snapshot(tmp_path) == before
+
+
+# --- simulate, profile-hw and plot interrupted by a real SIGINT in a subprocess: nothing lost ------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Ctrl-C in the middle of writing a file: half of it is on disk when SIGINT arrives (a direct write would leave a
+# truncated file; a temporary file and a rename leave the old one intact)
+HALF_WRITE_THEN_SIGINT = """
+import os, signal, sys, time
+from pathlib import Path
+_write_text = Path.write_text
+def _half_then_sigint(self, data, *a, **kw):
+    _write_text(self, data[: len(data) // 2], *a, **kw)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+    return _write_text(self, data, *a, **kw)
+Path.write_text = _half_then_sigint
+"""
+
+HALF_FIGURE_THEN_SIGINT = """
+import io, os, signal, sys, time
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.figure
+_savefig = matplotlib.figure.Figure.savefig
+def _half_then_sigint(self, fname, *a, **kw):
+    buf = io.BytesIO()
+    _savefig(self, buf, *a, **{"format": "png", **kw})
+    with open(fname, "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+matplotlib.figure.Figure.savefig = _half_then_sigint
+"""
+
+
+def _run_patched(patch: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`dovetail argv` in a fresh interpreter after `patch`, which interrupts it at a chosen point."""
+    code = patch + f"\nfrom dovetail_jax.cli import main\nsys.exit(main({argv!r}))\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def _assert_interrupted(code: int, err: str) -> None:
+    from dovetail_jax.cli import EXIT_INTERRUPTED
+
+    assert code == EXIT_INTERRUPTED, (code, err)
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "dovetail: interrupted", err
+
+
+def test_simulate_interrupted_while_writing_keeps_the_file(tmp_path):
+    _existing_files(tmp_path)
+    before = _snapshot(tmp_path)
+    r = _run_patched(HALF_WRITE_THEN_SIGINT, [a.replace(NEEDS_TMP, str(tmp_path)) for a in SIM])
+    _assert_interrupted(r.returncode, r.stderr)
+    assert _snapshot(tmp_path) == before  # results.json byte-identical, no temporary file left
+
+
+def test_plot_interrupted_while_writing_keeps_figures_and_data(tmp_path):
+    """Ctrl-C while a figure is half saved, and while --recompute writes the data JSON: the figures and the data
+    that were there are byte-identical, and no temporary file is left."""
+    data, figs = tmp_path / "data", tmp_path / "figs"
+    data.mkdir()
+    figs.mkdir()
+    (data / "sim_split.json").write_bytes((REPO / "analysis" / "results" / "sim_split.json").read_bytes())
+    (figs / "sim_split.png").write_bytes(b"\x89PNG old figure")
+    (figs / "sim_split.svg").write_text("<svg>old figure</svg>")
+    before = _snapshot(tmp_path)
+    argv = ["plot", "split", "--out-dir", str(figs), "--data-dir", str(data)]
+    r = _run_patched(HALF_FIGURE_THEN_SIGINT, argv)
+    _assert_interrupted(r.returncode, r.stderr)
+    assert _snapshot(tmp_path) == before
+    r = _run_patched(HALF_WRITE_THEN_SIGINT, [*argv, "--recompute"])
+    _assert_interrupted(r.returncode, r.stderr)
+    assert _snapshot(tmp_path) == before
+
+
+def test_profile_hw_interrupted_while_measuring_keeps_files(tmp_path):
+    """A real Ctrl-C from outside while the machine is being measured: exit 130 without a traceback, and both
+    output files that existed are byte-identical (they are written only when the measurement is complete)."""
+    out, ops = tmp_path / "hw.json", tmp_path / "ops.json"
+    out.write_text('{"precious": "profile"}\n')
+    ops.write_text('{"precious": "timings"}\n')
+    before = _snapshot(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "dovetail_jax.cli", "profile-hw", "--quick", "--out", str(out),
+                             "--ops", "smollm2-135m", "--ops-out", str(ops)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lines = []
+        while not any("measuring this machine" in ln for ln in lines):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)  # it said what it is doing before measuring
+            lines.append(line)
+        time.sleep(1.0)  # well inside the measurement (several seconds even with --quick)
+        proc.send_signal(signal.SIGINT)
+        stdout, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    _assert_interrupted(proc.returncode, "".join(lines) + err)
+    assert "wrote" not in stdout  # interrupted while measuring, not after
+    assert _snapshot(tmp_path) == before
+

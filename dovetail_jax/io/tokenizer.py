@@ -280,8 +280,13 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
-        """Render `messages` with the model's own jinja template (ChatML if the model has none)."""
-        template = _compile_template(self.chat_template or CHATML_TEMPLATE)
+        """Render `messages` with the model's own jinja template (ChatML if the model has none); a template that
+        does not compile or render is the model file's fault: ModelFormatError."""
+        try:
+            template = _compile_template(self.chat_template or CHATML_TEMPLATE)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise ModelFormatError(f"the model's chat template has a syntax error (line {e.lineno}: {e.message}); "
+                                   "use a raw prompt (no --chat) or fix the template") from None
         context = {
             "bos_token": self.bos_token or "",
             "eos_token": self.eos_token or "",
@@ -295,6 +300,8 @@ class Tokenizer:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
         except jinja2.exceptions.TemplateError as e:
             raise ModelFormatError(f"chat template failed: {e}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # a template computing nonsense
+            raise ModelFormatError(f"chat template failed: {type(e).__name__}: {e}") from None
 
     def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         """Token ids of a raw prompt, or of a one-turn chat rendered with the chat template (`system`: its
