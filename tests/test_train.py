@@ -17,11 +17,11 @@ from dovetail_jax.decode import target_only
 from dovetail_jax.decode.batched import generate_greedy_batch
 from dovetail_jax.errors import ConfigError, ModelFormatError
 from dovetail_jax.model import draft as D
-from dovetail_jax.model.cache import init_cache
+from dovetail_jax.model.cache import append, init_cache
 from dovetail_jax.model.target import causal_mask, forward
 from dovetail_jax.train import features as F
 from dovetail_jax.train import trainer as T
-from dovetail_jax.train.loss import Batch, losses, smooth_l1
+from dovetail_jax.train.loss import Batch, losses, smooth_l1, unroll, unroll_mask
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,88 @@ def test_losses_match_a_numpy_reference(tiny):
     assert float(m["positions"]) == n
 
 
+def test_unroll_mask_closed_form():
+    # step 3 over 4 positions: step-1 keys up to i-2, step-2 key at i-1, itself
+    m = np.asarray(unroll_mask(4, 3))
+    assert m.shape == (4, 12)
+    for i in range(4):
+        assert m[i, :4].tolist() == [j <= i - 2 for j in range(4)]
+        assert m[i, 4:8].tolist() == [j == i - 1 for j in range(4)]
+        assert m[i, 8:].tolist() == [j == i for j in range(4)]
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_unroll_equals_drafting_on_own_guesses_with_a_cache(tiny, layers):
+    """Step k at position i = what inference computes: the real pairs 0..i-k+1 through the cache, then k-1
+    single-token steps each fed the previous step's output (the tree's depth-k node on the target's path)."""
+    cfg, params = tiny
+    dcfg = DraftConfig(num_layers=layers, fusion="dgf", draft_vocab_size=None)
+    p = D.init_draft(jax.random.key(2), cfg, dcfg)
+    shared = D.make_shared(params, cfg)
+    rng = np.random.default_rng(1)
+    t, steps = 7, 3
+    feats = jnp.asarray(rng.standard_normal((1, t, cfg.hidden_size)).astype(np.float32))
+    toks = jnp.asarray(rng.integers(0, 64, (1, t)).astype(np.int32))
+    outs = unroll(p, shared, feats, toks, steps, cfg=cfg, dcfg=dcfg)
+
+    def empty():
+        c = init_cache(cfg, t)
+        return c.replace(k=c.k[:layers], v=c.v[:layers])
+
+    for k in range(1, steps + 1):
+        for i in range(k - 1, t):
+            r = i - k + 1  # the last real pair
+            pos = jnp.arange(r + 1, dtype=jnp.int32)[None]
+            h, upd = D.forward(p, shared, cfg, dcfg, feats[:, :r + 1], toks[:, :r + 1], pos, causal_mask(r + 1),
+                               empty())
+            cache = append(empty(), upd)
+            x = h[:, -1:]
+            for j in range(r + 1, i + 1):
+                x, upd = D.forward(p, shared, cfg, dcfg, x, toks[:, j:j + 1], jnp.asarray([[j]], jnp.int32),
+                                   jnp.ones((1, 1), bool), cache)
+                cache = append(cache, upd)
+            np.testing.assert_allclose(np.asarray(outs[k - 1][0, i]), np.asarray(x[0, 0]), rtol=2e-4, atol=2e-5)
+
+
+def test_unrolled_losses_weigh_steps_and_mask_oov(tiny):
+    cfg, params = tiny
+    dcfg = DraftConfig(num_layers=1, fusion="dgf", draft_vocab_size=16)
+    p = D.init_draft(jax.random.key(1), cfg, dcfg)
+    vm = np.arange(16, dtype=np.int32) * 2  # even ids only
+    shared = D.make_shared(params, cfg, vm)
+    rng = np.random.default_rng(4)
+    b, t = 2, 6
+    batch = Batch(feats=jnp.asarray(rng.standard_normal((b, t + 1, cfg.hidden_size)).astype(np.float32)),
+                  ids=jnp.asarray(rng.integers(0, 64, (b, t + 1)).astype(np.int32)),
+                  argmax=jnp.asarray(rng.integers(0, 32, (b, t + 1)).astype(np.int32)),
+                  mask=jnp.ones((b, t), jnp.float32))
+    one, m1 = losses(p, shared, batch, None, cfg=cfg, dcfg=dcfg, noise=0.0, p_weight=0.1, report_steps=3)
+    three, m3 = losses(p, shared, batch, None, cfg=cfg, dcfg=dcfg, noise=0.0, p_weight=0.1, steps=3, decay=0.5)
+    assert float(m3["top1"]) == pytest.approx(float(m1["top1"]))
+    assert float(m3["top1_3"]) == pytest.approx(float(m1["top1_3"]))  # reported, not trained, at steps=1
+    assert float(one) == pytest.approx(float(m1["vloss"]) + 0.1 * float(m1["ploss"]), rel=1e-6)
+    # the total is step 1's plus the decayed unrolled steps: recompute those from `unroll` by hand
+    outs = unroll(p, shared, batch.feats[:, :-1], batch.ids[:, 1:], 3, cfg=cfg, dcfg=dcfg)
+    head = np.asarray(shared.head, np.float64)
+    nxt = np.asarray(batch.feats[:, 1:], np.float64)
+    lt = nxt @ head.T
+    pt = np.exp(lt - lt.max(-1, keepdims=True))
+    pt /= pt.sum(-1, keepdims=True)
+    want = 0.0
+    for k, o in enumerate(outs, 1):
+        o = np.asarray(o, np.float64)[:, k - 1:]
+        d = np.abs(o - nxt[:, k - 1:])
+        v = np.where(d < 1, 0.5 * d * d, d - 0.5).mean(-1).mean()
+        lq = o @ head.T
+        lq = lq - lq.max(-1, keepdims=True)
+        lq = lq - np.log(np.exp(lq).sum(-1, keepdims=True))
+        want += 0.5 ** (k - 1) * (v + 0.1 * -(pt[:, k - 1:] * lq).sum(-1).mean())
+    assert float(three) == pytest.approx(want, rel=1e-4)
+    # with mask_oov only positions whose greedy token is an even id (in the draft vocabulary) count
+    _, mo = losses(p, shared, batch, None, cfg=cfg, dcfg=dcfg, noise=0.0, mask_oov=True)
+    assert float(mo["positions"]) == float((np.asarray(batch.argmax[:, 1:]) % 2 == 0).sum())
+
+
 def test_batch_plan_covers_every_sequence_once_within_budget():
     lengths = np.random.default_rng(0).integers(5, 300, 200)
     seqs = np.arange(200)[::3]
@@ -225,6 +307,27 @@ def test_training_learns_and_resumes_exactly(tiny, tiny_features, tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_warm_start_continues_from_the_given_draft(tiny, tiny_features, tmp_path):
+    """`init`: a fresh run starts from those weights (one step moves them by at most lr per weight, AdamW's
+    bound), not from the seeded random draft; a run folder made from another start is refused."""
+    cfg, params = tiny
+    fs = tiny_features
+    dcfg = DraftConfig(num_layers=1, fusion="dgf", draft_vocab_size=32)
+    tc = T.TrainConfig(steps=3, batch_tokens=256, lr=1e-3, warmup=1, eval_every=1, heldout_every=5)
+    train_seqs, _ = T.split(fs, 5)
+    vm = T.choose_vocab(fs, train_seqs, 32, (7,))
+    start = D.init_draft(jax.random.key(99), cfg, dcfg)
+    out = T.train(params, cfg, dcfg, tc, fs, vm, tmp_path / "w", "a" * 64, progress=False, stop_at=2, init=start)
+    fresh = D.init_draft(jax.random.key(tc.seed), cfg, dcfg)
+    moved = [np.abs(a - b).max() for a, b in zip(_leaves(out.params), _leaves(start), strict=True)]
+    assert 0 < max(moved) <= 3e-3  # two AdamW steps (the first at lr 0) move a weight by a few lr at most
+    assert any(np.abs(a - b).max() > 1e-2 for a, b in zip(_leaves(out.params), _leaves(fresh), strict=True))
+    rec = T.run_record(cfg, dcfg, tc, "a" * 64, {"folder": "f", "conversations": 3})
+    (tmp_path / "run.json").write_text(json.dumps(rec | {"init": {"name": "x", "weights_sha256": "1" * 64}}))
+    with pytest.raises(ConfigError, match="init"):
+        T.check_run(tmp_path, rec)
+
+
 def test_a_run_folder_refuses_another_architecture(tiny):
     cfg, _ = tiny
     tc = T.TrainConfig()
@@ -259,13 +362,13 @@ def test_train_draft_end_to_end_on_smollm2(run_cli, smollm2_path, tmp_path):
     out = tmp_path / "draft"
     base = ("train-draft", "--model", str(smollm2_path), "--work", str(work), "--num-prompts", "3",
             "--max-new-tokens", "12", "--gen-batch", "3", "--warmup", "1", "--save-every", "2", "--eval-every", "2",
-            "--eval-prompts", "1")
+            "--eval-prompts", "1", "--sources", "chat")
     code, _, err = run_cli(*base, "--steps", "4", "--stop-at", "2")
     assert code == 0 and "stopped at step 2 of 4" in err, err[-2000:]
     code, stdout, err = run_cli(*base, "--steps", "4", "--out", str(out), "--json")
     assert code == 0, err[-2000:]
     summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["answers"]["already_done"] == 3 and summary["features"]["extracted"] == 0
+    assert summary["distill"]["written"] == 0 and summary["prompts"]["counts"] == {"chat": 3}
     assert summary["train"]["step"] == 4
     card = json.loads((out / "card.json").read_text())
     assert card["target"]["sha256"] and card["draft"] == {"num_layers": 1, "fusion": "dgf", "draft_vocab_size": 8192}

@@ -26,9 +26,9 @@ from dovetail_jax import paths
 from dovetail_jax.config import TREE_PRESETS, DraftConfig, SamplingConfig, TreeConfig
 from dovetail_jax.errors import ConfigError, TrainingDivergedError
 from dovetail_jax.stats import Acceptance
-from dovetail_jax.train.answers import generate_answers, read_answers
-from dovetail_jax.train.features import extract_all, load_features
-from dovetail_jax.train.prompts import training_prompts
+from dovetail_jax.train.answers import read_answers
+from dovetail_jax.train.features import load_features
+from dovetail_jax.train.sources import Mix
 from dovetail_jax.train.trainer import TrainConfig, check_run, choose_vocab, run_record, split, train
 
 
@@ -42,9 +42,11 @@ class PipelineOptions:
     force: bool = False  # replace an existing `out` (atomically, once the new draft is complete)
     num_prompts: int | None = None  # the first N training prompts (None: all)
     max_new_tokens: int = 256  # longest answer
-    gen_batch: int = 48  # prompts answered per batch
+    gen_batch: int = 32  # rows answered at once (32: the small-T matmul kernel's largest)
     eval_prompts: int = 8  # held-out prompts for the card's tau (0: skip)
     stages: Literal["all", "data", "train"] = "all"
+    mix: Mix = Mix()  # prompts per source (see `train/sources.py`); every source by default
+    init: Path | None = None  # start from this draft checkpoint's weights and vocabulary (a warm start)
     stop_at: int | None = None  # end this sitting at this step with a checkpoint
     progress: bool = True  # progress bars and lines on stderr
 
@@ -92,21 +94,49 @@ def heldout_tau(target: Any, draft: Any, records: list[dict[str, Any]], tree: Tr
             "max_new_tokens": max_new_tokens, "tree": dataclasses.asdict(tree)}
 
 
+def _prompt_list(opts: PipelineOptions, say: Callable[[str], None]) -> list[Any]:
+    """The training prompts of this work folder: made once from the asked sources and kept in
+    `<work>/prompts.jsonl`, so every later sitting resumes on the same list even if installed packages (a
+    source) change; a folder made for other sources is refused."""
+    from dovetail_jax.train.prompts import Prompt
+    from dovetail_jax.train.sources import training_prompts_mix
+
+    path = opts.work / "prompts.jsonl"
+    head = {"format": "dovetail-prompts/1", "mix": dataclasses.asdict(opts.mix)}
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if not lines or json.loads(lines[0]) != head:
+            got = json.loads(lines[0]).get("mix") if lines else None
+            raise ConfigError(f"{path} holds the prompts of sources {got}, not {head['mix']}; use the same "
+                              "--sources or another --work folder")
+        return [Prompt(**json.loads(line)) for line in lines[1:]]
+    say("building the training prompt list (a pass over installed packages' sources, ~1-2 min; once per work "
+        "folder)")
+    prompts = training_prompts_mix(opts.mix)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in [head, *map(dataclasses.asdict, prompts)]),
+                   encoding="utf-8")
+    tmp.replace(path)
+    return prompts
+
+
 def _data(target: Any, opts: PipelineOptions, say: Callable[[str], None],
           summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """Stages 1 and 2 (answers, feature shards) unless only training runs; returns the answers' records."""
+    """The data stage (answers and feature shards in one distillation pass) unless only training runs; returns
+    the answers' records. Ctrl-C during it keeps every complete shard: the next run resumes after them."""
+    from dovetail_jax.train.distill import distill
+    from dovetail_jax.train.sources import mix_record
+
     answers = opts.work / "answers.jsonl"
-    if opts.stages in ("all", "data"):  # the prompts (an ast pass over the standard library) only feed this stage
-        prompts = training_prompts()[:opts.num_prompts]
-        say(f"answers: {len(prompts)} training prompts -> {answers}")
-        summary["answers"] = generate_answers(target, prompts, answers, opts.max_new_tokens, opts.gen_batch,
-                                              opts.progress)
+    if opts.stages in ("all", "data"):
+        prompts = _prompt_list(opts, say)[:opts.num_prompts]
+        summary["prompts"] = mix_record(opts.mix, prompts)
+        say(f"distillation: {len(prompts)} training prompts {summary['prompts']['counts']} -> {opts.work}")
+        summary["distill"] = distill(target, prompts, opts.work, max_new_tokens=opts.max_new_tokens,
+                                     batch_size=opts.gen_batch, progress=opts.progress)
     records = read_answers(answers, target.sha256)  # file order: shards stay valid as the file grows
     if not records:
         raise ConfigError(f"{answers}: no answers yet; run with --stage all or --stage data first")
-    if opts.stages in ("all", "data"):
-        say(f"features: {len(records)} conversations -> {opts.work / 'features'}")
-        summary["features"] = extract_all(target, records, opts.work / "features", opts.progress)
     return records
 
 
@@ -121,6 +151,21 @@ def _vocab_map(fs: Any, train_seqs: np.ndarray, dcfg: DraftConfig, run_dir: Path
     vocab_map = choose_vocab(fs, train_seqs, dcfg.draft_vocab_size, eos_ids, vocab_size)
     np.save(vm_path, vocab_map)
     return vocab_map
+
+
+def _warm_start(target: Any, dcfg: DraftConfig, init: Path | None) -> tuple[Any, np.ndarray | None, dict[str, Any]]:
+    """(weights, vocabulary, what the run record says) of the draft a run starts from; (None, None, {}) for a
+    fresh start. The draft must have the asked architecture and be trained for this target."""
+    if init is None:
+        return None, None, {}
+    from dovetail_jax.io.checkpoint import WEIGHTS, file_sha256, load_draft
+
+    got, params, vocab_map, card = load_draft(init, target.cfg, target_sha256=target.sha256)
+    if got != dcfg:
+        raise ConfigError(f"--init {init} is a {arch_name(got)} draft, not {arch_name(dcfg)}; pass matching "
+                          "--fusion/--layers/--draft-vocab")
+    return params, vocab_map, {"init": {"name": card.get("name"), "weights_sha256": file_sha256(Path(init) / WEIGHTS),
+                                        "steps": card.get("training", {}).get("steps")}}
 
 
 def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) -> dict[str, Any]:
@@ -145,20 +190,24 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
     features = opts.work / "features"
     fs = load_features(features, target.sha256, target.cfg.hidden_size)
     run_dir.mkdir(parents=True, exist_ok=True)
+    init_params, init_vm, init_record = _warm_start(target, dcfg, opts.init)
     record = run_record(target.cfg, dcfg, tc, target.sha256, {"folder": str(features),
-                                                              "conversations": fs.num_sequences})
+                                                              "conversations": fs.num_sequences}) | init_record
     check_run(run_dir, record)
     (run_dir / "run.json").write_text(json.dumps(record, indent=1))
     train_seqs, held_seqs = split(fs, tc.heldout_every)
+    if init_vm is not None:
+        np.save(run_dir / "vocab_map.npy", init_vm)
     vocab_map = _vocab_map(fs, train_seqs, dcfg, run_dir, tuple(target.eos_ids), target.cfg.vocab_size)
     say(f"train: {arch_name(dcfg)} on {train_seqs.size} conversations ({int(fs.offsets[-1])} tokens in all), "
         f"{held_seqs.size} held out; run folder {run_dir}")
     result = train(target.params, target.cfg, dcfg, tc, fs, vocab_map, run_dir, target.sha256, opts.progress,
-                   opts.stop_at)
+                   opts.stop_at, init_params)
     summary["train"] = {"step": result.step, "heldout": result.heldout, "seconds": result.seconds}
     if result.step < tc.steps:
-        say(f"training stopped at step {result.step} of {tc.steps} (checkpoint saved in {run_dir}); "
-            "rerun the same command to resume")
+        how = ("rerun the same command to resume" if result.interrupted or opts.stop_at is None
+               else f"--stop-at {opts.stop_at} reached: rerun without --stop-at (or with a larger one) to continue")
+        say(f"training stopped at step {result.step} of {tc.steps} (checkpoint saved in {run_dir}); {how}")
         return summary | {"complete": False} | ({"interrupted": True} if result.interrupted else {})
     if not exports:
         return summary
@@ -166,7 +215,9 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
         raise TrainingDivergedError(f"training diverged: the held-out loss is {result.heldout.get('loss')}; "
                                     f"nothing exported (run folder {run_dir}); lower --lr or use another run folder")
     out = opts.out or run_dir / "export"
-    return summary | export(target, dcfg, tc, result, vocab_map, out, records, fs, opts.eval_prompts, say)
+    diag = diagnostics(run_dir, fs, held_seqs, vocab_map, tc)
+    return summary | export(target, dcfg, tc, result, vocab_map, out, records, fs, opts.eval_prompts, say, diag,
+                            init_record)
 
 
 def _replace_folder(new: Path, out: Path) -> None:
@@ -185,15 +236,33 @@ def _replace_folder(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def diagnostics(run_dir: Path, fs: Any, held_seqs: np.ndarray, vocab_map: np.ndarray | None,
+                tc: TrainConfig) -> dict[str, Any]:
+    """What the card says to decide the next step by: the reduced vocabulary's coverage of the target's held-out
+    greedy tokens (a ceiling on top-1), training vs held-out top-1 (a gap: data-limited; none: capacity- or
+    recipe-limited) and the learning curve of held-out top-1 per unrolled step against tokens seen."""
+    from dovetail_jax.train.diagnostics import greedy_answer_tokens, vocab_coverage
+
+    log_path = run_dir / "log.jsonl"
+    log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    curve = [{"step": e["step"], "padded_tokens_seen": e["step"] * tc.batch_tokens,
+              **{k: round(v, 4) for k, v in e["heldout"].items() if k.startswith("top1")}} for e in log]
+    return {"heldout_vocab_coverage": round(vocab_coverage(vocab_map, greedy_answer_tokens(fs, held_seqs)), 4),
+            "train_top1_ema": round(log[-1]["train_ema"]["top1"], 4) if log else None,
+            "learning_curve": curve}
+
+
 def export(target: Any, dcfg: DraftConfig, tc: TrainConfig, result: Any, vocab_map: np.ndarray | None, out: Path,
-           records: list[dict[str, Any]], fs: Any, eval_prompts: int, say: Any) -> dict[str, Any]:
+           records: list[dict[str, Any]], fs: Any, eval_prompts: int, say: Any,
+           diag: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the checkpoint into a temporary folder beside `out`, measure τ on held-out prompts with it, write the
     card again with τ, and only then move it to `out` (replacing what is there: the caller checked `--force`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        card = _write_draft(target, dcfg, tc, result, vocab_map, out.name, tmp, records, fs, eval_prompts, say)
+        card = _write_draft(target, dcfg, tc, result, vocab_map, out.name, tmp, records, fs, eval_prompts, say,
+                            diag, extra)
         _replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -201,9 +270,18 @@ def export(target: Any, dcfg: DraftConfig, tc: TrainConfig, result: Any, vocab_m
     return {"checkpoint": str(out), "card": card}
 
 
+def _source_counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in records:
+        top = str(r.get("source", "unknown")).split("/")[0]
+        counts[top] = counts.get(top, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _write_draft(target: Any, dcfg: DraftConfig, tc: TrainConfig, result: Any, vocab_map: np.ndarray | None,
                  name: str, folder: Path, records: list[dict[str, Any]], fs: Any, eval_prompts: int,
-                 say: Any) -> dict[str, Any]:
+                 say: Any, diag: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     """The checkpoint and its card in `folder` (τ measured with the written draft); returns the card."""
     from dovetail_jax import api
     from dovetail_jax.io.checkpoint import save_draft
@@ -212,13 +290,17 @@ def _write_draft(target: Any, dcfg: DraftConfig, tc: TrainConfig, result: Any, v
     card: dict[str, Any] = {
         "name": name,
         "training": {
-            "data": "self-distillation: the target's greedy answers (max 256 tokens) to offline prompts "
-                    "(Python standard-library functions + templated chat requests; dovetail_jax/train/prompts.py)",
+            "data": "self-distillation: the target's greedy answers (max 256 tokens) to offline prompts, "
+                    "decontaminated against HumanEval and MT-bench (dovetail_jax/train/sources.py)",
+            "sources": _source_counts(records),
             "conversations": int(fs.num_sequences), "tokens": int(fs.offsets[-1]),
+            "answer_tokens": int(sum(len(r["answer_ids"]) for r in records)),
+            "padded_tokens_seen": result.step * tc.batch_tokens,
             "heldout_every": tc.heldout_every, "steps": result.step, "seconds": round(result.seconds, 1),
             "options": dataclasses.asdict(tc),
         },
         "heldout": {k: round(float(v), 5) for k, v in result.heldout.items()},
+        **({"diagnostics": diag} if diag else {}),
         "created": time.strftime("%Y-%m-%d"),
     }
     save_draft(folder, target.cfg, dcfg, result.params, vocab_map, target.sha256, "bfloat16", card)

@@ -47,6 +47,10 @@ class TrainConfig:
     clip_value: float = 0.5  # EAGLE clips gradients by value
     noise: float = 0.2  # uniform feature noise of this width
     p_weight: float = 0.1  # weight of the soft cross-entropy
+    v_weight: float = 1.0  # weight of the feature regression
+    ttt_steps: int = 1  # training-time test: unrolled draft steps on its own outputs (1: off)
+    ttt_decay: float = 0.8  # step k's loss weighs ttt_decay ** (k - 1)
+    mask_oov: bool = False  # leave positions whose target token is outside the draft vocabulary out of the loss
     seed: int = 0
     save_every: int = 200
     eval_every: int = 200
@@ -54,13 +58,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Refuse what would train garbage (a nan or 0 learning rate) before any work, as the CLI does."""
-        for f in ("lr", "weight_decay", "clip_value", "noise", "p_weight", "min_lr_ratio"):
+        for f in ("lr", "weight_decay", "clip_value", "noise", "p_weight", "v_weight", "ttt_decay", "min_lr_ratio"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"TrainConfig.{f} must be a finite number >= 0, got {v!r}")
         if self.lr <= 0:
             raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        for f in ("steps", "batch_tokens", "save_every", "eval_every", "heldout_every"):
+        for f in ("steps", "batch_tokens", "save_every", "eval_every", "heldout_every", "ttt_steps"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"TrainConfig.{f} must be a positive integer, got {v!r}")
@@ -143,7 +147,7 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 @functools.cache
 def _step_fn(cfg: ModelConfig, dcfg: DraftConfig, tc: TrainConfig) -> Callable:
     opt = optimizer(tc)
-    loss = functools.partial(losses, cfg=cfg, dcfg=dcfg, noise=tc.noise, p_weight=tc.p_weight)
+    loss = functools.partial(losses, cfg=cfg, dcfg=dcfg, noise=tc.noise, **_loss_options(tc))
 
     def step(params, opt_state, shared, batch, key):
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, shared, batch, key)
@@ -153,22 +157,32 @@ def _step_fn(cfg: ModelConfig, dcfg: DraftConfig, tc: TrainConfig) -> Callable:
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def _loss_options(tc: TrainConfig) -> dict[str, Any]:
+    return {"p_weight": tc.p_weight, "v_weight": tc.v_weight, "steps": tc.ttt_steps, "decay": tc.ttt_decay,
+            "mask_oov": tc.mask_oov}
+
+
+EVAL_STEPS = 3  # held-out top-1 is reported for the first three unrolled steps (tree depths), whatever the recipe
+
+
 @functools.cache
-def _eval_fn(cfg: ModelConfig, dcfg: DraftConfig, p_weight: float) -> Callable:
-    return jax.jit(functools.partial(losses, key=None, cfg=cfg, dcfg=dcfg, noise=0.0, p_weight=p_weight))
+def _eval_fn(cfg: ModelConfig, dcfg: DraftConfig, tc: TrainConfig) -> Callable:
+    return jax.jit(functools.partial(losses, key=None, cfg=cfg, dcfg=dcfg, noise=0.0, report_steps=EVAL_STEPS,
+                                     **_loss_options(tc)))
 
 
 def evaluate(params: D.DraftParams, shared: D.DraftShared, fs: FeatureSet, seqs: np.ndarray, cfg: ModelConfig,
              dcfg: DraftConfig, tc: TrainConfig) -> dict[str, float]:
-    """Held-out metrics, weighted by trained positions (clean features)."""
-    fn = _eval_fn(cfg, dcfg, tc.p_weight)
+    """Held-out metrics, weighted by trained positions (clean features): step 1's losses and top-1, and the
+    top-1 of unrolled steps 2 and 3 (`top1_2`, `top1_3`: the draft on its own guesses, as deeper in a tree)."""
+    fn = _eval_fn(cfg, dcfg, tc)
     lengths = fs.offsets[1:] - fs.offsets[:-1]
     tot: dict[str, float] = {}
     n = 0.0
     for chunk in batch_plan(lengths, seqs, tc.batch_tokens, seed=12345, epoch=0):
         _, m = fn(params, shared, make_batch(fs, chunk))
         w = float(m["positions"])
-        for k in ("loss", "vloss", "ploss", "top1"):
+        for k in ("loss", "vloss", "ploss", "top1", *(f"top1_{i}" for i in range(2, EVAL_STEPS + 1))):
             tot[k] = tot.get(k, 0.0) + float(m[k]) * w
         n += w
     return {k: v / max(n, 1.0) for k, v in tot.items()} | {"positions": n}
@@ -213,9 +227,9 @@ def check_run(run: Path, record: dict[str, Any]) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text())
-    for key in ("target", "draft", "features"):
-        if old.get(key) != record[key]:
-            raise ConfigError(f"{run} holds a run for {key} {old.get(key)}, not {record[key]}; "
+    for key in ("target", "draft", "features", "init"):
+        if old.get(key) != record.get(key):
+            raise ConfigError(f"{run} holds a run for {key} {old.get(key)}, not {record.get(key)}; "
                               "use another run folder or the same options")
     a = {k: v for k, v in old.get("train", {}).items() if k not in ("steps", "save_every", "eval_every")}
     b = {k: v for k, v in record["train"].items() if k not in ("steps", "save_every", "eval_every")}
@@ -236,9 +250,11 @@ class TrainResult:
 
 def train(target: TargetParams, cfg: ModelConfig, dcfg: DraftConfig, tc: TrainConfig, fs: FeatureSet,
           vocab_map: np.ndarray | None, run: Path, target_sha256: str | None, progress: bool = True,
-          stop_at: int | None = None) -> TrainResult:
+          stop_at: int | None = None, init: D.DraftParams | None = None) -> TrainResult:
     """Train (or resume) the draft in `run`; returns the final parameters and held-out metrics.
 
+    A fresh run starts from `init` (a trained draft of the same architecture: a warm start) or from a seeded
+    random draft.
     `stop_at` ends this sitting early (with a checkpoint) without changing the schedule, which spans
     `tc.steps`; the next call resumes from there.
     """
@@ -247,7 +263,8 @@ def train(target: TargetParams, cfg: ModelConfig, dcfg: DraftConfig, tc: TrainCo
         raise ConfigError(f"need both training and held-out conversations; have {train_seqs.size} and "
                           f"{held_seqs.size} (held out: every {tc.heldout_every}th)")
     shared = D.make_shared(target, cfg, vocab_map)
-    params = D.init_draft(jax.random.key(tc.seed), cfg, dcfg)
+    # a copy of `init`: the jitted step donates the parameters, and the caller's arrays must survive
+    params = jax.tree.map(jnp.copy, init) if init is not None else D.init_draft(jax.random.key(tc.seed), cfg, dcfg)
     opt_state = optimizer(tc).init(params)
     mngr = ocp.CheckpointManager(
         (run / "ckpt").absolute(),
