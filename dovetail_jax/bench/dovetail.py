@@ -523,7 +523,9 @@ def _settings(opts: DovetailBenchOptions) -> dict[str, Any]:
 def _model_record(target: Any, model_path: Path) -> dict[str, Any]:
     return {"source": target.source, "path": str(model_path), "name": target.cfg.name,
             "num_params": target.cfg.num_params, "layout": f"{target.params.layout} (dovetail), out_in (target-only)",
-            "load_s": target.load_s, "eos_ids": list(target.eos_ids)}
+            "load_s": target.load_s, "eos_ids": list(target.eos_ids),
+            "chat_format": "the model's template" if target.tokenizer.chat_template is not None else "ChatML (the "
+                           "model has no chat template)"}
 
 
 def _prepare(opts: DovetailBenchOptions) -> tuple[_Methods, dict[str, list[tuple[str, list[int]]]], dict[str, Any]]:
@@ -543,6 +545,9 @@ def _prepare(opts: DovetailBenchOptions) -> tuple[_Methods, dict[str, list[tuple
     _say(f"loading the target ({opts.model or 'default'}, {layout} layout for verification)")
     target = api.load_target(opts.model, layout=layout, tokenizer=opts.tokenizer, placement=opts.placement)
     baseline = api.load_target(opts.model, layout="out_in", tokenizer=opts.tokenizer, placement=target.placement)
+    if target.tokenizer.chat_template is None:  # as `generate --chat` says: the prompts are not the model's format
+        print("dovetail: note: the model has no chat template; the benchmark's chat prompts use the ChatML format "
+              "(<|im_start|>role ... <|im_end|>)", file=sys.stderr)
     encoded = _encode(api, target, prompts, opts.configs, n)
     drafts, draft_info = _load_drafts(api, target, opts.configs, opts.sampling.seed)
     m = _Methods(api, target, baseline, opts.configs, drafts, opts.sampling, n, lc_skip=lc_skip)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dovetail_jax.argtypes import positive_int
+from dovetail_jax.argtypes import output_file, positive_int
 from dovetail_jax.bench import report
 from dovetail_jax.bench.results import write_json_atomic
 from dovetail_jax.errors import ConfigError
@@ -76,7 +76,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=positive_int, default=5, help="rounds; each cell reports its best (5)")
     p.add_argument("--calls", type=positive_int, default=10, help="timed calls per cell and round (10)")
     p.add_argument("--no-llama-cpp", action="store_true", help="do not time llama.cpp F32")
-    p.add_argument("--out", type=Path, default=None, help="JSON result file (default: a new file in the temp dir)")
+    p.add_argument("--out", type=output_file, default=None,
+                   help="JSON result file, replaced only by a complete run (default: a new file in the temp dir)")
 
 
 def options_from_args(args: argparse.Namespace) -> ForwardBenchOptions:

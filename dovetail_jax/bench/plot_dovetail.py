@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dovetail_jax.bench.results import write_atomic
+
 
 def plot(result: dict[str, Any], out: Path) -> list[Path]:
     """Write `out` (.png) and its .svg twin; returns the paths written."""
@@ -35,7 +37,7 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out.with_suffix(".png"), out.with_suffix(".svg")]
-    for p in paths:
-        fig.savefig(p, dpi=130)
+    for p in paths:  # each figure replaced whole: an interrupted run leaves the one that was there intact
+        write_atomic(p, lambda tmp, fmt=p.suffix[1:]: fig.savefig(tmp, dpi=130, format=fmt))
     plt.close(fig)
     return paths
