@@ -176,7 +176,7 @@ def test_unroll_equals_drafting_on_own_guesses_with_a_cache(tiny, layers):
     p = D.init_draft(jax.random.key(2), cfg, dcfg)
     shared = D.make_shared(params, cfg)
     rng = np.random.default_rng(1)
-    t, steps = 7, 3
+    t, steps = 5, 3
     feats = jnp.asarray(rng.standard_normal((1, t, cfg.hidden_size)).astype(np.float32))
     toks = jnp.asarray(rng.integers(0, 64, (1, t)).astype(np.int32))
     outs = unroll(p, shared, feats, toks, steps, cfg=cfg, dcfg=dcfg)

@@ -298,6 +298,7 @@ def _write_draft(target: Any, dcfg: DraftConfig, tc: TrainConfig, result: Any, v
             "padded_tokens_seen": result.step * tc.batch_tokens,
             "heldout_every": tc.heldout_every, "steps": result.step, "seconds": round(result.seconds, 1),
             "options": dataclasses.asdict(tc),
+            **(extra or {}),
         },
         "heldout": {k: round(float(v), 5) for k, v in result.heldout.items()},
         **({"diagnostics": diag} if diag else {}),
