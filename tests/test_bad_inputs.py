@@ -917,3 +917,36 @@ def test_validate_files_interrupted_or_failing_keep_the_old_ones(tmp_path, monke
     assert json.loads(out.read_text())["runs"] == []
     with pytest.raises(ConfigError, match="cannot write"):
         validate.collect([], Path("/proc/dovetail/runs.json"), repeats=1)
+
+
+def test_train_draft_interrupted_while_training_keeps_the_draft_and_resumes(tmp_path, smollm2_path):
+    """A real Ctrl-C during training: exit 130 without a traceback, the existing draft folder that `--force`
+    would replace is byte-identical, a checkpoint is kept, and the same command resumes from it."""
+    work, out = tmp_path / "work", tmp_path / "draft"
+    out.mkdir()
+    (out / "card.json").write_text('{"precious": "draft"}\n')
+    (out / "weights.safetensors").write_bytes(b"old weights")
+    before = _snapshot(out)
+    argv = [sys.executable, "-m", "dovetail_jax.cli", "train-draft", "--model", str(smollm2_path), "--work", str(work),
+            "--sources", "chat", "--num-prompts", "3", "--max-new-tokens", "12", "--gen-batch", "3",
+            "--steps", "500", "--warmup", "1", "--save-every", "1000", "--eval-every", "1000", "--eval-prompts", "0",
+            "--out", str(out), "--force"]
+    proc = subprocess.Popen(argv, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lines = []
+        while not any(ln.startswith("dovetail: train:") for ln in lines):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        time.sleep(3.0)  # compiling or stepping
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    from dovetail_jax.cli import EXIT_INTERRUPTED
+
+    err = "".join(lines) + err
+    assert proc.returncode == EXIT_INTERRUPTED and "Traceback" not in err, err
+    assert "rerun the same command to resume" in err.strip().splitlines()[-1], err  # says where and how
+    assert _snapshot(out) == before
+    assert list((work / "runs" / "dgf1-v8192" / "ckpt").iterdir())  # the sitting's checkpoint
