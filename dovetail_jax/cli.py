@@ -246,6 +246,8 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
                      noise=args.noise, seed=args.seed, save_every=args.save_every, eval_every=args.eval_every,
                      p_weight=args.p_weight, v_weight=args.v_weight, ttt_steps=args.ttt_steps,
                      ttt_decay=args.ttt_decay, mask_oov=args.mask_oov)
+    if args.new_vocab and not args.init:
+        raise DovetailError("--new-vocab only applies to a warm start: pass --init DIR too")
     out = Path(args.out) if args.out else None
     if out is not None:
         pipeline.check_out(out, args.force)  # before any work: an existing draft is never replaced by accident
@@ -259,7 +261,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         run_dir=Path(args.run) if args.run else None, out=out, force=args.force,
         num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch,
         eval_prompts=args.eval_prompts, stages=args.stage, stop_at=args.stop_at,
-        init=Path(args.init) if args.init else None,
+        init=Path(args.init) if args.init else None, new_vocab=args.new_vocab,
         **({"mix": Mix(**args.sources)} if args.sources is not None else {}))
     summary = pipeline.run(target, dcfg, tc, opts)
     if summary.get("interrupted"):
@@ -386,6 +388,9 @@ def _add_train_draft(sub: Any) -> None:
     t.add_argument("--init", metavar="DIR", type=input_path, default=None,
                    help="start from this trained draft (same --fusion/--layers/--draft-vocab) and keep its "
                         "vocabulary: a warm start, e.g. from the shipped draft")
+    t.add_argument("--new-vocab", action="store_true",
+                   help="with --init: choose the reduced vocabulary again from this run's data (any --draft-vocab "
+                        "size; the trained weights do not depend on it, the head is the target's)")
     t.add_argument("--out", metavar="DIR", type=output_dir, default=None,
                    help="where to write the draft checkpoint (default: <run>/export); an existing draft folder "
                         "is never replaced without --force")

@@ -75,6 +75,7 @@ CASES: list[tuple[list[str], str]] = [
     (TRAIN + ["--out", "{tmp}/draft"], "already exists"),
     (TRAIN + ["--out", "{tmp}/draft", "--steps", "3", "--lr", "1e-2"], "--force"),
     (TRAIN + ["--out", "{tmp}/results.json", "--force"], "not a folder"),
+    (TRAIN + ["--new-vocab"], "--init"),  # a new vocabulary only makes sense for a warm start
     # generate / bench: seeds JAX cannot take, non-finite temperatures
     (["generate", "--prompt", "hi", "--seed", str(2**63)], "--seed"),
     (["generate", "--prompt", "hi", "--seed", "-1"], "--seed"),

@@ -328,6 +328,33 @@ def test_warm_start_continues_from_the_given_draft(tiny, tiny_features, tmp_path
         T.check_run(tmp_path, rec)
 
 
+def test_warm_start_keeps_or_drops_the_drafts_vocabulary(tiny, tmp_path):
+    """`--init` keeps the draft's vocabulary and needs the same size; with `--new-vocab` the weights come along
+    unchanged (they do not depend on the vocabulary: the head is the target's) and any size may be chosen anew."""
+    from dovetail_jax.io import checkpoint as ck
+    from dovetail_jax.train.pipeline import _warm_start
+
+    cfg, _ = tiny
+    dcfg = DraftConfig(num_layers=1, fusion="dgf", draft_vocab_size=32)
+    start = D.init_draft(jax.random.key(5), cfg, dcfg)
+    vm = np.arange(3, 35, dtype=np.int32)
+    folder = ck.save_draft(tmp_path / "d", cfg, dcfg, start, vocab_map=vm, target_sha256="a" * 64, dtype="float32")
+    target = SimpleNamespace(cfg=cfg, sha256="a" * 64)
+    params, got_vm, rec = _warm_start(target, dcfg, folder)
+    np.testing.assert_array_equal(got_vm, vm)
+    assert "new_vocab" not in rec["init"]
+    bigger = DraftConfig(num_layers=1, fusion="dgf", draft_vocab_size=48)
+    with pytest.raises(ConfigError, match="--new-vocab"):
+        _warm_start(target, bigger, folder)
+    params2, got_vm2, rec2 = _warm_start(target, bigger, folder, new_vocab=True)
+    assert got_vm2 is None and rec2["init"]["new_vocab"] is True
+    assert rec2["init"]["weights_sha256"] == rec["init"]["weights_sha256"]
+    for x, y in zip(_leaves(params), _leaves(params2), strict=True):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ConfigError, match="layers"):
+        _warm_start(target, DraftConfig(num_layers=2, fusion="dgf", draft_vocab_size=48), folder, new_vocab=True)
+
+
 def test_a_run_folder_refuses_another_architecture(tiny):
     cfg, _ = tiny
     tc = T.TrainConfig()

@@ -47,6 +47,7 @@ class PipelineOptions:
     stages: Literal["all", "data", "train"] = "all"
     mix: Mix = Mix()  # prompts per source (see `train/sources.py`); every source by default
     init: Path | None = None  # start from this draft checkpoint's weights and vocabulary (a warm start)
+    new_vocab: bool = False  # with `init`: choose the reduced vocabulary again from this data (its size: dcfg's)
     stop_at: int | None = None  # end this sitting at this step with a checkpoint
     progress: bool = True  # progress bars and lines on stderr
 
@@ -153,19 +154,24 @@ def _vocab_map(fs: Any, train_seqs: np.ndarray, dcfg: DraftConfig, run_dir: Path
     return vocab_map
 
 
-def _warm_start(target: Any, dcfg: DraftConfig, init: Path | None) -> tuple[Any, np.ndarray | None, dict[str, Any]]:
+def _warm_start(target: Any, dcfg: DraftConfig, init: Path | None,
+                new_vocab: bool = False) -> tuple[Any, np.ndarray | None, dict[str, Any]]:
     """(weights, vocabulary, what the run record says) of the draft a run starts from; (None, None, {}) for a
-    fresh start. The draft must have the asked architecture and be trained for this target."""
+    fresh start. The draft must have the asked architecture and be trained for this target. With `new_vocab`
+    its vocabulary is dropped (None: the run chooses one from its data, of any size): the trained weights do not
+    depend on it, since the draft's head is the target's own, restricted to the vocabulary's rows."""
     if init is None:
         return None, None, {}
     from dovetail_jax.io.checkpoint import WEIGHTS, file_sha256, load_draft
 
     got, params, vocab_map, card = load_draft(init, target.cfg, target_sha256=target.sha256)
-    if got != dcfg:
+    same = got == dcfg if not new_vocab else (got.num_layers, got.fusion) == (dcfg.num_layers, dcfg.fusion)
+    if not same:
         raise ConfigError(f"--init {init} is a {arch_name(got)} draft, not {arch_name(dcfg)}; pass matching "
-                          "--fusion/--layers/--draft-vocab")
-    return params, vocab_map, {"init": {"name": card.get("name"), "weights_sha256": file_sha256(Path(init) / WEIGHTS),
-                                        "steps": card.get("training", {}).get("steps")}}
+                          "--fusion/--layers" + ("" if new_vocab else "/--draft-vocab (or --new-vocab)"))
+    record = {"name": card.get("name"), "weights_sha256": file_sha256(Path(init) / WEIGHTS),
+              "steps": card.get("training", {}).get("steps")} | ({"new_vocab": True} if new_vocab else {})
+    return params, None if new_vocab else vocab_map, {"init": record}
 
 
 def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) -> dict[str, Any]:
@@ -178,6 +184,8 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
     """
     say = (lambda m: print(f"dovetail: {m}", file=sys.stderr)) if opts.progress else (lambda m: None)
     check_draft_vocab(dcfg, target.cfg.vocab_size)
+    if opts.new_vocab and opts.init is None:
+        raise ConfigError("--new-vocab only applies to a warm start: pass --init DIR too")
     run_dir = opts.run_dir or opts.work / "runs" / arch_name(dcfg)
     exports = opts.stages == "all" or (opts.stages == "train" and opts.out is not None)
     if exports:
@@ -190,7 +198,7 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
     features = opts.work / "features"
     fs = load_features(features, target.sha256, target.cfg.hidden_size)
     run_dir.mkdir(parents=True, exist_ok=True)
-    init_params, init_vm, init_record = _warm_start(target, dcfg, opts.init)
+    init_params, init_vm, init_record = _warm_start(target, dcfg, opts.init, opts.new_vocab)
     record = run_record(target.cfg, dcfg, tc, target.sha256, {"folder": str(features),
                                                               "conversations": fs.num_sequences}) | init_record
     check_run(run_dir, record)
