@@ -125,7 +125,8 @@ def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
     engine = default_engine(hw) if args.cpu_engine == "auto" else args.cpu_engine
     wl = Workload(model, draft, TreeConfig(args.top_k, args.depth, args.total_tokens),
                   args.target_dtype, args.draft_dtype, args.prompt_len, args.new_tokens,
-                  cpu_engine=None if engine == PROFILE_ENGINE else engine)
+                  cpu_engine=None if engine == PROFILE_ENGINE else engine,
+                  gpu_framework=None if args.gpu_framework == "profile" else args.gpu_framework)
     measured = None
     if args.measured:
         try:
@@ -287,6 +288,11 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
                    help="what runs the target on the CPU: dovetail-jax, hf-torch, llama.cpp (simulator/data/"
                         "cpu_engines.json), or profile (the profile's own efficiency fields); auto = profile for a "
                         "`profile-hw` measurement, else dovetail-jax")
+    g.add_argument("--gpu-framework", default="profile",
+                   help="what runs on the GPU: torch-eager (host calls counted in the HF/EAGLE code x a measured "
+                        "host time per call, overlapped with the GPU), cuda-graph (no per-op host work; "
+                        "simulator/data/gpu_frameworks.json), or profile (only the profile's gpu.layer_s, which a "
+                        "framework replaces)")
     g.add_argument("--draft-dtype", default="f16", help="draft (and GPU-resident target layers) dtype")
     g.add_argument("--draft-layers", type=positive_int, default=1)
     g.add_argument("--draft-vocab", type=positive_int, default=None, help="reduced draft-head vocabulary V'")

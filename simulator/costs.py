@@ -49,12 +49,28 @@ class RooflineCosts:
         self._tb, self._db = wl.target_bytes_per_weight(), dtype_bytes(wl.draft_dtype)
         self._h, self._lp, self._kv, self._q = m.hidden_size, m.layer_params, m.kv_size, m.q_size
         self.engine = wl.engine
+        self.fw = wl.framework
+        # a GPU framework's counted host calls replace the profile's coarse per-layer dispatch (never both)
+        self._layer_s = 0.0 if self.fw is not None else hw.gpu.layer_s
+
+    def _overlap(self, roof: float, calls: float) -> float:
+        """An eager framework's host dispatch runs ahead of the GPU (asynchronous launches) until the phase's host
+        sync: the slower of the two is the phase's time. No framework: the roofline alone."""
+        return roof if self.fw is None else max(roof, self.fw.dispatch_s(calls))
+
+    def _scores_bytes(self, n: int, ctx: int, layers: int) -> float:
+        """Attention-score traffic of an unfused (eager) attention: heads x n x (ctx + n) scores per layer, each
+        written and re-read by matmul, scale, mask add, softmax and cast (`attn_score_bytes`); 0 when fused."""
+        fw = self.fw
+        if fw is None or not fw.attn_score_bytes:
+            return 0.0
+        return layers * self.wl.model.num_heads * n * (ctx + n) * fw.attn_score_bytes
 
     def _layers(self, dev: CpuSpec | GpuSpec, wbytes: float, kvbytes: float, n: int, ctx: int, layers: int,
-                head_rows: int, vocab: int, calls: int) -> float:
+                head_rows: int, vocab: int, calls: int, extra_bytes: float = 0.0) -> float:
         """`layers` decoder layers over n tokens attending to ctx + n keys, plus an LM head over head_rows."""
         h = self._h
-        nbytes = layers * (self._lp * wbytes + 2 * self._kv * (ctx + n) * kvbytes)
+        nbytes = extra_bytes + layers * (self._lp * wbytes + 2 * self._kv * (ctx + n) * kvbytes)
         flops = layers * (2 * n * self._lp + 4 * n * (ctx + n) * self._q)
         if head_rows:
             nbytes += vocab * h * wbytes
@@ -83,23 +99,55 @@ class RooflineCosts:
                                                        2 * macs * path.mac_cost / rate)
 
     def target_gpu(self, n: int, ctx: int, layers: int, head: bool = False) -> float:
-        """Target layers on the GPU; an eager framework adds its per-layer dispatch (`gpu.layer_s`)."""
-        return self._layers(self.hw.gpu, self._db, self._db, n, ctx, layers, n if head else 0,
-                            self.wl.model.vocab_size, 1) + layers * self.hw.gpu.layer_s
+        """Target layers on the GPU (with head: a whole decode step). A GPU framework's host calls overlap the
+        roofline (`_overlap`); without one, a profile's `gpu.layer_s` adds a fixed dispatch per layer."""
+        roof = self._layers(self.hw.gpu, self._db, self._db, n, ctx, layers, n if head else 0,
+                            self.wl.model.vocab_size, 1, self._scores_bytes(n, ctx, layers))
+        fw = self.fw
+        calls = 0.0 if fw is None else layers * fw.calls_per_layer + (fw.calls_per_step if head else 0.0)
+        return self._overlap(roof, calls) + layers * self._layer_s
+
+    def target_gpu_tree(self, t: int, ctx: int) -> float:
+        """The whole target on the GPU verifying a t-token tree (EAGLE on one GPU): all layers and the head over t
+        rows attending to ctx + t keys; the framework's host calls include the tree's own (tree mask, posterior,
+        KV compaction). For 7B-13B fp16 and t <= 64 this stays weight-bound on a data-centre GPU (2 t FLOPs per
+        2-byte weight = t FLOP/B, under the A100's ridge of ~150) and near the ridge on GeForce cards; an eager
+        attention adds its score traffic (`_scores_bytes`: ~4% of the weights at t = 60, ctx 256, 13% at ctx 1000)."""
+        m = self.wl.model
+        nl = m.num_layers
+        roof = self._layers(self.hw.gpu, self._db, self._db, t, ctx, nl, t, m.vocab_size, 1,
+                            self._scores_bytes(t, ctx, nl))
+        fw = self.fw
+        calls = 0.0 if fw is None else nl * fw.calls_per_layer + fw.calls_per_tree_verify
+        return self._overlap(roof, calls) + nl * self._layer_s
 
     def draft_pass(self, n: int, ctx: int) -> float:
         """Fusion (DGF or EAGLE fc) + the draft's decoder layers over n tokens; one launch per pass."""
         g, db = self.hw.gpu, self._db
         nl = self.wl.draft_layers
-        nbytes = self.wl.fusion_params * db + nl * (self._lp * db + 2 * self._kv * (ctx + n) * db)
+        nbytes = (self.wl.fusion_params * db + nl * (self._lp * db + 2 * self._kv * (ctx + n) * db)
+                  + self._scores_bytes(n, ctx, nl))
         flops = 2 * n * self.wl.fusion_params + nl * (2 * n * self._lp + 4 * n * (ctx + n) * self._q)
-        return roofline_seconds(g, nbytes, flops, n) + nl * g.layer_s
+        fw = self.fw
+        calls = 0.0 if fw is None else fw.draft_calls_per_pass + (nl - 1) * fw.calls_per_layer
+        return self._overlap(roofline_seconds(g, nbytes, flops, n), calls) + nl * self._layer_s
 
     def draft_head(self, n: int) -> float:
-        """Draft LM head over n rows (reduced vocabulary V') + log-softmax / top-k, one launch."""
+        """Draft LM head over n rows (reduced vocabulary V') + log-softmax / top-k and the level's tree
+        bookkeeping, one launch (graph) or the framework's calls per level (eager)."""
         v = self.wl.draft_vocab
         nbytes = v * self._h * self._db + n * v * 4
-        return roofline_seconds(self.hw.gpu, nbytes, 2 * n * v * self._h, n)
+        calls = 0.0 if self.fw is None else self.fw.draft_calls_per_level
+        return self._overlap(roofline_seconds(self.hw.gpu, nbytes, 2 * n * v * self._h, n), calls)
+
+    def draft_tree_host(self, kind: str) -> float:
+        """Host-only work of the draft framework per tree: setup before the levels and the tree's assembly
+        (EAGLE-2's dynamic tree loops over its tokens on the host; EAGLE-1's static tree does not). 0 without a
+        framework."""
+        fw = self.fw
+        if fw is None:
+            return 0.0
+        return fw.dispatch_s(fw.draft_calls_per_cycle) + fw.tree_assembly_s(kind, self.wl.tree.total_tokens)
 
     def accept(self, t: int, a: int) -> float:
         """CPU: argmax over T x V logits and the KV compaction of a+1 rows (read + write), one call."""

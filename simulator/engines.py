@@ -19,6 +19,11 @@ FLOPs x mac_cost / R(n)),  BW = min(mem_bw x bw_eff x stream_frac, mem_bw),  R(n
 (n + n_half).
 The engine `profile` (the default) keeps the profile's own `flops_eff`, `bw_eff`, `n_half` and `dispatch_s`: right
 for a `dovetail profile-hw` measurement, which times this project's own engine on the machine itself.
+
+The GPU side has the same problem in another form: eager PyTorch is bound by its host, not by the GPU, at batch 1
+(one host call per tensor op), so a `GpuFramework` (`simulator/data/gpu_frameworks.json`: `torch-eager`,
+`cuda-graph`) gives the host calls per phase, counted in the reference code, and one measured host time per call;
+a phase then costs max(GPU roofline, calls x call_s).
 """
 
 from __future__ import annotations
@@ -132,3 +137,103 @@ def resolve_engine(name: str | None) -> CpuEngine | None:
     if name not in engines:
         raise ConfigError(f"unknown cpu engine {name!r}; choose from {', '.join(engine_names())}")
     return engines[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU frameworks: the host-side work of what runs the model on the GPU
+
+GPU_FRAMEWORKS_FILE = Path(__file__).parent / "data" / "gpu_frameworks.json"
+_FW_NUMBERS = ("call_s", "calls_per_layer", "calls_per_step", "calls_per_tree_verify", "draft_calls_per_pass",
+               "draft_calls_per_level", "draft_calls_per_cycle", "attn_score_bytes")
+
+
+@dataclass(frozen=True)
+class TreeAssembly:
+    """Host calls that turn a drafted tree into the verification inputs: fixed + per draft token."""
+
+    fixed: float
+    per_token: float
+
+
+@dataclass(frozen=True)
+class GpuFramework:
+    """Host calls per phase of what runs on the GPU, and the host time of one call.
+
+    Eager PyTorch issues one host call (Python, dispatcher, allocator, kernel launch) per tensor operation; the
+    launches are asynchronous, so a phase that ends in a host sync costs max(GPU roofline, calls x call_s): an
+    eager 7B decode on a fast GPU is bound by the host, not by the weights (the PyTorch team's eager LLaMA-7B
+    runs at 25.5 tok/s on an A100 that streams its weights in ~7 ms). A graph framework (CUDA graphs, XLA) has
+    call_s = 0. Counts are of the reference code (`simulator/data/gpu_frameworks.json`, each with its source).
+    """
+
+    name: str
+    description: str
+    call_s: float
+    calls_per_layer: float  # one target decoder layer
+    calls_per_step: float  # a decode step outside the layers (embedding, masks, norm, head, sampling loop)
+    calls_per_tree_verify: float  # a tree verification outside the layers (tree mask, posterior, KV compaction)
+    draft_calls_per_pass: float  # one forward of a 1-layer EAGLE-style draft
+    draft_calls_per_level: float  # head, top-k and tree bookkeeping per level
+    draft_calls_per_cycle: float  # once per drafted tree, before the levels
+    attn_score_bytes: float  # GPU bytes moved per attention score by an unfused attention (0 = fused / flash)
+    trees: dict[str, TreeAssembly] = field(compare=False)
+    sources: dict[str, str] = field(compare=False, default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def dispatch_s(self, calls: float) -> float:
+        return calls * self.call_s
+
+    def tree_assembly_s(self, kind: str, tokens: int) -> float:
+        """Host time to assemble a `tokens`-token tree of the draft `kind` (eagle1: static, eagle2: dynamic)."""
+        if kind not in self.trees:
+            raise ConfigError(f"gpu framework {self.name!r} has no tree assembly for {kind!r} "
+                              f"(it has: {', '.join(self.trees)})")
+        t = self.trees[kind]
+        return self.call_s * (t.fixed + t.per_token * max(tokens - 1, 0))
+
+
+def parse_gpu_framework(name: str, raw: Any) -> GpuFramework:
+    """Validate one framework entry of the data file."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"gpu framework {name!r}: expected a JSON object")
+    src: dict[str, str] = {}
+    vals = {k: _num(raw, k, f"gpu framework {name}", src, allow_zero=True) for k in _FW_NUMBERS}
+    drafts = raw.get("drafts")
+    if not isinstance(drafts, dict) or not drafts:
+        raise ConfigError(f"gpu framework {name!r}: needs a non-empty 'drafts' object")
+    trees = {}
+    for kind, d in drafts.items():
+        if not isinstance(d, dict):
+            raise ConfigError(f"gpu framework {name!r}: draft {kind!r} must be an object")
+        s: dict[str, str] = {}
+        trees[kind] = TreeAssembly(_num(d, "tree_calls_fixed", f"{name}/{kind}", s, allow_zero=True),
+                                   _num(d, "tree_calls_per_token", f"{name}/{kind}", s, allow_zero=True))
+    return GpuFramework(name, str(raw.get("description", "")), trees=trees, sources=src, **vals)
+
+
+@lru_cache(maxsize=4)
+def _load_gpu(path: str) -> dict[str, GpuFramework]:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read gpu frameworks {path!r}: {e}") from None
+    fws = raw.get("frameworks") if isinstance(raw, dict) else None
+    if not isinstance(fws, dict) or not fws:
+        raise ConfigError(f"{path}: expected a 'frameworks' object")
+    return {n: parse_gpu_framework(n, f) for n, f in fws.items()}
+
+
+def gpu_framework_names() -> list[str]:
+    return list(_load_gpu(str(GPU_FRAMEWORKS_FILE)))
+
+
+def resolve_gpu_framework(name: str | None) -> GpuFramework | None:
+    """None for None (the profile's own `gpu.layer_s` only, as before), else the named framework."""
+    if name is None:
+        return None
+    fws = _load_gpu(str(GPU_FRAMEWORKS_FILE))
+    if name not in fws:
+        raise ConfigError(f"unknown gpu framework {name!r}; choose from {', '.join(fws)}")
+    return fws[name]

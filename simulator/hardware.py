@@ -84,7 +84,8 @@ class GpuSpec(_Roofline):
     launch_s: float  # per kernel / jit-call launch overhead
     reserved_bytes: float = 0.0  # runtime context and allocator slack not available to the model
     shares_cpu: bool = False
-    layer_s: float = 0.0  # per decoder layer per pass: an eager framework's op dispatch (0 = CUDA graphs / XLA)
+    layer_s: float = 0.0  # per decoder layer per pass: an eager framework's op dispatch (0 = CUDA graphs / XLA);
+    # a workload's gpu_framework (simulator/data/gpu_frameworks.json: counted host calls) replaces it
 
     @property
     def overhead_s(self) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from dovetail_jax.config import KNOWN_MODELS, TREE_PRESETS, DraftConfig, ModelConfig, TreeConfig
-from simulator.engines import CpuEngine, resolve_engine
+from simulator.engines import CpuEngine, GpuFramework, resolve_engine, resolve_gpu_framework
 from simulator.errors import ConfigError
 
 # bytes per weight; GGUF block formats carry their scales: Q8_0 = 34 B / 32 weights, Q4_0 = 18 B / 32, Q4_K = 144 B /
@@ -49,6 +49,7 @@ class Workload:
     new_tokens: int = 256
     kv_slots: int | None = None  # attention span of an implementation that attends over a preallocated cache
     cpu_engine: str | None = None  # what runs the target on the CPU (simulator.engines); None = the profile's own
+    gpu_framework: str | None = None  # what runs on the GPU (torch-eager, cuda-graph); None = gpu.layer_s only
 
     def __post_init__(self) -> None:
         dtype_bytes(self.target_dtype)
@@ -56,6 +57,7 @@ class Workload:
         eng = self.engine
         if eng is not None:
             eng.path(self.target_dtype)  # refuses a dtype the engine has no real path for
+        resolve_gpu_framework(self.gpu_framework)  # refuses an unknown name
         if self.prompt_len < 1 or self.new_tokens < 1:
             raise ConfigError(f"prompt_len and new_tokens must be >= 1, got {self.prompt_len}, "
                               f"{self.new_tokens}")
@@ -71,6 +73,10 @@ class Workload:
     @property
     def engine(self) -> CpuEngine | None:
         return resolve_engine(self.cpu_engine)
+
+    @property
+    def framework(self) -> GpuFramework | None:
+        return resolve_gpu_framework(self.gpu_framework)
 
     def target_bytes_per_weight(self) -> float:
         """Bytes per target weight as the engine stores it (its dtype path), else the dtype's nominal size."""
