@@ -40,7 +40,7 @@ setup(
     package_dir={DRAFTS_PACKAGE: "checkpoints"},
     package_data={
         "simulator": ["presets/*.json", "data/*.json"],
-        "dovetail_jax.kernels": ["*.cc"],  # compiled on first use (dovetail_jax/kernels/__init__.py)
+        "dovetail_jax.kernels": ["*.cc", "*.h"],  # compiled on first use (dovetail_jax/kernels/__init__.py)
         DRAFTS_PACKAGE: [f"{name}/{f}" for name in shipped_drafts() for f in DRAFT_FILES],
     },
 )

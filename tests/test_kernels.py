@@ -11,10 +11,13 @@ both scoring paths, odd D and S), and `layers.attention` with it against the XLA
 
 from __future__ import annotations
 
+import ast
+import fnmatch
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +145,36 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch) -> None:
     stamp = first.stat().st_mtime_ns
     assert kernels.build() == first and first.stat().st_mtime_ns == stamp  # no rebuild
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp file left behind
+
+
+def test_build_key_covers_the_shared_header(tmp_path, monkeypatch) -> None:
+    """simd.h is compiled into both kernels: editing it must name a new library (a rebuild), not reuse the old."""
+    header = tmp_path / "simd.h"
+    header.write_bytes(kernels.HEADERS[0].read_bytes())
+    before = kernels.build_key("g++")
+    monkeypatch.setattr(kernels, "HEADERS", (header,))
+    assert kernels.build_key("g++") == before  # the same text: the same library
+    header.write_bytes(header.read_bytes().replace(b"0xEE", b"0xEF", 1))
+    assert kernels.build_key("g++") != before
+
+
+def _quoted_includes(path: Path) -> set[str]:
+    return {line.split('"')[1] for line in path.read_text().splitlines() if line.startswith('#include "')}
+
+
+def test_every_local_header_is_keyed_and_shipped() -> None:
+    """Each `#include "x.h"` of the kernels that is not XLA's must be in HEADERS (the build key) and match the
+    package data globs of setup.py (a wheel or sdist without it could not build the kernels)."""
+    folder = kernels.SOURCES[0].parent
+    local = {name for p in (*kernels.SOURCES, *kernels.HEADERS) for name in _quoted_includes(p)
+             if not name.startswith("xla/")}
+    assert local == {p.name for p in kernels.HEADERS} and all((folder / n).is_file() for n in local)
+    setup = ast.parse((Path(__file__).resolve().parents[1] / "setup.py").read_text())
+    (globs,) = [ast.literal_eval(node.values[node.keys.index(key)]) for node in ast.walk(setup)
+                if isinstance(node, ast.Dict) for key in node.keys
+                if isinstance(key, ast.Constant) and key.value == "dovetail_jax.kernels"]
+    for p in (*kernels.SOURCES, *kernels.HEADERS):
+        assert any(fnmatch.fnmatch(p.name, g) for g in globs), (p.name, globs)
 
 
 # ---- the cache-attention kernel -------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_wheel_carries_every_module_and_data_file(wheel: Path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
     wanted = {p.relative_to(ROOT).as_posix() for pkg in ("dovetail_jax", "simulator") for p in (ROOT / pkg).rglob("*")
-              if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".json", ".cc")}
+              if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".json", ".cc", ".h")}
     assert wanted and wanted <= names, sorted(wanted - names)[:10]
 
 

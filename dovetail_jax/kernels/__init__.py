@@ -6,9 +6,10 @@ every call, see README). `matmul.cc` streams each weight row (or column panel) o
 own thread pool. The same holds for attention over the KV cache: XLA runs it as batched dot_generals at ~1/3
 of DRAM speed; `attention.cc` streams each cached K/V row once for all query rows of its kv head and returns
 the partial softmax state (max, sum of exp, un-normalised output) that `layers.attention` merges with the new
-tokens' scores. Both sources are compiled with the system C++ compiler on first use into one library in the
-cache directory (keyed by every source, flags and jaxlib version; atomic, so concurrent processes are safe)
-and registered as FFI targets.
+tokens' scores. The SIMD blocks both use (dot steps, horizontal sums, axpy panels, work sharing) are in
+`simd.h`, which the sources include from their own folder. Both sources are compiled with the system C++
+compiler on first use into one library in the cache directory (keyed by every source and header, flags,
+compiler and jaxlib version; atomic, so concurrent processes are safe) and registered as FFI targets.
 
 Where they cannot run (no compiler, no AVX-512, build or load failure, `DOVETAIL_KERNELS=off`)
 `kernels_enabled()` is False and callers use XLA: same semantics, one line on stderr, no traceback.
@@ -43,6 +44,9 @@ MAX_TOKENS = 32
 # Query rows per kv head (G * T) up to which `layers.attention` uses the cache kernel (G = 3: trees of 32).
 MAX_ATTENTION_ROWS = 128
 SOURCES = (Path(__file__).with_name("matmul.cc"), Path(__file__).with_name("attention.cc"))
+# Included by the sources as `#include "simd.h"` (a quoted include: found in the including file's folder, whatever
+# the working directory). Not compiled on its own, but a change to it must rebuild: it is part of the build key.
+HEADERS = (Path(__file__).with_name("simd.h"),)
 CXX_FLAGS = ("-O3", "-march=x86-64-v4", "-mtune=znver3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "fma")  # what -march=x86-64-v4 emits
 TARGETS = {"out_in": "dovetail_matmul_oi", "in_out": "dovetail_matmul_io"}
@@ -78,17 +82,21 @@ def _compiler() -> str:
     return cxx
 
 
-def build(force: bool = False) -> Path:
-    """Compile the kernel sources into one library in the cache (once per sources/flags/jaxlib version) and
-    return its path."""
+def build_key(cxx: str) -> str:
+    """What a built library depends on, hashed: every source and header, the flags, the compiler, jaxlib's
+    version (its FFI headers). A change to any of them gives a new file name, so a stale library is never loaded."""
     import jaxlib
 
+    texts = [p.read_bytes() for p in (*SOURCES, *HEADERS)]
+    return hashlib.sha256(b"\0".join([*texts, " ".join(CXX_FLAGS).encode(), jaxlib.__version__.encode(),
+                                      cxx.encode()])).hexdigest()[:16]
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernel sources into one library in the cache (once per `build_key`) and return its path."""
     cxx = _compiler()
     include = jax.ffi.include_dir()
-    srcs = [p.read_bytes() for p in SOURCES]
-    key = hashlib.sha256(b"\0".join([*srcs, " ".join(CXX_FLAGS).encode(), jaxlib.__version__.encode(),
-                                     cxx.encode()])).hexdigest()[:16]
-    out = cache_dir() / f"dovetail_kernels_{key}.so"
+    out = cache_dir() / f"dovetail_kernels_{build_key(cxx)}.so"
     if out.exists() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

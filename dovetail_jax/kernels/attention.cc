@@ -18,44 +18,31 @@
 //
 //   q [B, K, M, D] (already scaled), k, v [B, K, S, D], lo [B] int32, hi [] or [B] int32
 //   -> m [B, K, M], l [B, K, M], o [B, K, M, D], all f32.
-#include <immintrin.h>
-
+//
+// The register blocks (dot steps, horizontal sums, axpy panels) and the work sharing are in simd.h, shared with
+// matmul.cc.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
+namespace dovetail {
 namespace {
 
-constexpr int kQ = 6;        // query rows per register block
-constexpr int kPanel = 4;    // 16-float vectors per output panel (D = 64 is one panel)
 constexpr int64_t kSub = 64; // slots per sub-block: 64 K rows + 64 V rows of D = 64 are 32 KiB
 // Up to this many queries, scores as dot products (4 keys x the queries in registers, one horizontal sum per
 // score); beyond, axpys over a transposed K block. Measured B=1, S=2048, 30 layers: M=3 8.7 vs 11.5 ms,
 // M=9 17.7 vs 19.5, M=24 23.8 vs 20.8, M=96 77.7 vs 59.5.
 constexpr int64_t kDirectRows = 12;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-inline __mmask16 TailMask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
-
-// Four 16-lane accumulators -> their four sums, in order.
-inline __m128 Sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-  __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-  __m128 s0 = _mm512_castps512_ps128(u), s1 = _mm512_extractf32x4_ps(u, 1);
-  __m128 s2 = _mm512_extractf32x4_ps(u, 2), s3 = _mm512_extractf32x4_ps(u, 3);
-  return _mm_hadd_ps(_mm_hadd_ps(s0, s1), _mm_hadd_ps(s2, s3));
-}
 
 // exp(x) for x <= 0 (scores minus their max), Cephes' degree-6 polynomial on [-ln2/2, ln2/2] and an exact
 // scaling by 2^n: ~1 ulp, 0 below -104 (where float exp underflows), NaN in -> NaN out.
@@ -81,35 +68,12 @@ template <int R, int NT>
 inline void ScoreBlock(const float* __restrict k, const float* __restrict q, int64_t d, float* __restrict s,
                        int64_t lds) {
   __m512 acc[R][NT];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < d; i += 16) {
-    const __mmask16 m = TailMask(d - i);
-    __m512 kv[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      kv[r] = _mm512_maskz_loadu_ps(m, k + r * d + i);
-      asm("" : "+v"(kv[r]));  // keep k and q in registers, not folded into every FMA as memory operands
-    }
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) {
-      __m512 qv = _mm512_maskz_loadu_ps(m, q + t * d + i);
-      asm("" : "+v"(qv));
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(kv[r], qv, acc[r][t]);
-    }
-  }
-  if constexpr (R == 4) {
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) _mm_storeu_ps(s + t * lds, Sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
-  } else {
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) s[t * lds] = _mm512_reduce_add_ps(acc[0][t]);
-  }
+  ZeroDots(acc);
+  for (int64_t i = 0; i < d; i += 16) DotStep<R, NT, true>(acc, k + i, d, q + i, d, TailMask(d - i));
+  StoreDots(acc, s, lds);
 }
 
+// nt queries (1..kBlockRows) as one register block; explicit cases as in simd.h's AxpyRows.
 template <int R>
 inline void ScoreQueries(const float* k, const float* q, int64_t d, float* s, int64_t lds, int nt) {
   switch (nt) {
@@ -119,85 +83,6 @@ inline void ScoreQueries(const float* k, const float* q, int64_t d, float* s, in
     case 4: ScoreBlock<R, 4>(k, q, d, s, lds); break;
     case 5: ScoreBlock<R, 5>(k, q, d, s, lds); break;
     default: ScoreBlock<R, 6>(k, q, d, s, lds); break;
-  }
-}
-
-// o[t, panel] (+)= sum_j p[t * ldp + j] v[j, panel] for n rows j, NT queries and NV vectors (the last masked);
-// starts from o when `accumulate`, else from 0. The output of softmax . V, and scores q . K^T with K transposed.
-template <int NV, int NT>
-inline void AxpyBlock(const float* __restrict v, int64_t ldv, int64_t n, const float* __restrict p, int64_t ldp,
-                      float* __restrict o, int64_t ldo, __mmask16 last, bool accumulate) {
-  __m512 acc[NT][NV];
-#pragma GCC unroll 8
-  for (int t = 0; t < NT; ++t)
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c)
-      acc[t][c] = !accumulate         ? _mm512_setzero_ps()
-                  : c == NV - 1       ? _mm512_maskz_loadu_ps(last, o + t * ldo + 16 * c)
-                                      : _mm512_loadu_ps(o + t * ldo + 16 * c);
-  for (int64_t j = 0; j < n; ++j) {
-    __m512 vv[NV];
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) {
-      vv[c] = c == NV - 1 ? _mm512_maskz_loadu_ps(last, v + j * ldv + 16 * c) : _mm512_loadu_ps(v + j * ldv + 16 * c);
-      asm("" : "+v"(vv[c]));
-    }
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) {
-      const __m512 pb = _mm512_set1_ps(p[t * ldp + j]);
-#pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c) acc[t][c] = _mm512_fmadd_ps(vv[c], pb, acc[t][c]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int t = 0; t < NT; ++t)
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) {
-      if (c == NV - 1)
-        _mm512_mask_storeu_ps(o + t * ldo + 16 * c, last, acc[t][c]);
-      else
-        _mm512_storeu_ps(o + t * ldo + 16 * c, acc[t][c]);
-    }
-}
-
-template <int NV>
-inline void AxpyQueries(const float* v, int64_t ldv, int64_t n, const float* p, int64_t ldp, float* o, int64_t ldo,
-                        int nt, __mmask16 last, bool accumulate) {
-  switch (nt) {
-    case 1: AxpyBlock<NV, 1>(v, ldv, n, p, ldp, o, ldo, last, accumulate); break;
-    case 2: AxpyBlock<NV, 2>(v, ldv, n, p, ldp, o, ldo, last, accumulate); break;
-    case 3: AxpyBlock<NV, 3>(v, ldv, n, p, ldp, o, ldo, last, accumulate); break;
-    case 4: AxpyBlock<NV, 4>(v, ldv, n, p, ldp, o, ldo, last, accumulate); break;
-    case 5: AxpyBlock<NV, 5>(v, ldv, n, p, ldp, o, ldo, last, accumulate); break;
-    default: AxpyBlock<NV, 6>(v, ldv, n, p, ldp, o, ldo, last, accumulate); break;
-  }
-}
-
-// Query blocks of at most kQ rows, as even as possible (9 -> 5, 4).
-struct QueryBlocks {
-  int n, base, extra;
-  explicit QueryBlocks(int64_t m) : n(int((m + kQ - 1) / kQ)), base(int(m / n)), extra(int(m % n)) {}
-  int size(int i) const { return base + (i < extra ? 1 : 0); }
-};
-
-// o[t, :cols] (+)= p[t, :n] . v[:n, :cols] for every query block and 64-column panel (see AxpyBlock).
-void Axpy(const QueryBlocks& qb, const float* v, int64_t ldv, int64_t n, const float* p, int64_t ldp, float* o,
-          int64_t ldo, int64_t cols, bool accumulate) {
-  for (int64_t c0 = 0; c0 < cols; c0 += kPanel * 16) {
-    const int64_t w = std::min<int64_t>(kPanel * 16, cols - c0);
-    const int nv = int((w + 15) / 16);
-    const __mmask16 last = TailMask(w - 16 * (nv - 1));
-    int64_t t0 = 0;
-    for (int b = 0; b < qb.n; t0 += qb.size(b), ++b) {
-      const float* pt = p + t0 * ldp;
-      float* ot = o + t0 * ldo + c0;
-      switch (nv) {
-        case 1: AxpyQueries<1>(v + c0, ldv, n, pt, ldp, ot, ldo, qb.size(b), last, accumulate); break;
-        case 2: AxpyQueries<2>(v + c0, ldv, n, pt, ldp, ot, ldo, qb.size(b), last, accumulate); break;
-        case 3: AxpyQueries<3>(v + c0, ldv, n, pt, ldp, ot, ldo, qb.size(b), last, accumulate); break;
-        default: AxpyQueries<4>(v + c0, ldv, n, pt, ldp, ot, ldo, qb.size(b), last, accumulate); break;
-      }
-    }
   }
 }
 
@@ -240,7 +125,6 @@ void TransposeKeys(const float* k, int64_t n, int64_t d, float* kt) {
     }
 }
 
-
 // The next sub-block's rows [j, j + rows) of keys and values into L2: spread over the scoring, since a burst at
 // the start of each sub-block is ~as slow as no software prefetch. Measured on B=32, S=512, 30 layers (loaded
 // machine): 103 ms against a burst 173, none 191, an L1 prefetch 128, 32- or 128-slot sub-blocks 100, 105.
@@ -255,7 +139,7 @@ inline void PrefetchNext(const float* kb, const float* vb, int64_t j, int64_t ro
 // s [M, kSub] and kt [ceil16(D), kSub] are scratch.
 void Attend(const float* q, const float* k, const float* v, int64_t n_slots, int64_t n_q, int64_t d, float* mx,
             float* l, float* o, float* s, float* kt) {
-  const QueryBlocks qb(n_q);
+  const RowBlocks qb(n_q);
   const bool transposed = n_q > kDirectRows;
   for (int64_t s0 = 0; s0 < n_slots; s0 += kSub) {
     const int64_t n = std::min(kSub, n_slots - s0), ahead = std::min(kSub, n_slots - s0 - kSub);
@@ -264,7 +148,7 @@ void Attend(const float* q, const float* k, const float* v, int64_t n_slots, int
     // scores s[t, j] for the n slots
     if (transposed) {  // many queries: s = q . K^T as axpys over a transposed K block, no horizontal sums
       TransposeKeys(kb, n, d, kt);
-      Axpy(qb, kt, kSub, d, q, d, s, kSub, n, false);
+      AxpyPanels<0, true>(qb, kt, kSub, d, q, d, s, kSub, 0, n, false);
     } else {  // a few queries: 4 keys x the queries in registers, one horizontal sum per score
       int64_t t0 = 0;
       for (int b = 0; b < qb.n; t0 += qb.size(b), ++b) {
@@ -304,7 +188,7 @@ void Attend(const float* q, const float* k, const float* v, int64_t n_slots, int
       l[t] += _mm512_reduce_add_ps(sum);
     }
     // o[t] += p[t, :] V
-    Axpy(qb, vb, d, n, s, kSub, o, d, d, true);
+    AxpyPanels<0, true>(qb, vb, d, n, s, kSub, o, d, 0, d, true);
   }
 }
 
@@ -396,13 +280,7 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F
   job->d = d;
   const int64_t n_bk = n_b * n_kv;
   if (n_bk == 0 || n_q == 0) return ffi::Error::Success();
-  static const int64_t max_threads = [] {  // DOVETAIL_KERNEL_THREADS caps the threads per call (0: the pool's)
-    const char* env = std::getenv("DOVETAIL_KERNEL_THREADS");
-    return env ? std::max<int64_t>(0, std::atoll(env)) : 0;
-  }();
-  int64_t threads = pool.num_threads();
-  if (max_threads > 0) threads = std::min(threads, max_threads);
-  threads = std::max<int64_t>(threads, 1);
+  const int64_t threads = CallThreads(pool);
   // Chunks of the longest visible range: enough units for the threads to balance (8 per thread), none
   // shorter than one sub-block (below that a unit costs more to hand over than to compute).
   int64_t span = 0;
@@ -412,23 +290,16 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F
   job->n_chunks = std::max<int64_t>(1, (span + job->chunk - 1) / job->chunk);
   job->units = n_bk * job->n_chunks;
   if (job->n_chunks > 1) job->scratch.resize(n_bk * (job->n_chunks - 1) * n_q * (d + 2));
-  const int64_t helpers = std::min<int64_t>(threads, job->units) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  for (int spins = 0; job->done.load(std::memory_order_acquire) < job->units; ++spins) {
-    if (spins < 4096)
-      _mm_pause();
-    else
-      std::this_thread::yield();
-  }
+  ShareWork(pool, job, threads, job->units);
   job->Merge();
   return ffi::Error::Success();
 }
 
 }  // namespace
+}  // namespace dovetail
 
 #pragma GCC visibility push(default)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailCacheAttention, Run,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailCacheAttention, dovetail::Run,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

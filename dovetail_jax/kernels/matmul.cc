@@ -11,46 +11,30 @@
 //                       16-lane accumulators, one horizontal reduction per (row, token).
 //   dovetail_matmul_io: W [in, out]: per column panel of 64 outputs an axpy over k, up to 6 tokens x 4
 //                       vectors of accumulators, x[t, k] broadcast from memory; no reductions.
-#include <immintrin.h>
-
+//
+// The register blocks (dot steps, horizontal sums, axpy panels) and the work sharing are in simd.h, shared with
+// attention.cc.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <memory>
-#include <thread>
 
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
+namespace dovetail {
 namespace {
 
-constexpr int kRows = 4;     // W rows per register block ([out, in] kernel)
-constexpr int kTok = 6;      // tokens per register block
-constexpr int kPanel = 4;    // 16-float vectors per column panel ([in, out] kernel)
-
-inline __mmask16 TailMask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
-
-// Four 16-lane accumulators -> their four sums, in order.
-inline __m128 Sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-  __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-  __m128 s0 = _mm512_castps512_ps128(u), s1 = _mm512_extractf32x4_ps(u, 1);
-  __m128 s2 = _mm512_extractf32x4_ps(u, 2), s3 = _mm512_extractf32x4_ps(u, 3);
-  return _mm_hadd_ps(_mm_hadd_ps(s0, s1), _mm_hadd_ps(s2, s3));
-}
+constexpr int kRows = 4;  // W rows per register block ([out, in] kernel)
 
 // y[t, r] = sum_k w[r, k] x[t, k] for R rows (R = 4 or 1) and NT tokens; w rows have stride k_len.
 template <int R, int NT>
 inline void DotBlock(const float* __restrict w, int64_t k_len, const float* __restrict x, int64_t ldx,
                      float* __restrict y, int64_t ldy) {
   __m512 acc[R][NT];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+  ZeroDots(acc);
   int64_t k = 0;
   for (; k + 16 <= k_len; k += 16) {
     // The R rows are one contiguous stretch of R * k_len floats: prefetch it 16 rows ahead into L2 as one
@@ -60,41 +44,13 @@ inline void DotBlock(const float* __restrict w, int64_t k_len, const float* __re
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
       _mm_prefetch(reinterpret_cast<const char*>(w + 16 * k_len + R * k + 16 * r), _MM_HINT_T1);
-    __m512 wv[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      wv[r] = _mm512_loadu_ps(w + r * k_len + k);
-      asm("" : "+v"(wv[r]));  // keep w and x in registers: gcc otherwise folds one of them into every FMA as a
-    }                         // memory operand, R (or NT) x the loads (measured T=16 22.9 -> 17.7 ms, T=4 -20%)
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) {
-      __m512 xv = _mm512_loadu_ps(x + t * ldx + k);
-      asm("" : "+v"(xv));
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
-    }
+    DotStep<R, NT, false>(acc, w + k, k_len, x + k, ldx, __mmask16(0xFFFF));
   }
-  if (k < k_len) {
-    const __mmask16 m = TailMask(k_len - k);
-    __m512 wv[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(m, w + r * k_len + k);
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) {
-      __m512 xv = _mm512_maskz_loadu_ps(m, x + t * ldx + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
-    }
-  }
-  if constexpr (R == 4) {
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) _mm_storeu_ps(y + t * ldy, Sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
-  } else {
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) y[t * ldy] = _mm512_reduce_add_ps(acc[0][t]);
-  }
+  if (k < k_len) DotStep<R, NT, true>(acc, w + k, k_len, x + k, ldx, TailMask(k_len - k));
+  StoreDots(acc, y, ldy);
 }
 
+// nt tokens (1..kBlockRows) as one register block; explicit cases as in simd.h's AxpyRows.
 template <int R>
 inline void DotTokens(const float* w, int64_t k_len, const float* x, int64_t ldx, float* y, int64_t ldy, int nt) {
   switch (nt) {
@@ -107,17 +63,10 @@ inline void DotTokens(const float* w, int64_t k_len, const float* x, int64_t ldx
   }
 }
 
-// Token blocks of at most kTok, as even as possible (16 -> 6, 5, 5; 8 -> 4, 4).
-struct TokenBlocks {
-  int n, base, extra;
-  explicit TokenBlocks(int64_t t) : n(int((t + kTok - 1) / kTok)), base(int(t / n)), extra(int(t % n)) {}
-  int size(int i) const { return base + (i < extra ? 1 : 0); }
-};
-
 // Rows [r0, r1) of y = x W^T for all tokens; W [out, in].
 void DotRows(const float* w, const float* x, float* y, int64_t t_len, int64_t k_len, int64_t n_out, int64_t r0,
              int64_t r1) {
-  const TokenBlocks tb(t_len);
+  const RowBlocks tb(t_len);
   int64_t r = r0;
   if (t_len == 1) {  // one token: rows one at a time (as fast as 4-row blocks, and any row count)
     for (; r < r1; ++r) DotBlock<1, 1>(w + r * k_len, k_len, x, k_len, y + r, n_out);
@@ -135,77 +84,12 @@ void DotRows(const float* w, const float* x, float* y, int64_t t_len, int64_t k_
   }
 }
 
-// y[t, c] = sum_k x[t, k] w[k, c] for NV vectors of columns (the last one masked) and NT tokens.
-template <int NV, int NT>
-inline void AxpyBlock(const float* __restrict w, int64_t ldw, int64_t k_len, const float* __restrict x,
-                      int64_t ldx, float* __restrict y, int64_t ldy, __mmask16 last) {
-  __m512 acc[NT][NV];
-#pragma GCC unroll 8
-  for (int t = 0; t < NT; ++t)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < k_len; ++k) {
-    const float* wk = w + k * ldw;
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v)  // strided panel rows: prefetch 8 rows ahead (measured ~1.3x faster)
-      _mm_prefetch(reinterpret_cast<const char*>(wk + 8 * ldw + 16 * v), _MM_HINT_T0);
-    __m512 wv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      wv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, wk + 16 * v) : _mm512_loadu_ps(wk + 16 * v);
-      asm("" : "+v"(wv[v]));  // in a register, not re-loaded by every FMA
-    }
-#pragma GCC unroll 8
-    for (int t = 0; t < NT; ++t) {
-      const __m512 xb = _mm512_set1_ps(x[t * ldx + k]);
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_fmadd_ps(wv[v], xb, acc[t][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int t = 0; t < NT; ++t)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      if (v == NV - 1)
-        _mm512_mask_storeu_ps(y + t * ldy + 16 * v, last, acc[t][v]);
-      else
-        _mm512_storeu_ps(y + t * ldy + 16 * v, acc[t][v]);
-    }
-}
-
-template <int NV>
-inline void AxpyTokens(const float* w, int64_t ldw, int64_t k_len, const float* x, float* y, int64_t ldy, int nt,
-                       __mmask16 last) {
-  switch (nt) {
-    case 1: AxpyBlock<NV, 1>(w, ldw, k_len, x, k_len, y, ldy, last); break;
-    case 2: AxpyBlock<NV, 2>(w, ldw, k_len, x, k_len, y, ldy, last); break;
-    case 3: AxpyBlock<NV, 3>(w, ldw, k_len, x, k_len, y, ldy, last); break;
-    case 4: AxpyBlock<NV, 4>(w, ldw, k_len, x, k_len, y, ldy, last); break;
-    case 5: AxpyBlock<NV, 5>(w, ldw, k_len, x, k_len, y, ldy, last); break;
-    default: AxpyBlock<NV, 6>(w, ldw, k_len, x, k_len, y, ldy, last); break;
-  }
-}
-
-// Column panels [p0, p1) (kPanel vectors each, the last one partial) of y = x W; W [in, out].
-void AxpyPanels(const float* w, const float* x, float* y, int64_t t_len, int64_t k_len, int64_t n_out, int64_t p0,
-                int64_t p1) {
-  const TokenBlocks tb(t_len);
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t c0 = p * kPanel * 16, cols = std::min<int64_t>(kPanel * 16, n_out - c0);
-    const int nv = int((cols + 15) / 16);
-    const __mmask16 last = TailMask(cols - 16 * (nv - 1));
-    int64_t t0 = 0;
-    for (int b = 0; b < tb.n; t0 += tb.size(b), ++b) {
-      const float* xb = x + t0 * k_len;
-      float* yb = y + t0 * n_out + c0;
-      switch (nv) {
-        case 1: AxpyTokens<1>(w + c0, n_out, k_len, xb, yb, n_out, tb.size(b), last); break;
-        case 2: AxpyTokens<2>(w + c0, n_out, k_len, xb, yb, n_out, tb.size(b), last); break;
-        case 3: AxpyTokens<3>(w + c0, n_out, k_len, xb, yb, n_out, tb.size(b), last); break;
-        default: AxpyTokens<4>(w + c0, n_out, k_len, xb, yb, n_out, tb.size(b), last); break;
-      }
-    }
-  }
+// Column panels [p0, p1) (kPanel vectors each, the last one partial) of y = x W; W [in, out]. The panel rows
+// are strided: prefetch 8 rows ahead (measured ~1.3x faster).
+void AxpyPanelRange(const float* w, const float* x, float* y, int64_t t_len, int64_t k_len, int64_t n_out,
+                    int64_t p0, int64_t p1) {
+  AxpyPanels<8, false>(RowBlocks(t_len), w, n_out, k_len, x, k_len, y, n_out, p0 * kPanel * 16,
+                std::min<int64_t>(p1 * kPanel * 16, n_out), false);
 }
 
 // One call's work, shared with the helper tasks (which may run after the call returned: hence shared_ptr).
@@ -225,7 +109,7 @@ struct Job {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       const int64_t u0 = c * per_chunk, u1 = std::min(units, u0 + per_chunk);
       if (in_out)
-        AxpyPanels(w, x, y, t_len, k_len, n_out, u0, u1);
+        AxpyPanelRange(w, x, y, t_len, k_len, n_out, u0, u1);
       else
         DotRows(w, x, y, t_len, k_len, n_out, u0, u1);
       done.fetch_add(1, std::memory_order_release);
@@ -264,21 +148,7 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F
   job->units = in_out ? (n_out + kPanel * 16 - 1) / (kPanel * 16) : n_out;
   job->per_chunk = ChunkUnits(job->units, (in_out ? kPanel * 16 : 1) * k_len * 4, in_out ? 1 : 16);
   job->chunks = (job->units + job->per_chunk - 1) / job->per_chunk;
-  static const int64_t max_threads = [] {  // DOVETAIL_KERNEL_THREADS caps the threads per call (0: the pool's)
-    const char* env = std::getenv("DOVETAIL_KERNEL_THREADS");
-    return env ? std::max<int64_t>(0, std::atoll(env)) : 0;
-  }();
-  int64_t threads = pool.num_threads();
-  if (max_threads > 0) threads = std::min(threads, max_threads);
-  const int64_t helpers = std::min<int64_t>(threads, job->chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  for (int spins = 0; job->done.load(std::memory_order_acquire) < job->chunks; ++spins) {
-    if (spins < 4096)
-      _mm_pause();
-    else
-      std::this_thread::yield();
-  }
+  ShareWork(pool, job, CallThreads(pool), job->chunks);
   return ffi::Error::Success();
 }
 
@@ -293,16 +163,17 @@ ffi::Error RunIO(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
 }
 
 }  // namespace
+}  // namespace dovetail
 
 #pragma GCC visibility push(default)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulOI, RunOI,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulOI, dovetail::RunOI,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulIO, RunIO,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulIO, dovetail::RunIO,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
