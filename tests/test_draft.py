@@ -274,6 +274,25 @@ def test_forward_matches_numpy(fusion, layout, n_layers):
         assert_close(lp[r], np_log_softmax(ref @ head.astype(np.float64).T))
 
 
+def test_top_log_probs_is_top_k_of_log_probs():
+    """Drafting's `top_log_probs` (ranked on the logits, only the winners normalised) returns exactly what
+    `top_k(log_probs)` does, bit for bit, and the float64 top-k."""
+    _, head, shared = random_shared(CFG, 21)
+    hidden = np.random.default_rng(22).standard_normal((3, 5, CFG.hidden_size)).astype(np.float32)
+    k = 4
+    vals, ids = jax.jit(lambda h: D.top_log_probs(shared, h, k))(jnp.asarray(hidden))
+    ref_vals, ref_ids = jax.jit(lambda h: jax.lax.top_k(D.log_probs(shared, h), k))(jnp.asarray(hidden))
+    assert vals.shape == ids.shape == (3, 5, k) and ids.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
+    np.testing.assert_array_equal(np.asarray(vals), np.asarray(ref_vals))
+    lp64 = np_log_softmax(hidden.astype(np.float64) @ head.astype(np.float64).T)
+    order = np.argsort(-lp64, axis=-1, kind="stable")
+    ranked = np.take_along_axis(lp64, order, -1)
+    assert np.min(ranked[..., :k] - ranked[..., 1: k + 1]) > 1e-4  # no near-ties: the ranking is meaningful
+    np.testing.assert_array_equal(np.asarray(ids), order[..., :k])
+    assert_close(vals, ranked[..., :k])
+
+
 def test_block0_really_has_no_input_norm():
     """Scaling the first block's input changes the output (an input norm would cancel the scale)."""
     dcfg = DraftConfig(num_layers=1, fusion="eagle")

@@ -14,6 +14,7 @@ against a float64 numpy re-implementation of the draft.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -32,7 +33,7 @@ from dovetail_jax.model import draft as D  # noqa: E402
 from dovetail_jax.model import target as T  # noqa: E402
 from dovetail_jax.model.cache import append, init_cache  # noqa: E402
 from dovetail_jax.model.params import params_from_tensors  # noqa: E402
-from dovetail_jax.speculation.drafting import draft_tree, select_nodes  # noqa: E402
+from dovetail_jax.speculation.drafting import draft_step, draft_tree, select_nodes  # noqa: E402
 
 CFG = ModelConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=128, name="tiny-lm")
@@ -83,9 +84,10 @@ def ranked(values: np.ndarray, n: int, what: str, ordered: bool = True) -> list[
 
 
 def eagle2_reference(dist, k: int, depth: int, total: int, vocab_map: np.ndarray | None = None,
-                     root: int = -1) -> tuple[list[int], list[int]]:
+                     root: int = -1, useless: list[int] | None = None) -> tuple[list[int], list[int]]:
     """The EAGLE-2 tree in plain Python. `dist(path)` = draft log-probs over the target vocabulary after the
-    root-to-node `path` of target ids (the root excluded); with `vocab_map` only those ids are scored."""
+    root-to-node `path` of target ids (the root excluded); with `vocab_map` only those ids are scored.
+    `useless` collects the expansions whose frontier cannot beat the pool's (total - 1)-th best value."""
 
     def top(path: tuple[int, ...]) -> list[tuple[int, float]]:
         lp = dist(path)
@@ -104,6 +106,9 @@ def eagle2_reference(dist, k: int, depth: int, total: int, vocab_map: np.ndarray
     frontier = list(range(k))
     for i in range(depth):
         base = len(pool_tok)
+        full = useless is not None and 1 < total <= base + 1
+        if full and sorted(pool_val, reverse=True)[total - 2] >= max(pool_val[f] for f in frontier):
+            useless.append(i)
         for f in frontier:
             for tok, lp in top(pool_path[f]):
                 pool_tok.append(tok)
@@ -199,6 +204,24 @@ def test_tree_matches_eagle2_reference(lm, case):
     want_t, want_p = eagle2_reference(lambda path: dist(context + path), k, depth, total, root=int(ids[n_new - 1]))
     assert tokens.tolist() == want_t
     assert parents.tolist() == want_p
+
+
+@pytest.mark.parametrize("seed", [7, 10])  # 7: expansions 1 and 2 skipped, 10: only the last
+def test_useless_expansions_are_skipped_exactly(lm, seed):
+    """Where the pool's (total - 1)-th best value already beats every frontier node, the expansion is skipped
+    (`lax.cond`): the tree is still the full EAGLE-2 reference's. The cases are chosen so that it happens."""
+    model, _, draft = lm
+    k, depth, total, m, n_new = 3, 3, 4, 6, 5
+    ids = padded_ids(np.random.default_rng(seed), m)
+    tokens, parents, _ = run_draft(draft, none_cache(), ids, n_new, TreeConfig(top_k=k, depth=depth,
+                                                                               total_tokens=total))
+    dist = lm_dist(model)
+    context = tuple(int(x) for x in ids[:n_new])
+    useless: list[int] = []
+    want = eagle2_reference(lambda path: dist(context + path), k, depth, total, root=int(ids[n_new - 1]),
+                            useless=useless)
+    assert useless  # the skip is exercised
+    assert (tokens.tolist(), parents.tolist()) == want
 
 
 def test_chain_is_greedy_decoding(lm):
@@ -432,3 +455,51 @@ def test_empty_cache_path_gives_the_same_tree(lm):
     assert np.asarray(t2).tolist() == tokens.tolist() and np.asarray(p2).tolist() == parents.tolist()
     for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(stable), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def _step(dcfg: DraftConfig, tree: TreeConfig, empty_cache: bool = False):
+    return jax.jit(functools.partial(draft_step, cfg=CFG, dcfg=dcfg, tree=tree, empty_cache=empty_cache),
+                   donate_argnames=("cache",))
+
+
+@pytest.mark.parametrize("empty", [True, False])
+def test_draft_step_is_draft_tree_then_append(lm, empty):
+    """`draft_step` (the decode loop's one program per cycle, cache donated) = `draft_tree`, then `append` of
+    its valid stable rows: the same tree, the same cache afterwards."""
+    _, _, draft = lm
+    dcfg, params, shared = draft
+    tree = TreeConfig(top_k=2, depth=3, total_tokens=7)
+    rng = np.random.default_rng(40)
+    put = functools.partial(jax.device_put, device=devices.accelerator_device())
+    cache = none_cache()
+    if not empty:  # a cache holding 5 accepted pairs
+        _, _, stable = run_draft(draft, cache, padded_ids(rng, 6), 5, tree)
+        cache = append(cache, stable, 5)
+    ids = padded_ids(rng, 6)
+    feats = put(rng.standard_normal((1, 6, CFG.hidden_size)).astype(np.float32))
+    args = (feats, put(ids[None]), put(np.int32(4)))
+    tokens, parents, stable = jitted(dcfg, tree)(params, shared, cache, *args)
+    want = jax.device_get(append(cache, stable, 4))
+    copy = jax.tree.map(lambda x: put(np.asarray(x)), cache)  # draft_step consumes its cache
+    t2, p2, got = _step(dcfg, tree, empty)(params, shared, copy, *args)
+    assert np.asarray(t2).tolist() == np.asarray(tokens).tolist()
+    assert np.asarray(p2).tolist() == np.asarray(parents).tolist()
+    assert int(got.length) == int(want.length) == (4 if empty else 9)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def test_draft_step_writes_the_cache_in_place(lm):
+    """The compiled `draft_step` holds no copy of a cache buffer: the write is ordered after every read of the
+    cache, so XLA updates the donated buffers in place (a copy would cost the whole cache every cycle)."""
+    _, _, draft = lm
+    dcfg, params, shared = draft
+    put = functools.partial(jax.device_put, device=devices.accelerator_device())
+    cache = none_cache()
+    hlo = _step(dcfg, TreeConfig(top_k=2, depth=3, total_tokens=7)).lower(
+        params, shared, cache, put(np.zeros((1, 6, CFG.hidden_size), np.float32)), put(np.zeros((1, 6), np.int32)),
+        put(np.int32(4))).compile().as_text()
+    shape = re.escape(f"f32[1,{CFG.num_kv_heads},{SLOTS},{CFG.head_dim}]")
+    assert re.search(rf"= {shape}\{{[0-9,]+\}} dynamic-update-slice|= {shape}\{{[0-9,]+\}} fusion", hlo)
+    copies = [line for line in hlo.splitlines() if re.search(rf"= {shape}\{{[0-9,]+\}} copy\(", line)]
+    assert not copies, copies

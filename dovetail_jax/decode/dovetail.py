@@ -8,12 +8,13 @@ whose fields are what its jitted steps depend on, whose steps are named methods,
     to the draft:  the accepted tokens' features [1, W, H] f32 and the ids after them [1, W] i32, plus their
                    count (W = the longest path a tree can accept, rows past the count are padding);
                    once per prompt, the prompt's features [1, P, H] instead
-    to the target: the tree, tokens [T] and parents [T] (int32)
+    to the target: the tree, tokens [T] and parents [T] (int32), stacked into one [2, T] array (one copy)
 
 Everything else stays where it is made: the target builds the ancestor mask, positions and paths from the
 parents; the draft keeps its cache of accepted context. Each step is compiled once per program and run once
-before timing (`programs.warmed`); KV caches are written by separate calls with the cache donated (see
-`model/cache.py`). The phases run one after the other, as in the paper, and each is timed (`time_s`): verify
+before timing (`programs.warmed`); the target's KV cache is written by separate calls with the cache donated
+(see `model/cache.py`), the draft's by its drafting call itself (`drafting.draft_step`, cache donated: one
+dispatch per cycle). The phases run one after the other, as in the paper, and each is timed (`time_s`): verify
 (target forward, acceptance, commit), transfer (both directions), draft (stable step, expansions, reranking,
 cache append) and host (reading the accepted tokens, stop checks, streaming). On a CPU-only machine the
 "accelerator" is a second host device on the same cores, so the draft's time adds to the target's.
@@ -40,13 +41,13 @@ from dovetail_jax.devices import Placement
 from dovetail_jax.errors import ConfigError
 from dovetail_jax.model import cache as cache_lib
 from dovetail_jax.model.cache import KVCache, init_cache
-from dovetail_jax.model.draft import Draft, draft_model_config
+from dovetail_jax.model.draft import Draft, DraftParams, DraftShared, draft_model_config
 from dovetail_jax.model.params import TargetParams
 from dovetail_jax.model.target import causal_mask, forward
 from dovetail_jax.plan import Sizes, plan_dovetail
 from dovetail_jax.speculation import accept as accept_lib
 from dovetail_jax.speculation import tree as tree_lib
-from dovetail_jax.speculation.drafting import draft_tree
+from dovetail_jax.speculation.drafting import draft_step
 from dovetail_jax.stats import Acceptance, DovetailStats, DraftInfo, GenerationStats, PrefillTimes
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,20 @@ def _target_prefill(params: TargetParams, cache: KVCache, tokens: jax.Array, n_r
     return tok, hidden, ids, update, key
 
 
-def _verify(params: TargetParams, cache: KVCache, tokens: jax.Array, parents: jax.Array, key: jax.Array,
-            s: Scalars, *, cfg: ModelConfig, tree: TreeConfig, greedy: bool, filtered: bool):
-    """One target forward over the tree; accept; return what the commit and the draft need."""
+def _draft(params: DraftParams, shared: DraftShared, cache: KVCache, feats: jax.Array, ids: jax.Array,
+           n_new: jax.Array, *, cfg: ModelConfig, dcfg: DraftConfig, tree: TreeConfig, empty_cache: bool = False):
+    """`drafting.draft_step` with its tree stacked as one `[2, T]` int32 array (tokens, parents), so that one
+    array crosses back to the target."""
+    tokens, parents, cache = draft_step(params, shared, cache, feats, ids, n_new, cfg=cfg, dcfg=dcfg, tree=tree,
+                                        empty_cache=empty_cache)
+    return jnp.stack([tokens, parents]), cache
+
+
+def _verify(params: TargetParams, cache: KVCache, tree_ids: jax.Array, key: jax.Array, s: Scalars, *,
+            cfg: ModelConfig, tree: TreeConfig, greedy: bool, filtered: bool):
+    """One target forward over the tree (`tree_ids [2, T]`: tokens, parents); accept; return what the commit
+    and the draft need."""
+    tokens, parents = tree_ids[0], tree_ids[1]
     w = tree.width
     arrays = tree_lib.tree_arrays(parents, w)
     positions = (cache.length + arrays.depth)[None]
@@ -97,8 +109,7 @@ class DovetailState:
 
     cache: KVCache  # the target's: the committed context, on the target's device
     draft_cache: KVCache  # the draft's: its stable context, on the draft's device
-    tokens: jax.Array  # [T] int32, the pending tree, on the target's device
-    parents: jax.Array  # [T] int32
+    tree: jax.Array  # [2, T] int32, the pending tree (tokens, parents), on the target's device
     key: jax.Array  # [2] uint32 sampling key, on the target's device
 
 
@@ -133,20 +144,21 @@ class DovetailCycle:
 
     @functools.cached_property
     def draft_first(self) -> Callable:
-        return jax.jit(functools.partial(draft_tree, cfg=self.cfg, dcfg=self.draft_cfg, tree=self.tree,
-                                         empty_cache=True))
+        return jax.jit(functools.partial(_draft, cfg=self.cfg, dcfg=self.draft_cfg, tree=self.tree,
+                                         empty_cache=True), donate_argnames=("cache",))
 
     @functools.cached_property
     def draft_next(self) -> Callable:
-        return jax.jit(functools.partial(draft_tree, cfg=self.cfg, dcfg=self.draft_cfg, tree=self.tree))
+        return jax.jit(functools.partial(_draft, cfg=self.cfg, dcfg=self.draft_cfg, tree=self.tree),
+                       donate_argnames=("cache",))
 
     def initial_state(self, key: jax.Array) -> DovetailState:
         """Empty caches and a placeholder tree: everything a generation allocates before its clock starts."""
         slots, p = self.sizes.cache_slots, self.placement
-        empty_tree = jax.device_put(np.zeros(self.tree.total_tokens, np.int32), p.target)
+        empty_tree = jax.device_put(np.zeros((2, self.tree.total_tokens), np.int32), p.target)
         return DovetailState(init_cache(self.cfg, slots, device=p.target),
                              init_cache(draft_model_config(self.cfg, self.draft_cfg), slots, device=p.draft),
-                             empty_tree, empty_tree, key)
+                             empty_tree, key)
 
     def prefill(self, params: TargetParams, draft: Draft, state: DovetailState, prompt_ids: list[int], s: Scalars,
                 c: Counter) -> tuple[DovetailState, int, int, PrefillTimes]:
@@ -172,8 +184,7 @@ class DovetailCycle:
         """One cycle: verify the pending tree and commit its accepted path, emit the new tokens, then (unless
         that ended the generation) draft the next tree. Returns the state and the tokens committed."""
         ta = time.perf_counter()
-        update, path, n_acc, ids, feats, key = self.verify(params, state.cache, state.tokens, state.parents,
-                                                           state.key, s)
+        update, path, n_acc, ids, feats, key = self.verify(params, state.cache, state.tree, state.key, s)
         cache = self.commit(state.cache, update, path, n_acc)
         n = int(np.asarray(n_acc))
         cache.length.block_until_ready()  # the commit belongs to verification (else the next transfer waits on it)
@@ -194,12 +205,11 @@ class DovetailCycle:
         t0 = time.perf_counter()
         feats, ids, n = moved
         step = self.draft_first if first else self.draft_next
-        tokens, parents, stable = step(draft.params, draft.shared, state.draft_cache, feats, ids, n)
-        dcache = self.append(state.draft_cache, stable, n)
-        jax.block_until_ready((tokens, parents, dcache.length))
+        tree, dcache = step(draft.params, draft.shared, state.draft_cache, feats, ids, n)
+        jax.block_until_ready((tree, dcache.length))
         c.draft += time.perf_counter() - t0
-        tokens, parents = c.to_target((tokens, parents))
-        return state.replace(draft_cache=dcache, tokens=tokens, parents=parents)
+        (tree,) = c.to_target((tree,))
+        return state.replace(draft_cache=dcache, tree=tree)
 
     def warm_up(self, params: TargetParams, draft: Draft, s: Scalars) -> None:
         """Run every step once (prefill, first tree, a cycle, the next tree) on a scratch prompt."""

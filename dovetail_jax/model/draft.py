@@ -66,9 +66,10 @@ class DGFParams:
                    w2=tensor("W_2", (h, h), "xavier"), wz=tensor("W_z", (2 * h, h), "xavier"))
 
     def fuse(self, cfg: ModelConfig, feats: jax.Array, emb: jax.Array) -> jax.Array:
-        h1 = feats @ self.w1
-        h2 = jax.nn.silu(L.rms_norm(emb, self.emb_norm, cfg.rms_norm_eps) @ self.w2)
-        z = jax.nn.sigmoid(jnp.concatenate([h1, h2], axis=-1) @ self.wz)
+        # `L.linear`, not `@`: drafting's few rows then go to the compiled kernel like the blocks' projections
+        h1 = L.linear(feats, self.w1, in_out=True)
+        h2 = jax.nn.silu(L.linear(L.rms_norm(emb, self.emb_norm, cfg.rms_norm_eps), self.w2, in_out=True))
+        z = jax.nn.sigmoid(L.linear(jnp.concatenate([h1, h2], axis=-1), self.wz, in_out=True))
         return z * h1 + (1.0 - z) * h2
 
 
@@ -84,7 +85,7 @@ class EagleFusionParams:
         return cls(w=tensor("fc.weight", (h, 2 * h), "xavier", transpose=True), b=tensor("fc.bias", (h,), "zeros"))
 
     def fuse(self, cfg: ModelConfig, feats: jax.Array, emb: jax.Array) -> jax.Array:
-        return jnp.concatenate([emb, feats], axis=-1) @ self.w + self.b
+        return L.linear(jnp.concatenate([emb, feats], axis=-1), self.w, in_out=True) + self.b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +186,18 @@ def forward(
 def log_probs(shared: DraftShared, hidden: jax.Array) -> jax.Array:
     """Draft log-probabilities `[..., V']` over the draft vocabulary."""
     return jax.nn.log_softmax(L.linear(hidden, shared.head), axis=-1)
+
+
+def top_log_probs(shared: DraftShared, hidden: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The `k` most likely draft ids `[..., k]` (descending) and their log-probabilities: `top_k(log_probs)`
+    with the same values, bit for bit, as `log_softmax` computes them ((x - max) - log sum exp(x - max)),
+    but ranked on the logits and normalised only for the k winners (drafting's hot path: no `[..., V']`
+    log-probability array, and a cheaper top-k)."""
+    logits = L.linear(hidden, shared.head)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    lse = jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True))
+    top, ids = jax.lax.top_k(logits, k)
+    return (top - m) - lse, ids
 
 
 def to_target_ids(shared: DraftShared, draft_ids: jax.Array) -> jax.Array:

@@ -13,17 +13,28 @@ One call (`draft_tree`) runs:
    pool order. A child's value never exceeds its parent's and parents come first in the pool, so the set is
    ancestor-closed and parents precede children.
 
+The same bound makes an expansion useless when the pool's `total_tokens - 1`-th best value is already at least
+every frontier node's value: none of its descendants could enter the selection (a tie goes to the earlier
+candidate), so it and all later ones are skipped (`lax.cond`; their children get value -inf). The tree is
+exactly the one the full expansion gives; the draft just stops early when it is unsure beyond the first levels.
+
 The result is the tree as two small arrays, `tokens [T]` (root first) and `parents [T]` (root -1): the only
 thing that goes back to the target's device. Shapes depend only on (M, tree config), so there is one
 compilation per configuration plus one per prompt bucket for the first tree.
+
+`draft_step` is what the decode loop runs: `draft_tree` and the append of the stable K/V in one program, with
+the cache donated (one dispatch per cycle instead of two; the append writes in place after the last read).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from dovetail_jax.config import DraftConfig, ModelConfig, TreeConfig
+from dovetail_jax.model import cache as cache_lib
 from dovetail_jax.model import draft as D
 from dovetail_jax.model.cache import KVCache, KVUpdate
 
@@ -31,6 +42,13 @@ from dovetail_jax.model.cache import KVCache, KVUpdate
 def _concat(a: KVUpdate, b: KVUpdate) -> KVUpdate:
     return KVUpdate(k=tuple(jnp.concatenate([x, y], axis=1) for x, y in zip(a.k, b.k, strict=True)),
                     v=tuple(jnp.concatenate([x, y], axis=1) for x, y in zip(a.v, b.v, strict=True)))
+
+
+def _no_children(cfg: ModelConfig, layers: int, k: int) -> tuple[jax.Array, KVUpdate, jax.Array, jax.Array]:
+    """What a skipped expansion yields: children of log-probability -inf (never selected), zero outputs and K/V."""
+    kv = tuple(jnp.zeros((1, k, cfg.num_kv_heads, cfg.head_dim), jnp.float32) for _ in range(layers))
+    return (jnp.zeros((1, k, cfg.hidden_size), jnp.float32), KVUpdate(k=kv, v=kv),
+            jnp.full((k, k), -jnp.inf, jnp.float32), jnp.zeros((k, k), jnp.int32))
 
 
 def select_nodes(scores: jax.Array, parents: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
@@ -69,7 +87,7 @@ def draft_tree(
     root = jnp.take(ids[0], last)
     out = jnp.take(hidden[0], last, axis=0)  # [H]: the draft's guess of the root's feature
 
-    top_lp, top_ids = jax.lax.top_k(D.log_probs(shared, out), k)  # [k]
+    top_lp, top_ids = D.top_log_probs(shared, out, k)  # [k]
     pool_tok = [D.to_target_ids(shared, top_ids)]
     pool_score = [top_lp]
     pool_parent = [jnp.full((k,), -1, jnp.int32)]
@@ -82,8 +100,18 @@ def draft_tree(
     for i in range(depth):
         pos = jnp.broadcast_to(start + n_new + i, (1, k)).astype(jnp.int32)
         mask = jnp.concatenate([valid, anc], axis=1)
-        h, upd = D.forward(params, shared, cfg, dcfg, f_h[None], f_tok[None], pos, mask, cache, lead, empty_cache)
-        lp, child = jax.lax.top_k(D.log_probs(shared, h[0]), k)  # [k, k]
+
+        def expand(f_h=f_h, f_tok=f_tok, pos=pos, mask=mask, lead=lead):
+            h, upd = D.forward(params, shared, cfg, dcfg, f_h[None], f_tok[None], pos, mask, cache, lead,
+                               empty_cache)
+            return (h, upd, *D.top_log_probs(shared, h[0], k))  # lp, child [k, k]
+
+        if 1 < t <= base + 1:  # the pool already holds a full selection: expand only if a child could enter it
+            cut = jax.lax.top_k(jnp.concatenate(pool_score), t - 1)[0][-1]
+            h, upd, lp, child = jax.lax.cond(cut >= jnp.max(f_score), functools.partial(_no_children, cfg,
+                                             len(params.layers), k), expand)
+        else:
+            h, upd, lp, child = expand()
         value = (f_score[:, None] + lp).reshape(-1)  # [k^2]: cumulative log-probability
         pool_tok.append(D.to_target_ids(shared, child).reshape(-1))
         pool_score.append(value)
@@ -105,3 +133,27 @@ def draft_tree(
         tokens = jnp.concatenate([tokens, jnp.take(jnp.concatenate(pool_tok), sel).astype(jnp.int32)])
         parents = jnp.concatenate([parents, node_parent])
     return tokens, parents, stable
+
+
+def draft_step(
+    params: D.DraftParams,
+    shared: D.DraftShared,
+    cache: KVCache,
+    feats: jax.Array,  # [1, M, H]
+    ids: jax.Array,  # [1, M] int32
+    n_new: jax.Array,  # int32 scalar: valid pairs (1..M)
+    *,
+    cfg: ModelConfig,
+    dcfg: DraftConfig,
+    tree: TreeConfig,
+    empty_cache: bool = False,
+) -> tuple[jax.Array, jax.Array, KVCache]:
+    """`draft_tree`, then its stable K/V appended to the draft cache (`n_new` valid rows). Returns (tokens [T],
+    parents [T], the advanced cache). Jit it with `cache` donated so that the write happens in place."""
+    tokens, parents, stable = draft_tree(params, shared, cache, feats, ids, n_new, cfg=cfg, dcfg=dcfg, tree=tree,
+                                         empty_cache=empty_cache)
+    # Every read of the cache feeds the tree, so making the write's offset depend on the tree (token ids are
+    # never negative) orders the write after the reads and XLA updates the donated cache in place; unordered,
+    # it copies each cache buffer twice (an optimization_barrier does not survive XLA CPU's passes).
+    at = cache.replace(length=jnp.where(tokens[-1] >= 0, cache.length, 0))
+    return tokens, parents, cache_lib.append(at, stable, n_new)
