@@ -112,16 +112,21 @@ def parse_engine(name: str, raw: Any) -> CpuEngine:
     return CpuEngine(name, str(raw.get("description", "")), dtypes=paths, sources=src, **vals)
 
 
-@lru_cache(maxsize=4)
-def _load(path: str) -> dict[str, CpuEngine]:
+def _read_section(path: str, key: str, what: str) -> dict[str, Any]:
+    """The non-empty object `key` of the JSON file `path` (one clear error otherwise)."""
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read cpu engines {path!r}: {e}") from None
-    engines = raw.get("engines") if isinstance(raw, dict) else None
-    if not isinstance(engines, dict) or not engines:
-        raise ConfigError(f"{path}: expected an 'engines' object")
-    return {n: parse_engine(n, e) for n, e in engines.items()}
+        raise ConfigError(f"cannot read {what} {path!r}: {e}") from None
+    section = raw.get(key) if isinstance(raw, dict) else None
+    if not isinstance(section, dict) or not section:
+        raise ConfigError(f"{path}: expected a non-empty {key!r} object")
+    return section
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> dict[str, CpuEngine]:
+    return {n: parse_engine(n, e) for n, e in _read_section(path, "engines", "cpu engines").items()}
 
 
 def engine_names() -> list[str]:
@@ -215,14 +220,7 @@ def parse_gpu_framework(name: str, raw: Any) -> GpuFramework:
 
 @lru_cache(maxsize=4)
 def _load_gpu(path: str) -> dict[str, GpuFramework]:
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read gpu frameworks {path!r}: {e}") from None
-    fws = raw.get("frameworks") if isinstance(raw, dict) else None
-    if not isinstance(fws, dict) or not fws:
-        raise ConfigError(f"{path}: expected a 'frameworks' object")
-    return {n: parse_gpu_framework(n, f) for n, f in fws.items()}
+    return {n: parse_gpu_framework(n, f) for n, f in _read_section(path, "frameworks", "gpu frameworks").items()}
 
 
 def gpu_framework_names() -> list[str]:
