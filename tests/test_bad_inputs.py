@@ -661,10 +661,17 @@ matplotlib.figure.Figure.savefig = _half_then_sigint
 """
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default action. A pytest started as a background job (`cmd &` in a script) has
+    SIGINT ignored, and an ignored signal stays ignored across exec, so Python would not install its handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_patched(patch: str, argv: list[str]) -> subprocess.CompletedProcess:
     """`dovetail argv` in a fresh interpreter after `patch`, which interrupts it at a chosen point."""
     code = patch + f"\nfrom dovetail_jax.cli import main\nsys.exit(main({argv!r}))\n"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          preexec_fn=_default_sigint)
 
 
 def _assert_interrupted(code: int, err: str) -> None:
@@ -710,7 +717,7 @@ def test_profile_hw_interrupted_while_measuring_keeps_files(tmp_path):
     before = _snapshot(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "dovetail_jax.cli", "profile-hw", "--quick", "--out", str(out),
                              "--ops", "smollm2-135m", "--ops-out", str(ops)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
     try:
         lines = []
         while not any("measuring this machine" in ln for ln in lines):
@@ -932,7 +939,8 @@ def test_train_draft_interrupted_while_training_keeps_the_draft_and_resumes(tmp_
             "--sources", "chat", "--num-prompts", "3", "--max-new-tokens", "12", "--gen-batch", "3",
             "--steps", "500", "--warmup", "1", "--save-every", "1000", "--eval-every", "1000", "--eval-prompts", "0",
             "--out", str(out), "--force"]
-    proc = subprocess.Popen(argv, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_default_sigint)
     try:
         lines = []
         while not any(ln.startswith("dovetail: train:") for ln in lines):
