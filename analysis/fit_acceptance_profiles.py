@@ -19,11 +19,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dovetail_jax.config import TreeConfig
 from simulator.acceptance import (
     PROFILES_FILE,
     MixtureAcceptance,
     PositionalAcceptance,
+    _loglik,
     fit_mixture,
     fit_positional,
     parse_run,
@@ -31,15 +34,28 @@ from simulator.acceptance import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCH = RESULTS / "bench_dovetail.json"
-# bench configuration name -> (profile stem, description); trees are read from the bench file
+# the default draft's full-set run (164 HumanEval + 80 MT-bench prompts, one tree: 4/3/6)
+BENCH_R3 = RESULTS / "bench_dovetail_full_r3.json"
+# profile stem -> (bench file, its configuration names, description); trees are read from the bench file.
+# `smollm2-dgf1` always names the default draft (`default_profile("smollm2-135m")`, see DEFAULT_DRAFT); the previous
+# default keeps its fit under `smollm2-dgf1-v8192` (four trees measured: the EAGLE profiles take their shape from it)
 DRAFTS = {
-    "dgf1": (["dgf1 server 10/7/16", "dgf1 laptop 10/4/7", "dgf1 tree 4/3/6", "dgf1 chain 1/3/4"],
-             "the shipped DGF draft (1 layer, V' 8192, checkpoints/smollm2-135m-dgf1-v8192)"),
-    "eagle1": (["abl eagle1"], "ablation: EAGLE fc fusion, 1 layer, V' 8192"),
-    "dgf2": (["abl dgf2"], "ablation: DGF, 2 layers, V' 8192"),
-    "dgf3": (["abl dgf3"], "ablation: DGF, 3 layers, V' 8192"),
-    "dgf1-full": (["abl dgf1 full vocab"], "ablation: DGF, 1 layer, full vocabulary"),
+    "dgf1-v8192": (BENCH, ["dgf1 server 10/7/16", "dgf1 laptop 10/4/7", "dgf1 tree 4/3/6", "dgf1 chain 1/3/4"],
+                   "the previous default DGF draft (1 layer, V' 8192, checkpoints/smollm2-135m-dgf1-v8192)"),
+    "eagle1": (BENCH, ["abl eagle1"], "ablation: EAGLE fc fusion, 1 layer, V' 8192"),
+    "dgf2": (BENCH, ["abl dgf2"], "ablation: DGF, 2 layers, V' 8192"),
+    "dgf3": (BENCH, ["abl dgf3"], "ablation: DGF, 3 layers, V' 8192"),
+    "dgf1-full": (BENCH, ["abl dgf1 full vocab"], "ablation: DGF, 1 layer, full vocabulary"),
 }
+# the default draft: one tree measured (4/3/6) and no per-rank counts in the bench JSON (accept histogram and
+# per-depth rates only), so a fit of its own cannot tell rank 2 from rank 1 (the maximum-likelihood rho of a
+# single-tree fit runs to ~0, i.e. "never widen"). Its profile keeps the previous draft's four-tree rank shape and
+# context classes (same architecture, vocabulary and data pipeline) and fits two numbers per dataset to the run's
+# accept histogram (maximum likelihood, i.e. its per-depth rates): how far each class's total acceptance moves toward
+# 1 (x) and how far its depth decay moves (y)
+DEFAULT_DRAFT = {
+    "bench": BENCH_R3, "config": "default draft, tree 4/3/6", "shape": "dgf1-v8192",
+    "description": "the default DGF draft (1 layer, V' 8192, round 3: checkpoints/smollm2-135m-dgf1-v8192-r3)"}
 # published (model, tau, tree, where): tau includes the bonus token
 PUBLISHED = {
     "eagle1-llama2-chat-7b-mtbench": {
@@ -73,6 +89,10 @@ def _runs(bench: dict[str, Any], configs: list[str], datasets: list[str]) -> lis
     return runs
 
 
+def _n_prompts(bench: dict[str, Any], datasets: list[str]) -> int:
+    return min(int(bench["results"][ds]["target"]["n_prompts"]) for ds in datasets)
+
+
 def _components(acc: Any) -> list[dict[str, Any]]:
     comps = acc.components if isinstance(acc, MixtureAcceptance) else [acc]
     weights = acc.weights if isinstance(acc, MixtureAcceptance) else [1.0]
@@ -95,6 +115,102 @@ def _scaled(acc: MixtureAcceptance, x: float) -> MixtureAcceptance:
     return MixtureAcceptance(comps, acc.weights)
 
 
+def _mixture(profile: dict[str, Any]) -> MixtureAcceptance:
+    comps = profile["components"]
+    return MixtureAcceptance([PositionalAcceptance(c["p_rank"], c["depth_decay"]) for c in comps],
+                             [c["weight"] for c in comps])
+
+
+def _x_for_tau(shape: MixtureAcceptance, tree: TreeConfig, tau: float) -> float:
+    """How far `_scaled` moves `shape` so that `tree` gives `tau` (tau grows with x: bisection; x < 0 moves it
+    away from perfect acceptance, down to a quarter of each class's total)."""
+    lo, hi = -0.3, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _scaled(shape, mid).outcomes(tree).tau < tau else (lo, mid)
+    return lo
+
+
+def _shifted(shape: MixtureAcceptance, x: float, y: float) -> MixtureAcceptance:
+    """`_scaled` by x for the totals, with the depth decay moved separately: d + y (1 - d) for y >= 0, d (1 + y)
+    below (y = x: `_scaled`)."""
+    comps = []
+    for c in _scaled(shape, x).components:
+        d0 = c.decay if x == 0 else (c.decay - x) / (1 - x) if x < 1 else 1.0  # undo _scaled's decay move
+        dec = d0 + y * (1 - d0) if y >= 0 else d0 * (1 + y)
+        comps.append(PositionalAcceptance(list(c.p), float(min(max(dec, 1e-3), 1.0))))
+    return MixtureAcceptance(comps, shape.weights)
+
+
+def _fit_shift(shape: MixtureAcceptance, runs: list[Any]) -> tuple[float, float]:
+    """Maximum-likelihood (x, y) of `_shifted` on the runs' accept histograms: grid, then coordinate refinement."""
+    best = max(((_loglik(_shifted(shape, x, y), runs), x, y) for x in np.linspace(-0.3, 0.9, 25)
+                for y in np.linspace(-0.6, 0.9, 31)), key=lambda t: t[0])
+    ll, x, y = best
+    step = [0.025, 0.025]
+    for _ in range(20):
+        improved = False
+        for i in range(2):
+            for sgn in (-1, 1):
+                cand = [x, y]
+                cand[i] = float(np.clip(cand[i] + sgn * step[i], -0.6 if i else -0.3, 0.99))
+                c_ll = _loglik(_shifted(shape, *cand), runs)
+                if c_ll > ll + 1e-12:
+                    ll, (x, y), improved = c_ll, cand, True
+        if not improved:
+            step = [v / 2 for v in step]
+    return x, y
+
+
+def _default_draft(fitted: dict[str, Any]) -> dict[str, Any]:
+    """`smollm2-dgf1[-humaneval|-mtbench]`: the default draft's measured tau per dataset on the shape of the
+    previous draft's fit for the same dataset (DEFAULT_DRAFT)."""
+    d = DEFAULT_DRAFT
+    bench = json.loads(d["bench"].read_text())
+    cfg = {c["name"]: c for c in bench["configs"]}[d["config"]]
+    tree = TreeConfig(cfg["tree"]["top_k"], cfg["tree"]["depth"], cfg["tree"]["total_tokens"])
+    rel, out = f"analysis/results/{d['bench'].name}", {}
+    for ds in ("humaneval", "mtbench"):
+        r = bench["results"][ds]["configs"][d["config"]]
+        base = f"smollm2-{d['shape']}-{ds}"
+        run = parse_run({"top_k": tree.top_k, "depth": tree.depth, "total_tokens": tree.total_tokens,
+                         "draft_layers": cfg["draft_layers"], "accept_hist": r["accept_hist"], "tau": r["tau"]},
+                        f"{ds}/{d['config']}")
+        x, y = _fit_shift(_mixture(fitted[base]), [run])
+        acc = _shifted(_mixture(fitted[base]), x, y)
+        rates = ", ".join(f"{v:.3f}" for v in r["depth_accept_rates"])
+        out[f"smollm2-dgf1-{ds}"] = _entry(
+            acc, "smollm2-135m", f"{d['description']}; {ds}, greedy",
+            f"{rel} ({bench['timestamp']}; {ds}, {r['n_prompts']} prompts, tree {tree.top_k}/{tree.depth}/"
+            f"{tree.total_tokens}: tau {r['tau']:.4f}, per-depth acceptance {rates}); rank shape, context classes "
+            f"from {base} (the JSON has no per-rank counts and one tree); each class's total acceptance moved "
+            f"x = {x:.4f} of the way to 1 and its depth decay y = {y:.4f} (maximum likelihood on the run's accept "
+            f"histogram {r['accept_hist']})",
+            [{"run": f"{ds}/{d['config']}", "tree": [tree.top_k, tree.depth, tree.total_tokens],
+              "measured_tau": round(r["tau"], 4), "profile_tau": round(acc.outcomes(tree).tau, 4),
+              "measured_depth_accept_rates": [round(v, 4) for v in r["depth_accept_rates"]],
+              "profile_depth_accept_rates": _depth_rates(acc, tree)}])
+    he, mt = out["smollm2-dgf1-humaneval"], out["smollm2-dgf1-mtbench"]
+    acc = MixtureAcceptance([PositionalAcceptance(c["p_rank"], c["depth_decay"]) for c in _pooled(he, mt)],
+                            [c["weight"] for c in _pooled(he, mt)])
+    out["smollm2-dgf1"] = {
+        "model": "smollm2-135m", "description": f"{d['description']}; HumanEval and MT-bench weighted equally, greedy",
+        "components": _pooled(he, mt),
+        "source": "the context classes of smollm2-dgf1-humaneval and smollm2-dgf1-mtbench at half weight each "
+                  f"(both from {rel})",
+        "check": [{"run": "mean of humaneval and mtbench", "tree": [tree.top_k, tree.depth, tree.total_tokens],
+                   "measured_tau": round((he["check"][0]["measured_tau"] + mt["check"][0]["measured_tau"]) / 2, 4),
+                   "profile_tau": round(acc.outcomes(tree).tau, 4)}]}
+    return out
+
+
+def _depth_rates(acc: Any, tree: TreeConfig) -> list[float]:
+    """P(accept at depth d | reached depth d), d = 1..depth+1 (the bench's `depth_accept_rates`)."""
+    p = acc.outcomes(tree).p_a  # P(a accepted draft tokens), a = 0..depth
+    tail = [float(p[a:].sum()) for a in range(len(p))]
+    return [round(tail[a + 1] / tail[a], 4) if tail[a] > 0 else 0.0 for a in range(len(p) - 1)]
+
+
 def _pooled(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
     """Both benchmarks weighted equally: the union of their context classes at half weight each."""
     return [{**c, "weight": round(c["weight"] / 2, 5)} for c in a["components"] + b["components"]]
@@ -106,9 +222,10 @@ def _check(acc: Any, runs: list[Any]) -> list[dict[str, Any]]:
 
 
 def fit(out: Path = PROFILES_FILE) -> dict[str, Any]:
-    bench = json.loads(BENCH.read_text())
     profiles: dict[str, Any] = {}
-    for stem, (configs, desc) in DRAFTS.items():
+    for stem, (path, configs, desc) in DRAFTS.items():
+        bench = json.loads(path.read_text())
+        rel = f"analysis/results/{path.name}"
         for datasets, suffix in ((["humaneval"], "-humaneval"), (["mtbench"], "-mtbench")):
             runs = _runs(bench, configs, datasets)
             for r, (ds, name) in zip(runs, [(d, n) for d in datasets for n in configs], strict=True):
@@ -118,14 +235,14 @@ def fit(out: Path = PROFILES_FILE) -> dict[str, Any]:
             trees = sorted({f"{r.tree.top_k}/{r.tree.depth}/{r.tree.total_tokens}" for r in runs})
             profiles[f"smollm2-{stem}{suffix}"] = _entry(
                 acc, "smollm2-135m", f"{desc}; {' + '.join(datasets)}, greedy",
-                f"maximum-likelihood fit to the accept histograms of analysis/results/bench_dovetail.json "
-                f"({bench['timestamp']}; {' + '.join(datasets)}, 12 prompts each; trees {', '.join(trees)})",
+                f"maximum-likelihood fit to the accept histograms of {rel} ({bench['timestamp']}; "
+                f"{' + '.join(datasets)}, {_n_prompts(bench, datasets)} prompts each; trees {', '.join(trees)})",
                 _check(acc, runs))
         he, mt = profiles[f"smollm2-{stem}-humaneval"], profiles[f"smollm2-{stem}-mtbench"]
         pooled = {"model": "smollm2-135m", "description": f"{desc}; HumanEval and MT-bench weighted equally, greedy",
                   "components": _pooled(he, mt),
                   "source": f"the context classes of smollm2-{stem}-humaneval and smollm2-{stem}-mtbench at half "
-                            f"weight each (both fitted to analysis/results/bench_dovetail.json)"}
+                            f"weight each (both fitted to {rel})"}
         acc = MixtureAcceptance([PositionalAcceptance(c["p_rank"], c["depth_decay"]) for c in pooled["components"]],
                                 [c["weight"] for c in pooled["components"]])
         runs = _runs(bench, configs, ["humaneval", "mtbench"])
@@ -136,20 +253,15 @@ def fit(out: Path = PROFILES_FILE) -> dict[str, Any]:
                            for c, c2 in zip(_check(acc, runs[:len(configs)]), _check(acc, runs[len(configs):]),
                                             strict=True)]
         profiles[f"smollm2-{stem}"] = pooled
-    comps = profiles["smollm2-dgf1"]["components"]
-    shape = MixtureAcceptance([PositionalAcceptance(c["p_rank"], c["depth_decay"]) for c in comps],
-                              [c["weight"] for c in comps])
+    profiles.update(_default_draft(profiles))
+    shape = _mixture(profiles["smollm2-dgf1-v8192"])
     for name, pub in PUBLISHED.items():
         tree = TreeConfig(*pub["tree"])
-        lo, hi = 0.0, 1.0
-        for _ in range(50):  # tau grows with x: bisection
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if _scaled(shape, mid).outcomes(tree).tau < pub["tau"] else (lo, mid)
-        acc = _scaled(shape, lo)
+        acc = _scaled(shape, _x_for_tau(shape, tree, pub["tau"]))
         profiles[name] = _entry(acc, pub["model"], pub["description"],
                                 pub["source"] + "; shape (context classes, rank decay, depth decay) from "
-                                "smollm2-dgf1, moved toward perfect acceptance (total and depth decay of each class) "
-                                "until the published tree gives the published tau",
+                                "smollm2-dgf1-v8192 (four trees measured), moved toward perfect acceptance (total and "
+                                "depth decay of each class) until the published tree gives the published tau",
                                 [{"run": "published", "tree": list(pub["tree"]), "measured_tau": pub["tau"],
                                   "profile_tau": round(acc.outcomes(tree).tau, 4)}])
     data = {"schema": "dovetail.sim.acceptance_profiles/1",

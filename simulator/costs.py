@@ -100,11 +100,16 @@ class RooflineCosts:
 
     def target_gpu(self, n: int, ctx: int, layers: int, head: bool = False) -> float:
         """Target layers on the GPU (with head: a whole decode step). A GPU framework's host calls overlap the
-        roofline (`_overlap`); without one, a profile's `gpu.layer_s` adds a fixed dispatch per layer."""
-        roof = self._layers(self.hw.gpu, self._db, self._db, n, ctx, layers, n if head else 0,
-                            self.wl.model.vocab_size, 1, self._scores_bytes(n, ctx, layers))
+        roofline (`_overlap`); without one, a profile's `gpu.layer_s` adds a fixed dispatch per layer.
+
+        A decode step (head) is the workload's `decode_loop` when it names one: the code of a plain baseline (HF
+        generate's own SDPA layers, Sequoia's), whose calls and attention traffic differ from EAGLE's model."""
         fw = self.fw
-        calls = 0.0 if fw is None else layers * fw.calls_per_layer + (fw.calls_per_step if head else 0.0)
+        loop = None if fw is None else fw.loop(self.wl.decode_loop if head else None)
+        scores = 0.0 if loop is None else layers * self.wl.model.num_heads * n * (ctx + n) * loop.attn_score_bytes
+        roof = self._layers(self.hw.gpu, self._db, self._db, n, ctx, layers, n if head else 0,
+                            self.wl.model.vocab_size, 1, scores)
+        calls = 0.0 if loop is None else layers * loop.calls_per_layer + (loop.calls_per_step if head else 0.0)
         return self._overlap(roof, calls) + layers * self._layer_s
 
     def target_gpu_tree(self, t: int, ctx: int) -> float:

@@ -150,6 +150,9 @@ def resolve_engine(name: str | None) -> CpuEngine | None:
 GPU_FRAMEWORKS_FILE = Path(__file__).parent / "data" / "gpu_frameworks.json"
 _FW_NUMBERS = ("call_s", "calls_per_layer", "calls_per_step", "calls_per_tree_verify", "draft_calls_per_pass",
                "draft_calls_per_level", "draft_calls_per_cycle", "attn_score_bytes")
+# decode loops other than EAGLE's own, by the code a published baseline ran (`<loop>_<number>` in the data file)
+DECODE_LOOPS = ("hf-generate", "sequoia")
+_LOOP_NUMBERS = ("calls_per_layer", "calls_per_step", "attn_score_bytes")
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,15 @@ class TreeAssembly:
 
     fixed: float
     per_token: float
+
+
+@dataclass(frozen=True)
+class DecodeLoop:
+    """One plain decode loop's host calls (per decoder layer, per step outside the layers) and attention traffic."""
+
+    calls_per_layer: float
+    calls_per_step: float
+    attn_score_bytes: float
 
 
 @dataclass(frozen=True)
@@ -174,7 +186,7 @@ class GpuFramework:
     name: str
     description: str
     call_s: float
-    calls_per_layer: float  # one target decoder layer
+    calls_per_layer: float  # one target decoder layer (EAGLE's modeling_llama_kv: unfused attention)
     calls_per_step: float  # a decode step outside the layers (embedding, masks, norm, head, sampling loop)
     calls_per_tree_verify: float  # a tree verification outside the layers (tree mask, posterior, KV compaction)
     draft_calls_per_pass: float  # one forward of a 1-layer EAGLE-style draft
@@ -183,12 +195,22 @@ class GpuFramework:
     attn_score_bytes: float  # GPU bytes moved per attention score by an unfused attention (0 = fused / flash)
     trees: dict[str, TreeAssembly] = field(compare=False)
     sources: dict[str, str] = field(compare=False, default_factory=dict)
+    loops: dict[str, DecodeLoop] = field(compare=False, default_factory=dict)
 
     def __hash__(self) -> int:
         return hash(self.name)
 
     def dispatch_s(self, calls: float) -> float:
         return calls * self.call_s
+
+    def loop(self, name: str | None) -> DecodeLoop:
+        """The named decode loop (None: EAGLE's own model with HF generate's step, the top-level numbers)."""
+        if name is None:
+            return DecodeLoop(self.calls_per_layer, self.calls_per_step, self.attn_score_bytes)
+        if name not in self.loops:
+            raise ConfigError(f"gpu framework {self.name!r} has no decode loop {name!r} (it has: "
+                              f"{', '.join(self.loops)})")
+        return self.loops[name]
 
     def tree_assembly_s(self, kind: str, tokens: int) -> float:
         """Host time to assemble a `tokens`-token tree of the draft `kind` (eagle1: static, eagle2: dynamic)."""
@@ -215,7 +237,9 @@ def parse_gpu_framework(name: str, raw: Any) -> GpuFramework:
         s: dict[str, str] = {}
         trees[kind] = TreeAssembly(_num(d, "tree_calls_fixed", f"{name}/{kind}", s, allow_zero=True),
                                    _num(d, "tree_calls_per_token", f"{name}/{kind}", s, allow_zero=True))
-    return GpuFramework(name, str(raw.get("description", "")), trees=trees, sources=src, **vals)
+    loops = {ln: DecodeLoop(*(_num(raw, f"{ln.replace('-', '_')}_{k}", f"gpu framework {name}", src,
+                                   allow_zero=True) for k in _LOOP_NUMBERS)) for ln in DECODE_LOOPS}
+    return GpuFramework(name, str(raw.get("description", "")), trees=trees, sources=src, loops=loops, **vals)
 
 
 @lru_cache(maxsize=4)

@@ -50,6 +50,9 @@ class Workload:
     kv_slots: int | None = None  # attention span of an implementation that attends over a preallocated cache
     cpu_engine: str | None = None  # what runs the target on the CPU (simulator.engines); None = the profile's own
     gpu_framework: str | None = None  # what runs on the GPU (torch-eager, cuda-graph); None = gpu.layer_s only
+    # the plain (target-only) decode loop on the GPU: None = EAGLE's model with HF generate's step; else a named loop
+    # of the framework (simulator.engines.DECODE_LOOPS: hf-generate, sequoia)
+    decode_loop: str | None = None
 
     def __post_init__(self) -> None:
         dtype_bytes(self.target_dtype)
@@ -57,7 +60,11 @@ class Workload:
         eng = self.engine
         if eng is not None:
             eng.path(self.target_dtype)  # refuses a dtype the engine has no real path for
-        resolve_gpu_framework(self.gpu_framework)  # refuses an unknown name
+        fw = resolve_gpu_framework(self.gpu_framework)  # refuses an unknown name
+        if self.decode_loop is not None:
+            if fw is None:
+                raise ConfigError(f"decode loop {self.decode_loop!r} needs a gpu framework")
+            fw.loop(self.decode_loop)  # refuses an unknown loop
         if self.prompt_len < 1 or self.new_tokens < 1:
             raise ConfigError(f"prompt_len and new_tokens must be >= 1, got {self.prompt_len}, "
                               f"{self.new_tokens}")

@@ -227,3 +227,18 @@ def test_engine_validation_rows_are_split() -> None:
     rep = check_engines(load_profile("host-2core-shared"), SMOLLM2_135M)
     assert {r["split"] for r in rep["rows"]} == {"calibration", "held-out"}
     assert rep["summary"]["held_out"] == sum(r["split"] == "held-out" for r in rep["rows"]) >= 4
+
+
+def test_default_profile_ranks_the_swept_trees_as_measured_fastest_first() -> None:
+    """analysis/results/bench_tree_sweep.json: 4/3/6 was the fastest tree on HumanEval and MT-bench; the default
+    draft's profile with our engine on this machine's preset must rank it first among the swept trees."""
+    hw = load_profile("host-2core-shared")
+    wl = Workload(SMOLLM2_135M, DraftConfig(1, draft_vocab_size=8192), prompt_len=100, new_tokens=128,
+                  cpu_engine="dovetail-jax")
+    acc = ProfileAcceptance(default_profile("smollm2-135m"))
+    tps = {}
+    for k, d, t in ((4, 3, 6), (4, 4, 8), (6, 5, 10), (10, 7, 16), (1, 4, 5)):
+        tps[(k, d, t)] = tune(hw, wl, acc, grid={"top_k": [k], "depth": [d], "total_tokens": [t],
+                                                 "schedule": ["dovetail"]}, opts=SimOptions(cycles=3000))["best"][
+            "tokens_per_s"]
+    assert max(tps, key=tps.get) == (4, 3, 6)

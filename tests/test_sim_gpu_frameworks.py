@@ -113,3 +113,45 @@ def test_cli_gpu_framework_error_is_one_line(capsys) -> None:  # noqa: ANN001
     rc = cli.main(["simulate", "--gpu-framework", "nope", "--tau", "2"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_decode_loops_count_their_own_calls_and_attention() -> None:
+    """A named decode loop (the code a baseline ran) prices a decode step with its own counts: HF generate's SDPA
+    layers (fused: no score traffic), Sequoia's eager layers (unfused); other phases keep EAGLE's counts."""
+    fw = resolve_gpu_framework(EAGER)
+    layers = LLAMA2_7B.num_layers
+    hf, seq = fw.loop("hf-generate"), fw.loop("sequoia")
+    assert hf.calls_per_layer < fw.calls_per_layer and hf.attn_score_bytes == 0
+    assert seq.attn_score_bytes == fw.attn_score_bytes
+    for name, loop in (("hf-generate", hf), ("sequoia", seq)):
+        wl = Workload(LLAMA2_7B, gpu_framework=EAGER, decode_loop=name)
+        fast = RooflineCosts(_gpu(1e15), wl)
+        assert fast.target_gpu(1, 256, layers, head=True) == pytest.approx(
+            fw.call_s * (layers * loop.calls_per_layer + loop.calls_per_step))
+        assert fast.target_gpu(4, 256, 10) == pytest.approx(fw.call_s * 10 * fw.calls_per_layer)  # not a step
+    slow_hw = _gpu(1e11)  # GPU-bound: HF's step is the plain roofline, without EAGLE's score bytes
+    assert RooflineCosts(slow_hw, Workload(LLAMA2_7B, gpu_framework=EAGER, decode_loop="hf-generate")).target_gpu(
+        1, 256, layers, head=True) == pytest.approx(RooflineCosts(slow_hw, Workload(LLAMA2_7B)).target_gpu(
+            1, 256, layers, head=True))
+    with pytest.raises(ConfigError, match="no decode loop"):
+        Workload(LLAMA2_7B, gpu_framework=EAGER, decode_loop="vllm")
+    with pytest.raises(ConfigError, match="needs a gpu framework"):
+        Workload(LLAMA2_7B, decode_loop="hf-generate")
+
+
+def test_spec_bench_speedup_is_against_hf_generate_layers() -> None:
+    """A Spec-Bench row on a host-bound GPU: tau x calls(HF generate step) / calls(EAGLE-2 cycle)."""
+    root = Path(__file__).resolve().parent.parent / "analysis"
+    spec = importlib.util.spec_from_file_location("compare_published", root / "compare_published.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.GPUS["fast"] = {"peak_flops": 1e18, "mem_bw": 1e16, "vram": 80 * 2 ** 30, "gen": 4, "lanes": 16}
+    fw = resolve_gpu_framework(EAGER)
+    row = {"id": "x", "source": "specbench", "hardware": {"gpu": "fast"}, "model": "llama2-7b",
+           "engine": "EAGLE-2 (PyTorch eager)", "kind": "gpu-speculative", "tree": [10, 5, 60], "tau": 4.0,
+           "split": "held-out"}
+    d, t, layers = 5, 60, 32
+    hf = fw.loop("hf-generate")
+    step = layers * hf.calls_per_layer + hf.calls_per_step
+    cycle = layers * 77 + 75 + (d + 1) * 92 + (d + 1) * 18 + 12 + 35 + 3 * (t - 1)
+    assert mod.predict(row)["predicted"] == pytest.approx(4.0 * step / cycle, rel=1e-6)
