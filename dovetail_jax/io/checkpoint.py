@@ -5,6 +5,11 @@ weights file), the draft's architecture, and whatever training and evaluation re
 a card for another target, a missing, unexpected or mis-shaped tensor, or a damaged file is refused with one
 message naming the mismatch. A draft is never loaded partly (the official code's `strict=False` silently
 left the gate at its random initialisation).
+
+A bfloat16 checkpoint is loaded for inference with its matrices kept in bfloat16 (`load_draft(keep_bf16=True)`,
+the default): the compiled matmul kernel reads them as such, bit-identical to their float32 upcast and half the
+bytes per draft forward. `DOVETAIL_DRAFT_F32=1` (read at load time) loads them as float32 instead, for A/B
+timings. Training loads float32 (`keep_bf16=False`: optimiser updates need float32 weights).
 """
 
 from __future__ import annotations
@@ -116,9 +121,17 @@ def check_card_target(card: dict[str, Any], cfg: ModelConfig, where: str, target
                                f"(sha256 {t['sha256'][:12]}..., this target's is {target_sha256[:12]}...)")
 
 
+def draft_f32_forced() -> bool:
+    """`DOVETAIL_DRAFT_F32` is set (1/on/true/yes): load bfloat16 drafts as float32 (the A/B baseline)."""
+    return os.environ.get("DOVETAIL_DRAFT_F32", "").strip().lower() in ("1", "on", "true", "yes")
+
+
 def load_draft(folder: str | Path, cfg: ModelConfig, device: jax.Device | None = None,
-               target_sha256: str | None = None) -> tuple[DraftConfig, DraftParams, np.ndarray | None, dict[str, Any]]:
-    """(architecture, float32 weights on `device`, vocab_map or None, card) of a draft checkpoint."""
+               target_sha256: str | None = None, keep_bf16: bool = True,
+               ) -> tuple[DraftConfig, DraftParams, np.ndarray | None, dict[str, Any]]:
+    """(architecture, weights on `device`, vocab_map or None, card) of a draft checkpoint. The weights are
+    float32, except that with `keep_bf16` (and no `DOVETAIL_DRAFT_F32`) a bfloat16 checkpoint's matrices stay
+    bfloat16 (same values; see the module docstring). Never for a float32 checkpoint."""
     folder = Path(folder)
     where = str(folder)
     card = read_card(folder)
@@ -137,5 +150,6 @@ def load_draft(folder: str | Path, cfg: ModelConfig, device: jax.Device | None =
             raise ModelFormatError(f"{wpath}: '{VOCAB_MAP}' must hold distinct ids below {cfg.vocab_size}")
     elif vocab_map is not None:
         raise ModelFormatError(f"{wpath}: unexpected '{VOCAB_MAP}' for a full-vocabulary draft")
-    params = draft_params_from_tensors(cfg, dcfg, tensors, device, source=str(wpath))
+    bf16 = keep_bf16 and card.get("dtype") == "bfloat16" and not draft_f32_forced()
+    params = draft_params_from_tensors(cfg, dcfg, tensors, device, source=str(wpath), keep_bf16=bf16)
     return dcfg, params, None if vocab_map is None else vocab_map.astype(np.int32), card

@@ -1,9 +1,12 @@
-"""Compiled f32 kernels for XLA CPU, called through `jax.ffi` from inside jitted forwards.
+"""Compiled f32 kernels (f32 or bf16 matmul weights) for XLA CPU, called through `jax.ffi` inside jitted forwards.
 
 Decoding and tree verification multiply 1-32 token rows by f32 weights; that is memory-bound, so the weights
 should be read once whatever T is. XLA CPU does not do that for T >= 2 (YNNPACK packs `[out, in]` weights on
 every call, see README). `matmul.cc` streams each weight row (or column panel) once for all T tokens on XLA's
-own thread pool. The same holds for attention over the KV cache: XLA runs it as batched dot_generals at ~1/3
+own thread pool. Weights stored as bfloat16 (a draft loaded from a bf16 checkpoint, `io.checkpoint.load_draft`)
+have their own targets: the same blocks widen each bf16 to its f32 value in registers (exact: a bf16 is the top
+half of an f32), so `matmul(x, w)` equals `matmul(x, w.astype(float32))` bit for bit and reads half the bytes.
+The same holds for attention over the KV cache: XLA runs it as batched dot_generals at ~1/3
 of DRAM speed; `attention.cc` streams each cached K/V row once for all query rows of its kv head and returns
 the partial softmax state (max, sum of exp, un-normalised output) that `layers.attention` merges with the new
 tokens' scores. The SIMD blocks both use (dot steps, horizontal sums, axpy panels, work sharing) are in
@@ -51,6 +54,9 @@ CXX_FLAGS = ("-O3", "-march=x86-64-v4", "-mtune=znver3", "-std=c++17", "-shared"
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "fma")  # what -march=x86-64-v4 emits
 TARGETS = {"out_in": "dovetail_matmul_oi", "in_out": "dovetail_matmul_io"}
 _SYMBOLS = {"out_in": "DovetailMatmulOI", "in_out": "DovetailMatmulIO"}
+BF16_TARGETS = {"out_in": "dovetail_matmul_oi_bf16", "in_out": "dovetail_matmul_io_bf16"}  # bf16 weights
+_BF16_SYMBOLS = {"out_in": "DovetailMatmulOIBf16", "in_out": "DovetailMatmulIOBf16"}
+WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)  # what `matmul` takes as weights (activations are always f32)
 ATTENTION_TARGET = "dovetail_cache_attention"
 _ATTENTION_SYMBOL = "DovetailCacheAttention"
 
@@ -125,9 +131,10 @@ def _load() -> str | None:
         return f"the CPU lacks {', '.join(missing)}"
     try:
         lib = ctypes.CDLL(str(build()))
-        for layout, name in TARGETS.items():
-            fn = getattr(lib, _SYMBOLS[layout])
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
+        for targets, symbols in ((TARGETS, _SYMBOLS), (BF16_TARGETS, _BF16_SYMBOLS)):
+            for layout, name in targets.items():
+                fn = getattr(lib, symbols[layout])
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
         fn = getattr(lib, _ATTENTION_SYMBOL)
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(fn), platform="cpu")
     except Exception as e:  # any build or load failure means "use XLA's dot", never a crash
@@ -163,18 +170,20 @@ def xla_only() -> Iterator[None]:
 
 
 def supports(x: jax.Array, w: jax.Array) -> bool:
-    """Whether `matmul(x, w)` may use the kernel: f32, 2-D weights, 1..MAX_TOKENS rows, kernels built."""
+    """Whether `matmul(x, w)` may use the kernel: f32 `x`, 2-D f32 or bf16 weights, 1..MAX_TOKENS rows, kernels
+    built."""
     if _forced_off:
         return False
     rows = 1
     for d in x.shape[:-1]:
         rows *= d
-    return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2 and 1 <= rows <= MAX_TOKENS
+    return (x.dtype == jnp.float32 and w.dtype in WEIGHT_DTYPES and w.ndim == 2 and 1 <= rows <= MAX_TOKENS
             and x.ndim >= 1 and kernels_enabled())
 
 
 def matmul(x: jax.Array, w: jax.Array, layout: str) -> jax.Array:
     """`x [..., in]` times `w` (`[out, in]` for "out_in", `[in, out]` for "in_out") -> `[..., out]`, on the CPU.
+    `x` f32; `w` f32 or bf16 (then exactly the result for `w.astype(float32)`); the result f32.
 
     Call only when `supports(x, w)`; no autodiff rule of its own (`layers.linear` adds one).
     """
@@ -183,7 +192,8 @@ def matmul(x: jax.Array, w: jax.Array, layout: str) -> jax.Array:
     k = x.shape[-1]
     n = w.shape[0] if layout == "out_in" else w.shape[1]
     x2 = x.reshape(-1, k)
-    call = jax.ffi.ffi_call(TARGETS[layout], jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+    target = (BF16_TARGETS if w.dtype == jnp.bfloat16 else TARGETS)[layout]
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                             vmap_method="sequential")
     return call(x2, w).reshape(*x.shape[:-1], n)
 

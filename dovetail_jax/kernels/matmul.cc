@@ -1,4 +1,5 @@
-// Small-T f32 matmul for XLA CPU as FFI custom calls: y[T, out] = x[T, in] . W, T = 1..32.
+// Small-T matmul for XLA CPU as FFI custom calls: y[T, out] = x[T, in] . W, T = 1..32; x and y f32, W f32 or
+// bf16.
 //
 // Decoding and tree verification are memory-bound: the weights should be read from DRAM once whatever T is.
 // Each handler streams W exactly once and, while a few rows (or a column panel) sit in registers/L1, applies
@@ -11,6 +12,10 @@
 //                       16-lane accumulators, one horizontal reduction per (row, token).
 //   dovetail_matmul_io: W [in, out]: per column panel of 64 outputs an axpy over k, up to 6 tokens x 4
 //                       vectors of accumulators, x[t, k] broadcast from memory; no reductions.
+//
+// Each has a bf16-weight twin (`..._bf16`): the same blocks over W stored as bf16, widened to f32 in registers
+// (exact), so the results equal the f32 handler's on W upcast, bit for bit, for half the bytes read (the draft's
+// bf16 checkpoint weights).
 //
 // The register blocks (dot steps, horizontal sums, axpy panels) and the work sharing are in simd.h, shared with
 // attention.cc.
@@ -30,20 +35,18 @@ namespace {
 constexpr int kRows = 4;  // W rows per register block ([out, in] kernel)
 
 // y[t, r] = sum_k w[r, k] x[t, k] for R rows (R = 4 or 1) and NT tokens; w rows have stride k_len.
-template <int R, int NT>
-inline void DotBlock(const float* __restrict w, int64_t k_len, const float* __restrict x, int64_t ldx,
+template <int R, int NT, class W>
+inline void DotBlock(const W* __restrict w, int64_t k_len, const float* __restrict x, int64_t ldx,
                      float* __restrict y, int64_t ldy) {
   __m512 acc[R][NT];
   ZeroDots(acc);
   int64_t k = 0;
   for (; k + 16 <= k_len; k += 16) {
-    // The R rows are one contiguous stretch of R * k_len floats: prefetch it 16 rows ahead into L2 as one
-    // sequential stream, R lines per step. R concurrent row streams starve this machine's hardware
-    // prefetchers; measured on one core, head-shaped W, against an L1 prefetch one block ahead (itself
-    // better than none): T=1 8.6 -> 5.3 ms, T=8 13.8 -> 8.3 ms.
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-      _mm_prefetch(reinterpret_cast<const char*>(w + 16 * k_len + R * k + 16 * r), _MM_HINT_T1);
+    // The R rows are one contiguous stretch of R * k_len weights: prefetch it 64 bytes' worth of rows ahead
+    // (16 f32 rows, 32 bf16 rows) into L2 as one sequential stream, the step's R * 16 weights. R concurrent row
+    // streams starve this machine's hardware prefetchers; measured on one core, head-shaped f32 W, against an
+    // L1 prefetch one block ahead (itself better than none): T=1 8.6 -> 5.3 ms, T=8 13.8 -> 8.3 ms.
+    PrefetchLines<true, R * 16 * int(sizeof(W))>(w + (64 / sizeof(W)) * k_len + R * k);
     DotStep<R, NT, false>(acc, w + k, k_len, x + k, ldx, __mmask16(0xFFFF));
   }
   if (k < k_len) DotStep<R, NT, true>(acc, w + k, k_len, x + k, ldx, TailMask(k_len - k));
@@ -51,8 +54,8 @@ inline void DotBlock(const float* __restrict w, int64_t k_len, const float* __re
 }
 
 // nt tokens (1..kBlockRows) as one register block; explicit cases as in simd.h's AxpyRows.
-template <int R>
-inline void DotTokens(const float* w, int64_t k_len, const float* x, int64_t ldx, float* y, int64_t ldy, int nt) {
+template <int R, class W>
+inline void DotTokens(const W* w, int64_t k_len, const float* x, int64_t ldx, float* y, int64_t ldy, int nt) {
   switch (nt) {
     case 1: DotBlock<R, 1>(w, k_len, x, ldx, y, ldy); break;
     case 2: DotBlock<R, 2>(w, k_len, x, ldx, y, ldy); break;
@@ -64,7 +67,8 @@ inline void DotTokens(const float* w, int64_t k_len, const float* x, int64_t ldx
 }
 
 // Rows [r0, r1) of y = x W^T for all tokens; W [out, in].
-void DotRows(const float* w, const float* x, float* y, int64_t t_len, int64_t k_len, int64_t n_out, int64_t r0,
+template <class W>
+void DotRows(const W* w, const float* x, float* y, int64_t t_len, int64_t k_len, int64_t n_out, int64_t r0,
              int64_t r1) {
   const RowBlocks tb(t_len);
   int64_t r = r0;
@@ -86,15 +90,17 @@ void DotRows(const float* w, const float* x, float* y, int64_t t_len, int64_t k_
 
 // Column panels [p0, p1) (kPanel vectors each, the last one partial) of y = x W; W [in, out]. The panel rows
 // are strided: prefetch 8 rows ahead (measured ~1.3x faster).
-void AxpyPanelRange(const float* w, const float* x, float* y, int64_t t_len, int64_t k_len, int64_t n_out,
+template <class W>
+void AxpyPanelRange(const W* w, const float* x, float* y, int64_t t_len, int64_t k_len, int64_t n_out,
                     int64_t p0, int64_t p1) {
   AxpyPanels<8, false>(RowBlocks(t_len), w, n_out, k_len, x, k_len, y, n_out, p0 * kPanel * 16,
                 std::min<int64_t>(p1 * kPanel * 16, n_out), false);
 }
 
 // One call's work, shared with the helper tasks (which may run after the call returned: hence shared_ptr).
+template <class W>
 struct Job {
-  const float* w;
+  const W* w;
   const float* x;
   float* y;
   int64_t t_len, k_len, n_out;
@@ -125,15 +131,18 @@ int64_t ChunkUnits(int64_t units, int64_t unit_bytes, int64_t granule) {
   return std::min(per, units);
 }
 
-ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-               ffi::ResultBuffer<ffi::F32> y, bool in_out) {
+// W is float (F32 weights) or uint16_t (BF16 weights: XLA's FFI passes bf16 as its 16 bits).
+template <ffi::DataType kWType>
+ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<kWType> w, ffi::ResultBuffer<ffi::F32> y,
+               bool in_out) {
+  using W = ffi::NativeType<kWType>;
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("dovetail_matmul: rank-2 x and w");
   const int64_t t_len = xd[0], k_len = xd[1];
   const int64_t n_out = in_out ? wd[1] : wd[0];
   if ((in_out ? wd[0] : wd[1]) != k_len) return ffi::Error::InvalidArgument("dovetail_matmul: shape mismatch");
   if (t_len == 0 || n_out == 0) return ffi::Error::Success();
-  auto job = std::make_shared<Job>();
+  auto job = std::make_shared<Job<W>>();
   job->w = w.typed_data();
   job->x = x.typed_data();
   job->y = y->typed_data();
@@ -146,37 +155,53 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F
     return ffi::Error::Success();
   }
   job->units = in_out ? (n_out + kPanel * 16 - 1) / (kPanel * 16) : n_out;
-  job->per_chunk = ChunkUnits(job->units, (in_out ? kPanel * 16 : 1) * k_len * 4, in_out ? 1 : 16);
+  job->per_chunk = ChunkUnits(job->units, (in_out ? kPanel * 16 : 1) * k_len * int64_t(sizeof(W)), in_out ? 1 : 16);
   job->chunks = (job->units + job->per_chunk - 1) / job->per_chunk;
   ShareWork(pool, job, CallThreads(pool), job->chunks);
   return ffi::Error::Success();
 }
 
-ffi::Error RunOI(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+template <ffi::DataType kWType>
+ffi::Error RunOI(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<kWType> w,
                  ffi::ResultBuffer<ffi::F32> y) {
-  return Run(pool, x, w, y, false);
+  return Run<kWType>(pool, x, w, y, false);
 }
 
-ffi::Error RunIO(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+template <ffi::DataType kWType>
+ffi::Error RunIO(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<kWType> w,
                  ffi::ResultBuffer<ffi::F32> y) {
-  return Run(pool, x, w, y, true);
+  return Run<kWType>(pool, x, w, y, true);
 }
 
 }  // namespace
 }  // namespace dovetail
 
 #pragma GCC visibility push(default)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulOI, dovetail::RunOI,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulOI, dovetail::RunOI<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulIO, dovetail::RunIO,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulIO, dovetail::RunIO<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulOIBf16, dovetail::RunOI<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulIOBf16, dovetail::RunIO<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 #pragma GCC visibility pop

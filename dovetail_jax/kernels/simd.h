@@ -32,6 +32,35 @@ constexpr int kPanel = 4;      // 16-float vectors per column panel
 
 inline __mmask16 TailMask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
 
+// ---- weight loads: 16 lanes of f32, or of bf16 (uint16_t, as XLA's FFI passes it) widened to f32 in registers.
+// A bf16 is the top half of an f32, so widening is exact (a zero-extend and a shift): a block over bf16 weights
+// does the same FMAs in the same order on the same values as over those weights upcast to f32, bit for bit, and
+// reads half the bytes. Masked-off lanes are 0.0f for both.
+
+inline __m512 LoadW(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 LoadW(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 MaskLoadW(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 MaskLoadW(__mmask16 m, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// Prefetch kBytes from p on into L1 (or L2 when kL2), one hint per 64-byte line, at least one.
+template <bool kL2, int kBytes>
+inline void PrefetchLines(const void* p) {
+  constexpr int kLines = kBytes > 64 ? (kBytes + 63) / 64 : 1;
+#pragma GCC unroll 8
+  for (int i = 0; i < kLines; ++i) {
+    const char* line = static_cast<const char*>(p) + 64 * i;
+    if constexpr (kL2)
+      _mm_prefetch(line, _MM_HINT_T1);
+    else
+      _mm_prefetch(line, _MM_HINT_T0);
+  }
+}
+
 // Four 16-lane accumulators -> their four sums, in order.
 inline __m128 Sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
@@ -60,14 +89,15 @@ inline void ZeroDots(__m512 (&acc)[R][NT]) {
     for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
 }
 
-// One 16-lane step: acc[r][t] += w[r * ldw : +16] * x[t * ldx : +16], the loads masked by m when kMasked.
-template <int R, int NT, bool kMasked>
-inline void DotStep(__m512 (&acc)[R][NT], const float* __restrict w, int64_t ldw, const float* __restrict x,
+// One 16-lane step: acc[r][t] += w[r * ldw : +16] * x[t * ldx : +16], the loads masked by m when kMasked;
+// w is f32 or bf16 (see LoadW).
+template <int R, int NT, bool kMasked, class W>
+inline void DotStep(__m512 (&acc)[R][NT], const W* __restrict w, int64_t ldw, const float* __restrict x,
                     int64_t ldx, __mmask16 m) {
   __m512 wv[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    wv[r] = kMasked ? _mm512_maskz_loadu_ps(m, w + r * ldw) : _mm512_loadu_ps(w + r * ldw);
+    wv[r] = kMasked ? MaskLoadW(m, w + r * ldw) : LoadW(w + r * ldw);
     asm("" : "+v"(wv[r]));  // keep w and x in registers: gcc otherwise folds one of them into every FMA as a
   }                         // memory operand, R (or NT) x the loads (measured T=16 22.9 -> 17.7 ms, T=4 -20%)
 #pragma GCC unroll 8
@@ -98,9 +128,9 @@ inline void StoreDots(__m512 (&acc)[R][NT], float* __restrict y, int64_t ldy) {
 // `last`); starts from y when `accumulate`, else from 0. kPrefetchRows > 0 prefetches the w rows that far ahead
 // into L1 (strided panel rows of a large matrix; 0 where the rows are already in cache). kMayAccumulate = false
 // (a caller that never accumulates) drops the load path: gcc does not specialise the non-inlined blocks on a
-// constant `accumulate` by itself.
-template <int NV, int NT, int kPrefetchRows, bool kMayAccumulate>
-inline void AxpyBlock(const float* __restrict w, int64_t ldw, int64_t n, const float* __restrict x, int64_t ldx,
+// constant `accumulate` by itself. w is f32 or bf16 (see LoadW).
+template <int NV, int NT, int kPrefetchRows, bool kMayAccumulate, class W>
+inline void AxpyBlock(const W* __restrict w, int64_t ldw, int64_t n, const float* __restrict x, int64_t ldx,
                       float* __restrict y, int64_t ldy, __mmask16 last, bool accumulate) {
   __m512 acc[NT][NV];
 #pragma GCC unroll 8
@@ -111,16 +141,12 @@ inline void AxpyBlock(const float* __restrict w, int64_t ldw, int64_t n, const f
                   : c == NV - 1 ? _mm512_maskz_loadu_ps(last, y + t * ldy + 16 * c)
                                 : _mm512_loadu_ps(y + t * ldy + 16 * c);
   for (int64_t j = 0; j < n; ++j) {
-    const float* wj = w + j * ldw;
-    if constexpr (kPrefetchRows > 0) {
-#pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c)
-        _mm_prefetch(reinterpret_cast<const char*>(wj + kPrefetchRows * ldw + 16 * c), _MM_HINT_T0);
-    }
+    const W* wj = w + j * ldw;
+    if constexpr (kPrefetchRows > 0) PrefetchLines<false, NV * 16 * int(sizeof(W))>(wj + kPrefetchRows * ldw);
     __m512 wv[NV];
 #pragma GCC unroll 8
     for (int c = 0; c < NV; ++c) {
-      wv[c] = c == NV - 1 ? _mm512_maskz_loadu_ps(last, wj + 16 * c) : _mm512_loadu_ps(wj + 16 * c);
+      wv[c] = c == NV - 1 ? MaskLoadW(last, wj + 16 * c) : LoadW(wj + 16 * c);
       asm("" : "+v"(wv[c]));  // in a register, not re-loaded by every FMA
     }
 #pragma GCC unroll 8
@@ -143,8 +169,8 @@ inline void AxpyBlock(const float* __restrict w, int64_t ldw, int64_t n, const f
 
 // nt rows of x (1..kBlockRows) as one register block. Explicit cases, not a generic dispatcher: a lambda-based one
 // let gcc inline every block into its caller, measured 1.2-1.3x slower at T=16 (matmul [out, in], attention).
-template <int NV, int kPrefetchRows, bool kMayAccumulate>
-inline void AxpyRows(const float* w, int64_t ldw, int64_t n, const float* x, int64_t ldx, float* y, int64_t ldy,
+template <int NV, int kPrefetchRows, bool kMayAccumulate, class W>
+inline void AxpyRows(const W* w, int64_t ldw, int64_t n, const float* x, int64_t ldx, float* y, int64_t ldy,
                      int nt, __mmask16 last, bool accumulate) {
   constexpr int P = kPrefetchRows;
   constexpr bool A = kMayAccumulate;
@@ -160,8 +186,8 @@ inline void AxpyRows(const float* w, int64_t ldw, int64_t n, const float* x, int
 
 // Columns [c_begin, c_end) of y (+)= x[:, :n] . w[:n, :], in panels of kPanel vectors (the last one partial),
 // every row block of x per panel: y [*, ldy] with rows as x [*, ldx], w [n, ldw]; see AxpyBlock.
-template <int kPrefetchRows, bool kMayAccumulate>
-void AxpyPanels(const RowBlocks& rb, const float* w, int64_t ldw, int64_t n, const float* x, int64_t ldx,
+template <int kPrefetchRows, bool kMayAccumulate, class W>
+void AxpyPanels(const RowBlocks& rb, const W* w, int64_t ldw, int64_t n, const float* x, int64_t ldx,
                 float* y, int64_t ldy, int64_t c_begin, int64_t c_end, bool accumulate) {
   constexpr int P = kPrefetchRows;
   constexpr bool A = kMayAccumulate;

@@ -278,11 +278,30 @@ def check_draft_tensors(cfg: ModelConfig, dcfg: DraftConfig, tensors: Mapping[st
 
 def draft_params_from_tensors(cfg: ModelConfig, dcfg: DraftConfig, tensors: Mapping[str, np.ndarray],
                               device: jax.Device | None = None, source: str = "draft checkpoint",
-                              layout: Layout | None = None) -> DraftParams:
-    """Validate strictly (never load a draft partly) and place the float32 weights on `device` (`layout` None:
-    `params.fast_layout` for the draft's multi-token forwards)."""
+                              layout: Layout | None = None, keep_bf16: bool = False) -> DraftParams:
+    """Validate strictly (never load a draft partly) and place the weights on `device` (`layout` None:
+    `params.fast_layout` for the draft's multi-token forwards), float32; with `keep_bf16`, each matrix (fusion
+    and block projections) whose every value is a bfloat16 (a bf16 checkpoint's) is placed as bfloat16: the
+    same values in half the bytes, which `layers.linear` reads as such (bit-identical results, a cheaper draft
+    forward). Norms and biases stay float32. Inference only: training wants float32 weights."""
     check_draft_tensors(cfg, dcfg, tensors, source)
-    return from_tensors(DraftParams.spec(cfg, dcfg, layout or fast_layout(2)), tensors, device)
+    spec = DraftParams.spec(cfg, dcfg, layout or fast_layout(2))
+    if not keep_bf16:
+        return from_tensors(spec, tensors, device)
+    return jax.tree_util.tree_map(lambda p: place(_bf16_if_exact(p.build(tensors)), device), spec)
+
+
+def _bf16_if_exact(w: np.ndarray) -> np.ndarray:
+    """`w` as bfloat16 if it is a matrix that bfloat16 holds exactly (no value changes), else `w` unchanged."""
+    if w.ndim != 2:
+        return w
+    b = w.astype(jnp.bfloat16)
+    return b if np.array_equal(b.astype(np.float32), w) else w
+
+
+def upcast_params(params: DraftParams) -> DraftParams:
+    """The same draft with every bfloat16 weight as float32 (exact): what training and A/B references use."""
+    return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, params)
 
 
 def draft_tensors(params: DraftParams, cfg: ModelConfig) -> dict[str, np.ndarray]:

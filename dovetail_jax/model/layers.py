@@ -22,7 +22,9 @@ def linear(x: jax.Array, w: jax.Array, in_out: bool = False) -> jax.Array:
 
     1-32 f32 token rows on the CPU go to the compiled kernel of `dovetail_jax.kernels` (it reads the weights
     once for all rows; XLA CPU re-packs `[out, in]` weights per call); otherwise, or where the kernel is
-    unavailable, XLA's dot. Gradients are XLA's dot's in both cases.
+    unavailable, XLA's dot. Gradients are XLA's dot's in both cases. A bfloat16 `w` with f32 `x` (the draft's
+    weights as a bf16 checkpoint stores them) gives exactly the result for `w.astype(float32)` on both paths:
+    the kernel widens it in registers (reading half the bytes), XLA's path upcasts it inside the program.
     """
     if kernels.supports(x, w):
         return jax.lax.platform_dependent(x, w, cpu=functools.partial(_kernel_linear, in_out=in_out),
@@ -31,6 +33,8 @@ def linear(x: jax.Array, w: jax.Array, in_out: bool = False) -> jax.Array:
 
 
 def _xla_linear(x: jax.Array, w: jax.Array, in_out: bool) -> jax.Array:
+    if w.dtype == jnp.bfloat16 and x.dtype == jnp.float32:
+        w = w.astype(jnp.float32)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0 if in_out else 1,)), ((), ())))
 
 

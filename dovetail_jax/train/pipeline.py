@@ -164,7 +164,7 @@ def _warm_start(target: Any, dcfg: DraftConfig, init: Path | None,
         return None, None, {}
     from dovetail_jax.io.checkpoint import WEIGHTS, file_sha256, load_draft
 
-    got, params, vocab_map, card = load_draft(init, target.cfg, target_sha256=target.sha256)
+    got, params, vocab_map, card = load_draft(init, target.cfg, target_sha256=target.sha256, keep_bf16=False)
     same = got == dcfg if not new_vocab else (got.num_layers, got.fusion) == (dcfg.num_layers, dcfg.fusion)
     if not same:
         raise ConfigError(f"--init {init} is a {arch_name(got)} draft, not {arch_name(dcfg)}; pass matching "
