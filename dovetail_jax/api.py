@@ -41,8 +41,8 @@ from dovetail_jax.model.draft import Draft
 from dovetail_jax.model.params import Layout, TargetParams, params_from_tensors
 from dovetail_jax.stats import GenerationStats
 
-__all__ = ["Draft", "DraftConfig", "GenerationOutput", "Placement", "SamplingConfig", "Target", "TreeConfig",
-           "check_draft_path", "encode_prompt", "generate", "load_draft", "load_target", "random_draft"]
+__all__ = ["HEAD_DTYPES", "Draft", "DraftConfig", "GenerationOutput", "Placement", "SamplingConfig", "Target",
+           "TreeConfig", "check_draft_path", "encode_prompt", "generate", "load_draft", "load_target", "random_draft"]
 
 
 @dataclass
@@ -117,6 +117,21 @@ def _check_draft_config(cfg: Any, target: Target) -> None:
                           f"({target.cfg.num_layers} layers): use 1..{target.cfg.num_layers}")
 
 
+HEAD_DTYPES = ("float32", "bfloat16")  # a draft's shared LM head: as the target's, or rounded to bf16 once
+
+
+def _check_head_dtype(head_dtype: Any) -> None:
+    if not isinstance(head_dtype, str) or head_dtype not in HEAD_DTYPES:
+        raise ConfigError(f"head_dtype must be one of {', '.join(map(repr, HEAD_DTYPES))}, got {head_dtype!r}")
+
+
+def _refuse_own_head(head_dtype: str, what: str) -> None:
+    """A standalone or self draft scores with its own model's whole head, not a shared copy: it stays float32."""
+    if head_dtype != "float32":
+        raise ConfigError(f"head_dtype {head_dtype!r} applies to drafts that share the target's LM head (trained "
+                          f"or random); {what} keeps its own float32 head")
+
+
 def check_draft_path(path: str | Path) -> None:
     """Refuse, before any loading, a draft path that cannot be one: a pipe or device, or a folder that is neither
     a draft checkpoint (card.json + weights.safetensors) nor a model folder; the message names what is missing."""
@@ -161,21 +176,24 @@ def load_target(path: str | Path | None = None, layout: Layout = "out_in", token
     return Target(cfg, params, tokenizer, source, time.perf_counter() - t0, placement, path=resolved)
 
 
-def random_draft(target: Target, cfg: DraftConfig = DraftConfig(), seed: int = 0) -> Draft:
+def random_draft(target: Target, cfg: DraftConfig = DraftConfig(), seed: int = 0, *,
+                 head_dtype: str = "float32") -> Draft:
     """An untrained draft (random weights) on the accelerator: lossless, just rarely right. A reduced
-    vocabulary keeps the lowest ids, which in a BPE vocabulary are the earliest, most frequent merges."""
+    vocabulary keeps the lowest ids, which in a BPE vocabulary are the earliest, most frequent merges.
+    `head_dtype`: as for `load_draft`."""
     _check_instance("target", target, Target, "a Target (api.load_target)")
     _check_draft_config(cfg, target)
     _check_seed(seed)
+    _check_head_dtype(head_dtype)
     dev = target.placement.draft
     params = draft_lib.init_draft(jax.random.key(seed), target.cfg, cfg, dev)
     vocab_map = None if cfg.draft_vocab_size is None else np.arange(min(cfg.draft_vocab_size, target.cfg.vocab_size))
-    shared = draft_lib.make_shared(target.params, target.cfg, vocab_map, dev)
+    shared = draft_lib.make_shared(target.params, target.cfg, vocab_map, dev, head_dtype=head_dtype)
     return Draft(cfg, params, shared, source=f"random (seed {seed})", kind="random")
 
 
 def load_draft(target: Target, path: str | Path | None = None, *, fallback_random: DraftConfig | None = None,
-               seed: int = 0) -> Draft:
+               seed: int = 0, head_dtype: str = "float32") -> Draft:
     """Load a draft for `target` onto the accelerator.
 
     `path`: a draft checkpoint folder (`card.json` + `weights.safetensors`), or a whole LLaMA with the same
@@ -183,15 +201,22 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
     draft: accepts long paths, for tests and upper bounds; far too slow to speed anything up); None: the draft
     shipped for the target, if any, else a random draft shaped by `fallback_random` (an error when that is
     None too).
+
+    `head_dtype` "bfloat16": the draft's copy of the target's LM head rows rounded to bfloat16 once (half the
+    bytes the largest matrix of a draft forward streams); it can change which tokens the draft proposes, never
+    the output, which the target verifies. Only trained and random drafts share the target's head: a
+    standalone or "self" draft with "bfloat16" is a ConfigError.
     """
     _check_instance("target", target, Target, "a Target (api.load_target)")
     if fallback_random is not None:
         _check_draft_config(fallback_random, target)
     _check_seed(seed)
+    _check_head_dtype(head_dtype)
     if path is not None:
         check_draft_path(path)
     dev = target.placement.draft
     if path == "self":  # the target as its own standalone draft: agrees almost always, costs a target forward
+        _refuse_own_head(head_dtype, "the 'self' draft")
         dcfg, params, shared = draft_lib.draft_from_lm(target.params, target.cfg, dev)
         return Draft(dcfg, params, shared, source="self (the target itself)", kind="self")
     if path is None:
@@ -199,13 +224,14 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
         if path is None:
             if fallback_random is None:
                 raise ConfigError(f"no trained draft is shipped for {target.cfg.name}; pass a draft path")
-            return random_draft(target, fallback_random, seed)
+            return random_draft(target, fallback_random, seed, head_dtype=head_dtype)
     p = Path(path).expanduser()
     progress.note(f"loading the draft {progress.short_path(p)} onto {dev} ...")
     if p.is_dir() and (p / checkpoint.CARD).is_file():
         dcfg, params, vocab_map, card = checkpoint.load_draft(p, target.cfg, dev, target.sha256)
-        shared = draft_lib.make_shared(target.params, target.cfg, vocab_map, dev)
+        shared = draft_lib.make_shared(target.params, target.cfg, vocab_map, dev, head_dtype=head_dtype)
         return Draft(dcfg, params, shared, source=str(p), kind="trained")
+    _refuse_own_head(head_dtype, f"the standalone draft {p}")
     lm_cfg, tensors, _ = load_model_files(p)
     if lm_cfg.vocab_size != target.cfg.vocab_size:
         raise ModelFormatError(f"{p}: a standalone draft needs the target's vocabulary ({target.cfg.vocab_size} "

@@ -226,6 +226,11 @@ CASES += [
     # no command, unknown command
     ([], "required"),
     (["-v"], "required"),
+    # --draft-head: a dtype name it does not know, outside dovetail mode, on a draft with its own head, with --configs
+    (DOV + ["--draft-head", "f16"], "--draft-head"),
+    (GEN + ["--draft-head", "bf16"], "--mode dovetail"),
+    (DOV + ["--draft", "self", "--draft-head", "bf16"], "--draft-head"),
+    (BD + ["--configs", "{tmp}/results.json", "--draft-head", "bf16"], "--draft-head"),
 ]
 
 
@@ -485,6 +490,9 @@ def _api_entry_cases() -> list[tuple[str, dict, type, str]]:
         ("encode_prompt", {"prompt": "hi", "chat": True, "system": ["x"]}, ConfigError, "system"),
         ("encode_prompt", {"target": None}, ConfigError, "Target"),
         ("encode_prompt", {"prompt": ""}, DovetailError, "empty"),
+        ("load_draft", {"head_dtype": "bf16"}, ConfigError, "head_dtype"),
+        ("load_draft", {"path": "self", "head_dtype": "bfloat16"}, ConfigError, "head_dtype"),
+        ("random_draft", {"head_dtype": None}, ConfigError, "head_dtype"),
     ]
 
 

@@ -48,7 +48,13 @@ DEFAULT_OUT = Path("analysis/results/bench_dovetail.json")
 DEFAULT_DATASETS = "humaneval,mtbench"
 SCHEMA = "dovetail.bench.dovetail/1"
 RESERVED_NAMES = ("target", "llama_cpp_f32")
-CONFIG_KEYS = {"name", "draft", "tree", "draft_layers", "draft_fusion", "draft_vocab"}
+CONFIG_KEYS = {"name", "draft", "tree", "draft_layers", "draft_fusion", "draft_vocab", "draft_head"}
+# --draft-head / "draft_head": the dtype of the draft's copy of the target's LM head (`api.load_draft(head_dtype=)`)
+DRAFT_HEADS = {"f32": "float32", "bf16": "bfloat16"}
+DRAFT_HEAD_HELP = ("dtype of the draft's copy of the target's LM head: bf16 rounds it once at load, halving the "
+                   "bytes of the largest matrix each draft forward reads (faster drafting); it can change which "
+                   "tokens the draft proposes, never the output, which the target verifies. Trained and random "
+                   "drafts only (a standalone or 'self' draft keeps its own f32 head). Default f32")
 TREE_KEYS = ("top_k", "depth", "total_tokens")
 RANDOM_KEYS = RANDOM_FLAGS  # the same names shape a random draft in a configs file and on the command line
 
@@ -66,15 +72,16 @@ class RunConfig:
     draft: str | None
     tree: TreeConfig
     random_cfg: DraftConfig  # the random draft's shape ("random", or None when no draft is shipped)
+    draft_head: str = "f32"  # a key of DRAFT_HEADS
 
     @property
-    def draft_key(self) -> tuple[str | None, DraftConfig | None]:
-        """Configurations with equal keys share one loaded draft."""
-        return self.draft, (self.random_cfg if self.draft in (None, "random") else None)
+    def draft_key(self) -> tuple[str | None, DraftConfig | None, str]:
+        """Configurations with equal keys share one loaded draft (a bf16 head is a separately loaded draft)."""
+        return self.draft, (self.random_cfg if self.draft in (None, "random") else None), self.draft_head
 
     def to_dict(self) -> dict[str, Any]:
         r = self.random_cfg
-        return {"name": self.name, "draft": self.draft,
+        return {"name": self.name, "draft": self.draft, "draft_head": self.draft_head,
                 "tree": {"top_k": self.tree.top_k, "depth": self.tree.depth, "total_tokens": self.tree.total_tokens},
                 "random_draft": {"num_layers": r.num_layers, "fusion": r.fusion, "draft_vocab_size": r.draft_vocab_size}
                 if self.draft in (None, "random") else None}
@@ -127,8 +134,21 @@ def _draft_label(draft: str | None) -> str:
     return "default" if draft is None else draft if draft in ("self", "random") else Path(draft).name or draft
 
 
-def configs_from_flags(flags: DraftFlags) -> list[RunConfig]:
-    """The single configuration that --draft / --tree / --tree-top-k / ... describe (as `generate` reads them)."""
+def _draft_head(value: Any, draft: str | None, where: str) -> str:
+    """A validated "draft_head" (None: "f32"); "bf16" is refused for the "self" draft, whose head is its own."""
+    if value is None:
+        return "f32"
+    if not isinstance(value, str) or value not in DRAFT_HEADS:
+        raise ConfigError(f"{where}: draft_head must be one of {', '.join(map(repr, DRAFT_HEADS))}, got {value!r}")
+    if value != "f32" and draft == "self":
+        raise ConfigError(f"{where}: draft_head {value!r} applies to drafts sharing the target's LM head; the "
+                          "'self' draft keeps its own f32 head")
+    return value
+
+
+def configs_from_flags(flags: DraftFlags, draft_head: str | None = None) -> list[RunConfig]:
+    """The single configuration that --draft / --tree / --tree-top-k / ... / --draft-head describe (as `generate`
+    reads them)."""
     random_opts = flags.given(RANDOM_FLAGS)
     draft = flags.draft
     if draft not in (None, "random") and random_opts:
@@ -137,8 +157,10 @@ def configs_from_flags(flags: DraftFlags) -> list[RunConfig]:
         draft = "random"  # as in `generate`: shaping options ask for a random draft
     rcfg = flags.random_config()
     tree = flags.tree_config()
+    head = _draft_head(draft_head, draft, "--draft-head")
     name = f"{_draft_label(draft)}-{tree.top_k}-{tree.depth}-{tree.total_tokens}"
-    return [RunConfig(name, draft, tree, rcfg)]
+    name += "" if head == "f32" else f"-{head}"
+    return [RunConfig(name, draft, tree, rcfg, head)]
 
 
 def parse_configs(data: Any, where: str, default_tree: TreeConfig = TreeConfig()) -> list[RunConfig]:
@@ -168,7 +190,8 @@ def parse_configs(data: Any, where: str, default_tree: TreeConfig = TreeConfig()
         if shaping and draft not in (None, "random"):
             raise ConfigError(f"{at}: {shaping[0]} shapes a random draft; it cannot change draft {draft!r}")
         rcfg = _random_cfg(c.get("draft_layers"), c.get("draft_fusion"), c.get("draft_vocab"), at)
-        out.append(RunConfig(name, draft, _tree_from_spec(c.get("tree"), at, default_tree), rcfg))
+        head = _draft_head(c.get("draft_head"), draft, at)
+        out.append(RunConfig(name, draft, _tree_from_spec(c.get("tree"), at, default_tree), rcfg, head))
     return out
 
 
@@ -184,13 +207,17 @@ def load_configs_file(path: Path) -> list[RunConfig]:
     return parse_configs(data, str(path))
 
 
-def resolve_configs(configs_file: Path | None, flags: DraftFlags) -> list[RunConfig]:
-    """The configurations of a run: those of `configs_file` (--configs), else the one the flags describe."""
+def resolve_configs(configs_file: Path | None, flags: DraftFlags, draft_head: str | None = None) -> list[RunConfig]:
+    """The configurations of a run: those of `configs_file` (--configs), else the one the flags (and --draft-head,
+    None: not given) describe."""
     if configs_file is None:
-        return configs_from_flags(flags)
+        return configs_from_flags(flags, draft_head)
     single = flags.given(("draft", *TREE_FLAGS, *RANDOM_FLAGS))
     if single:
         raise ConfigError(f"--configs replaces {flag(single[0])}; give one or the other")
+    if draft_head is not None:
+        raise ConfigError("--configs replaces --draft-head (use a configuration's \"draft_head\"); give one or the "
+                          "other")
     return load_configs_file(configs_file)
 
 
@@ -355,9 +382,10 @@ def _llama_plan(wanted: bool | None, model_path: Path) -> str | None:
 
 def _load_draft(api: Any, target: Any, c: RunConfig, seed: int) -> Any:
     try:
+        head_dtype = DRAFT_HEADS[c.draft_head]
         if c.draft == "random":
-            return api.random_draft(target, c.random_cfg, seed=seed)
-        return api.load_draft(target, c.draft, fallback_random=c.random_cfg, seed=seed)
+            return api.random_draft(target, c.random_cfg, seed=seed, head_dtype=head_dtype)
+        return api.load_draft(target, c.draft, fallback_random=c.random_cfg, seed=seed, head_dtype=head_dtype)
     except DovetailError as e:
         raise type(e)(f"configuration {c.name!r}: draft {c.draft!r}: {e}") from None
     except Exception as e:  # any failure to load a user-given draft is bad input, not a crash
@@ -433,6 +461,7 @@ def _load_drafts(api: Any, target: Any, configs: Sequence[RunConfig],
             raise ConfigError(f"configuration {c.name!r}: {e}") from None
         info[c.name] = {**c.to_dict(), "draft_source": d.source, "draft_layers": d.cfg.num_layers,
                         "draft_fusion": d.cfg.fusion, "draft_vocab": int(d.shared.head.shape[0]),
+                        "draft_head_dtype": str(d.shared.head.dtype),
                         "load_s": time.perf_counter() - t0}
         if d.is_random:
             _say(f"note: {c.name} uses an untrained ({d.source}) draft: lossless, but few drafts are accepted")

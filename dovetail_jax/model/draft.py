@@ -208,8 +208,15 @@ def to_target_ids(shared: DraftShared, draft_ids: jax.Array) -> jax.Array:
 
 
 def make_shared(target: TargetParams, cfg: ModelConfig, vocab_map: np.ndarray | None = None,
-                device: jax.Device | None = None) -> DraftShared:
-    """Copy the target's embedding and (rows of) its LM head to the draft's device."""
+                device: jax.Device | None = None, head_dtype: str = "float32") -> DraftShared:
+    """Copy the target's embedding and (rows of) its LM head to the draft's device.
+
+    `head_dtype` "bfloat16" rounds the head rows to bfloat16 once, here: the head is the largest matrix a draft
+    forward streams, and `layers.linear` reads a bf16 head in half the bytes and widens it exactly (f32 logits).
+    Only which tokens the draft proposes can change, never the output (the target verifies). Inference only:
+    training keeps the float32 default. The embedding stays float32 (a few rows are gathered, not streamed)."""
+    if head_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"head_dtype must be 'float32' or 'bfloat16', got {head_dtype!r}")
     head = np.asarray(target.head)
     vm = None
     if vocab_map is not None:
@@ -218,6 +225,8 @@ def make_shared(target: TargetParams, cfg: ModelConfig, vocab_map: np.ndarray | 
         if bad or len(np.unique(vm)) != vm.size:
             raise ModelFormatError(f"vocab_map must hold distinct target ids in [0, {cfg.vocab_size})")
         head = head[vm]
+    if head_dtype == "bfloat16":
+        head = head.astype(jnp.bfloat16)  # round to nearest even, once
     return DraftShared(embed=place(np.asarray(target.embed), device), head=place(np.ascontiguousarray(head), device),
                        vocab_map=None if vm is None else place(vm, device))
 
