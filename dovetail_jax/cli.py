@@ -128,11 +128,11 @@ def _check_generate(args: argparse.Namespace, flags: DraftFlags) -> None:
 
 def _load_draft(api: Any, target: Any, flags: DraftFlags, seed: int, draft_head: str | None = None) -> Any:
     """--draft, else the shipped draft, else a random one (shaped by the random-draft flags, which ask for one);
-    `draft_head` (--draft-head, None: f32) is its LM head's dtype."""
+    `draft_head` (--draft-head, None: the API's default) is its LM head's dtype."""
     from dovetail_jax.bench.dovetail import DRAFT_HEADS
 
     fallback = flags.random_config()
-    head_dtype = DRAFT_HEADS[draft_head or "f32"]
+    head_dtype = DRAFT_HEADS[draft_head] if draft_head else None
     if flags.given(RANDOM_FLAGS):
         draft = api.random_draft(target, fallback, seed=seed, head_dtype=head_dtype)
     else:

@@ -492,7 +492,7 @@ def _api_entry_cases() -> list[tuple[str, dict, type, str]]:
         ("encode_prompt", {"prompt": ""}, DovetailError, "empty"),
         ("load_draft", {"head_dtype": "bf16"}, ConfigError, "head_dtype"),
         ("load_draft", {"path": "self", "head_dtype": "bfloat16"}, ConfigError, "head_dtype"),
-        ("random_draft", {"head_dtype": None}, ConfigError, "head_dtype"),
+        ("random_draft", {"head_dtype": 16}, ConfigError, "head_dtype"),
     ]
 
 

@@ -168,22 +168,25 @@ def tiny(tiny_gguf, tmp_path_factory):
 
 def test_api_head_dtype(tiny) -> None:
     api, target, folder = tiny
-    default = api.load_draft(target, folder)
+    default = api.load_draft(target, folder, head_dtype="float32")
     bf = api.load_draft(target, folder, head_dtype="bfloat16")
     assert default.kind == bf.kind == "trained"
     assert default.shared.head.dtype == jnp.float32 and bf.shared.head.dtype == jnp.bfloat16
+    auto = api.load_draft(target, folder)  # the default for a draft sharing the target's head: bf16
+    np.testing.assert_array_equal(bits(auto.shared.head.astype(jnp.float32)), bits(bf.shared.head.astype(jnp.float32)))
     want = rne_bf16(np.asarray(default.shared.head))
     np.testing.assert_array_equal(bits(bf.shared.head.astype(jnp.float32)), bits(want))
     for a, b in zip(jax.tree.leaves(default.params), jax.tree.leaves(bf.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # only the head changes
     r = api.random_draft(target, DraftConfig(draft_vocab_size=64), head_dtype="bfloat16")
-    assert r.shared.head.dtype == jnp.bfloat16 and api.random_draft(target).shared.head.dtype == jnp.float32
+    assert r.shared.head.dtype == jnp.bfloat16 and api.random_draft(target).shared.head.dtype == jnp.bfloat16
+    assert api.random_draft(target, head_dtype="float32").shared.head.dtype == jnp.float32
     assert "bfloat16" in api.HEAD_DTYPES and "float32" in api.HEAD_DTYPES
 
 
 @pytest.mark.parametrize("call,needle", [
     (lambda api, t, f: api.load_draft(t, f, head_dtype="bf16"), "head_dtype must be one of"),
-    (lambda api, t, f: api.load_draft(t, f, head_dtype=None), "head_dtype must be one of"),
+    (lambda api, t, f: api.load_draft(t, f, head_dtype=0), "head_dtype must be one of"),
     (lambda api, t, f: api.random_draft(t, head_dtype="float16"), "head_dtype must be one of"),
     (lambda api, t, f: api.load_draft(t, "self", head_dtype="bfloat16"), "'self' draft"),
     (lambda api, t, f: api.load_draft(t, t.path, head_dtype="bfloat16"), "standalone draft"),
@@ -198,6 +201,7 @@ def test_api_refuses_bad_head_dtype(tiny, call, needle) -> None:
 def test_api_self_and_standalone_keep_f32_by_default(tiny) -> None:
     api, target, _ = tiny
     assert api.load_draft(target, "self").shared.head.dtype == jnp.float32
+    assert api.load_draft(target, "self", head_dtype="float32").shared.head.dtype == jnp.float32
 
 
 PROMPTS = ("def fib(n):", "hello world, the")
@@ -249,14 +253,14 @@ def test_bench_config_draft_head() -> None:
         {"name": "c", "draft": "d/x", "draft_head": "f32"},
         {"name": "r", "draft": "random", "draft_vocab": 64, "draft_head": "bf16"},
     ], "f.json")
-    assert [c.draft_head for c in cs] == ["bf16", "f32", "f32", "bf16"]
-    assert cs[0].draft_key != cs[1].draft_key == cs[2].draft_key  # same path, another head: loaded separately
-    assert cs[0].to_dict()["draft_head"] == "bf16" and cs[1].to_dict()["draft_head"] == "f32"
+    assert [c.draft_head for c in cs] == ["bf16", None, "f32", "bf16"]  # None: the API's default for the kind
+    assert len({cs[0].draft_key, cs[1].draft_key, cs[2].draft_key}) == 3  # same path, other heads: loaded apart
+    assert cs[0].to_dict()["draft_head"] == "bf16" and cs[2].to_dict()["draft_head"] == "f32"
     assert "draft_head" in bd.CONFIG_KEYS and bd.DRAFT_HEADS == {"f32": "float32", "bf16": "bfloat16"}
     (one,) = bd.resolve_configs(None, DraftFlags(draft_vocab=64), "bf16")
     assert one.draft_head == "bf16" and one.name.endswith("-bf16")
     (dflt,) = bd.resolve_configs(None, DraftFlags(draft_vocab=64))
-    assert dflt.draft_head == "f32" and not dflt.name.endswith("f32")
+    assert dflt.draft_head is None and not dflt.name.endswith(("f32", "bf16"))
 
 
 @pytest.mark.parametrize("entry,needle", [
@@ -291,7 +295,8 @@ def test_bench_loads_one_draft_per_head_and_records_it(tiny) -> None:
 
     api, target, folder = tiny
     d = str(folder)
-    cs = bd.parse_configs([{"name": "f", "draft": d}, {"name": "b", "draft": d, "draft_head": "bf16"},
+    cs = bd.parse_configs([{"name": "f", "draft": d, "draft_head": "f32"},
+                           {"name": "b", "draft": d, "draft_head": "bf16"},
                            {"name": "b2", "draft": d, "draft_head": "bf16", "tree": "laptop"}], "f.json")
     drafts, info = bd._load_drafts(api, target, cs, seed=0)
     assert len(drafts) == 2
