@@ -81,6 +81,10 @@ def collect(configs: list[dict[str, Any]], out: Path, repeats: int = 3) -> list[
     Round-robin and best-of-N because the machine may be shared: a burst of other work then hits one repeat of
     every configuration rather than all repeats of one, and the fastest repeat is the least disturbed.
     """
+    names = [c.get("name") for c in configs]
+    dup = sorted({n for n in names if names.count(n) > 1}, key=str)
+    if dup:  # runs are kept per name: two configurations under one name would pool their repeats
+        raise ConfigError(f"configuration names must be unique; {dup[0]!r} appears {names.count(dup[0])} times")
     best: dict[str, dict[str, Any]] = {}
     failed: set[str] = set()
     for _ in range(repeats):

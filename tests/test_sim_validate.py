@@ -62,3 +62,14 @@ def test_check_refuses_unusable_splits() -> None:
         check(runs, HW, SMOLLM2_135M, None, ["t-64"], acceptance="mine")
     # with its own acceptance a dovetail run is predicted from a target-only calibration (draft factor 1)
     assert check(runs, HW, SMOLLM2_135M, None, ["t-64"])["summary"]["validated"] == 1
+
+
+def test_collect_refuses_two_configurations_under_one_name(tmp_path) -> None:
+    """Runs are kept per name: a duplicate would pool two configurations' repeats; nothing runs, nothing is written."""
+    from simulator.validate import collect
+
+    out = tmp_path / "runs.json"
+    same = {"name": "x", "prompt": "p", "max_new_tokens": 4, "args": []}
+    with pytest.raises(ConfigError, match="'x' appears 2 times"):
+        collect([same, {**same, "args": ["--mode", "dovetail"]}], out, repeats=1)
+    assert not out.exists()
