@@ -58,7 +58,9 @@ DEFAULT_CONFIGS: list[dict[str, Any]] = [
     _dt("dt-r1-k10-d4-t7", 10, 4, 7, *V8K),
     _dt("dt-r2-k4-d5-t12", 4, 5, 12, "--draft-layers", "2", *V8K),
     _dt("dt-r3-k2-d2-t4", 2, 2, 4, "--draft-layers", "3", *V8K),
-    _dt("dt-r1full-k8-d4-t16", 8, 4, 16),
+    # `--draft-layers 1` asks for a random draft (full vocabulary): without a draft flag `generate` now loads
+    # the shipped draft (the kernel-era collection ran this name with it, as its record's draft says)
+    _dt("dt-r1full-k8-d4-t16", 8, 4, 16, "--draft-layers", "1"),
     # the target as its own draft: long accepted paths (tau 4-5), a 30-layer full-vocabulary draft
     _dt("dt-self-k1-d4-t5", 1, 4, 5, "--draft", "self"),
     _dt("dt-self-k4-d3-t8", 4, 3, 8, "--draft", "self"),
