@@ -86,10 +86,14 @@ def check_combinations(args: argparse.Namespace) -> None:
     like a what-if it is not."""
     pairs = [("depth_decay", "rank_probs", "--depth-decay only applies with --rank-probs"),
              ("vram_budget", "tune", "--vram-budget only applies with --tune (for one machine use --vram-gb)"),
-             ("calibrate", "validate", "--calibrate only applies with --validate")]
+             ]
     for opt, needs, msg in pairs:
         if getattr(args, opt, None) is not None and not getattr(args, needs, None):
             raise ConfigError(msg)
+    if getattr(args, "calibrate", None) is not None and not (args.validate or getattr(args, "calibrated_by", None)):
+        raise ConfigError("--calibrate only applies with --validate or --calibrated-by")
+    if args.validate and getattr(args, "calibrated_by", None):
+        raise ConfigError("--validate calibrates on its own runs: drop --calibrated-by")
 
 
 def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
@@ -122,6 +126,8 @@ def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
         raise ConfigError(f"--top-k {args.top_k} exceeds the draft's vocabulary of "
                           f"{args.draft_vocab or model.vocab_size} tokens")
     draft = DraftConfig(num_layers=args.draft_layers, fusion=args.draft_kind, draft_vocab_size=args.draft_vocab)
+    if args.draft_dtype is None:  # a calibration's runs drafted in f32: its factors are relative to that cost
+        args.draft_dtype = "f32" if getattr(args, "calibrated_by", None) else "f16"
     engine = default_engine(hw) if args.cpu_engine == "auto" else args.cpu_engine
     wl = Workload(model, draft, TreeConfig(args.top_k, args.depth, args.total_tokens),
                   args.target_dtype, args.draft_dtype, args.prompt_len, args.new_tokens,
@@ -137,6 +143,20 @@ def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
     with _text_file("--runs", args.runs):
         acc = build_acceptance(args)
     return hw, wl, acc, measured, opts
+
+
+def build_calibration(args: argparse.Namespace, hw: Any, wl: Any, measured: Any) -> tuple[Any, Any]:
+    """(cost factory, info) of `--calibrated-by RUNS`, or (None, None): the fitted factors `validate check` uses."""
+    if getattr(args, "calibrated_by", None) is None:
+        return None, None
+    from simulator.validate import CALIBRATION_DTYPE, calibration_from_file
+
+    for flag, dtype in (("--target-dtype", wl.target_dtype), ("--draft-dtype", wl.draft_dtype)):
+        if dtype != CALIBRATION_DTYPE:
+            raise ConfigError(f"--calibrated-by: the runs were measured with {CALIBRATION_DTYPE} target and draft; "
+                              f"{flag} {dtype} is not what they calibrate")
+    with _text_file("--calibrated-by", args.calibrated_by):
+        return calibration_from_file(args.calibrated_by, hw, wl.model, measured, args.calibrate, wl.cpu_engine)
 
 
 def _fmt_pred(p: Any) -> str:
@@ -156,6 +176,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulator import tune as T
 
     hw, wl, acc, measured, opts = build_inputs(args)
+    factory, calib = build_calibration(args, hw, wl, measured)
+    if calib is not None and not args.json:
+        f = calib["factors"]
+        print(f"calibrated by {calib['runs']} on {', '.join(calib['calibration'])}: target "
+              + ", ".join(f"n={n} x{x:.2f}" for n, x in f["target"])
+              + f"; draft x{f['draft']:.2f}, host x{f['host']:.2f}, transfer x{f['transfer']:.2f}")
     if args.validate:
         from simulator.validate import validate_file
 
@@ -175,7 +201,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                   "--acceptance-profile, --rank-probs, --runs, --alpha or --tau")
             acc = ProfileAcceptance(name)
         grid = T.parse_grid(args.sweep) if args.sweep else None
-        res = T.tune(hw, wl, acc, args.vram_budget, grid, opts, measured)
+        res = T.tune(hw, wl, acc, args.vram_budget, grid, opts, measured, cost_factory=factory)
+        if calib is not None:
+            res["calibration"] = calib
         _write(args.out, res)
         if args.json:
             print(json.dumps(res, indent=1))
@@ -195,8 +223,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if not args.sweep:
             raise ConfigError("empty sweep: give at least one key=v1,v2 item after --sweep")
         grid = T.parse_grid(args.sweep)
-        rows = T.sweep(hw, wl, acc, grid, args.schedule if args.schedule != "all" else "dovetail", opts, measured)
-        _write(args.out, {"profile": hw.name, "model": wl.model.name, "rows": rows})
+        rows = T.sweep(hw, wl, acc, grid, args.schedule if args.schedule != "all" else "dovetail", opts, measured,
+                       factory)
+        _write(args.out, {"profile": hw.name, "model": wl.model.name, "rows": rows,
+                          **({"calibration": calib} if calib else {})})
         if args.json:
             print(json.dumps(rows, indent=1))
         else:
@@ -207,14 +237,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                       else f"{head}  -> {r['reason']}")
         return 0
     if args.schedule == "all":
-        results = S.compare(hw, wl, acc, measured, opts)
+        results = S.compare(hw, wl, acc, measured, opts, cost_factory=factory)
     else:
-        p = S.simulate(args.schedule, hw, wl, acc, measured, opts)
-        base = S.simulate("target-cpu", hw, wl, None, measured, opts)
+        p = S.simulate(args.schedule, hw, wl, acc, measured, opts, factory)
+        base = S.simulate("target-cpu", hw, wl, None, measured, opts, factory)
         p.speedup = p.tokens_per_s / base.tokens_per_s
         results = [p]
     payload = [r if isinstance(r, str) else r.to_json() for r in results]
-    _write(args.out, {"profile": hw.name, "model": wl.model.name, "results": payload})
+    _write(args.out, {"profile": hw.name, "model": wl.model.name, "results": payload,
+                      **({"calibration": calib} if calib else {})})
     if args.json:
         print(json.dumps(payload, indent=1))
     else:
@@ -293,7 +324,8 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
                         "host time per call, overlapped with the GPU), cuda-graph (no per-op host work; "
                         "simulator/data/gpu_frameworks.json), or profile (only the profile's gpu.layer_s, which a "
                         "framework replaces)")
-    g.add_argument("--draft-dtype", default="f16", help="draft (and GPU-resident target layers) dtype")
+    g.add_argument("--draft-dtype", default=None,
+                   help="draft (and GPU-resident target layers) dtype (f16; f32 with --calibrated-by)")
     g.add_argument("--draft-layers", type=positive_int, default=1)
     g.add_argument("--draft-vocab", type=positive_int, default=None, help="reduced draft-head vocabulary V'")
     g.add_argument("--draft-kind", default="dgf", choices=("dgf", "eagle", "none"),
@@ -332,7 +364,14 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
                    help="--tune: GiB of VRAM the draft (and target layers) may use")
     g.add_argument("--validate", type=input_file,
                    help="runs JSON (simulator.validate collect): predict and compare tokens/s")
-    g.add_argument("--calibrate", help="with --validate: comma-separated run names used for calibration")
+    g.add_argument("--calibrated-by", type=input_file, metavar="RUNS",
+                   help="runs JSON measured on this profile's machine (simulator.validate collect): fit cost factors "
+                        "(target per token count, draft, host, transfer) on its calibration runs, exactly as "
+                        "`python -m simulator.validate check` does, and use them for every prediction (single, "
+                        "--sweep, --tune); needs f32 target and draft")
+    g.add_argument("--calibrate", metavar="NAMES",
+                   help="with --validate or --calibrated-by: comma-separated run names used for calibration "
+                        "(default: t-fib-64,dt-r1-k4-d3-t8,dt-self-k4-d3-t8)")
 
 
 def register(subparsers: Any) -> None:

@@ -488,17 +488,18 @@ def simulate(schedule: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
 
 
 def compare(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, measured: dict[str, Any] | None = None,
-            opts: SimOptions | None = None, schedules: Iterable[str] = SCHEDULES) -> list[Prediction | str]:
+            opts: SimOptions | None = None, schedules: Iterable[str] = SCHEDULES,
+            cost_factory: CostFactory | None = None) -> list[Prediction | str]:
     """Every schedule on one machine; a schedule that does not fit yields its one-line reason instead."""
     opts = opts or SimOptions()
-    base = simulate("target-cpu", hw, wl, acc, measured, opts)
+    base = simulate("target-cpu", hw, wl, acc, measured, opts, cost_factory)
     out: list[Prediction | str] = []
     for s in schedules:
         if SCHEDULES[s].speculative and acc is None:
             out.append(f"{s}: no acceptance model given")
             continue
         try:
-            p = base if s == "target-cpu" else simulate(s, hw, wl, acc, measured, opts)
+            p = base if s == "target-cpu" else simulate(s, hw, wl, acc, measured, opts, cost_factory)
         except DoesNotFitError as e:
             out.append(str(e))
             continue

@@ -15,7 +15,7 @@ from dovetail_jax.config import DraftConfig, TreeConfig
 from simulator.acceptance import AcceptanceModel
 from simulator.errors import ConfigError
 from simulator.hardware import HardwareProfile
-from simulator.schedules import SCHEDULES, SimOptions, simulate
+from simulator.schedules import SCHEDULES, CostFactory, SimOptions, simulate
 from simulator.workload import Workload
 
 GiB = 2 ** 30
@@ -109,9 +109,11 @@ def apply_point(hw: HardwareProfile, wl: Workload, opts: SimOptions, point: dict
 
 
 def sweep(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, grid: dict[str, list[Any]],
-          schedule: str = "dovetail", opts: SimOptions | None = None, measured: dict[str, Any] | None = None
-          ) -> list[dict[str, Any]]:
-    """One row per grid point: the point, tokens/s, speedup over target-only on the same machine, or the reason."""
+          schedule: str = "dovetail", opts: SimOptions | None = None, measured: dict[str, Any] | None = None,
+          cost_factory: CostFactory | None = None) -> list[dict[str, Any]]:
+    """One row per grid point: the point, tokens/s, speedup over target-only on the same machine, or the reason.
+
+    `cost_factory` (a calibration, `validate.calibration_from_file`) costs the point and its baseline alike."""
     opts = opts or SimOptions(cycles=1000)
     base_cache: dict[tuple[Any, ...], float] = {}
     rows = []
@@ -121,8 +123,8 @@ def sweep(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, grid: 
             h, w, o, sched = apply_point(hw, wl, opts, point, schedule)
             key = (h.cpu, w.prompt_len, w.new_tokens, w.target_dtype, w.cpu_engine)
             if key not in base_cache:
-                base_cache[key] = simulate("target-cpu", h, w, None, measured, o).tokens_per_s
-            p = simulate(sched, h, w, acc, measured, o)
+                base_cache[key] = simulate("target-cpu", h, w, None, measured, o, cost_factory).tokens_per_s
+            p = simulate(sched, h, w, acc, measured, o, cost_factory)
         except ConfigError as e:
             row.update(feasible=False, reason=str(e))
             rows.append(row)
@@ -136,7 +138,8 @@ def sweep(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, grid: 
 
 def tune(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel, vram_budget_gb: float | None = None,
          grid: dict[str, list[Any]] | None = None, opts: SimOptions | None = None,
-         measured: dict[str, Any] | None = None, top: int = 5) -> dict[str, Any]:
+         measured: dict[str, Any] | None = None, top: int = 5, cost_factory: CostFactory | None = None
+         ) -> dict[str, Any]:
     """Best configuration (highest simulated tokens/s) among the grid points that fit the VRAM budget.
 
     A model that ignores tree width (`--tau`, `--alpha`) cannot rank top_k or total_tokens: every wider tree only
@@ -159,9 +162,9 @@ def tune(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel, vram_budget_gb
             rows = []
             for d in grid["depth"]:
                 rows += sweep(hw, wl, acc, {**grid, "depth": [d], "top_k": [1], "total_tokens": [d + 2]}, opts=opts,
-                              measured=measured)
+                              measured=measured, cost_factory=cost_factory)
             return _best(rows, acc, hw, top, notes)
-    rows = sweep(hw, wl, acc, grid or DEFAULT_TUNE_GRID, opts=opts, measured=measured)
+    rows = sweep(hw, wl, acc, grid or DEFAULT_TUNE_GRID, opts=opts, measured=measured, cost_factory=cost_factory)
     return _best(rows, acc, hw, top, notes)
 
 

@@ -17,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ DEFAULT_CONFIGS: list[dict[str, Any]] = [
     _dt("dt-self-k4-d3-t8", 4, 3, 8, "--draft", "self"),
 ]
 DEFAULT_CALIBRATION = ("t-fib-64", "dt-r1-k4-d3-t8", "dt-self-k4-d3-t8")
+CALIBRATION_DTYPE = "f32"  # what our loop runs target and draft in (`run_workload`)
 
 
 def kv_slots(prompt: int, new: int, tree: int, limit: int) -> int:
@@ -136,7 +138,8 @@ def run_workload(run: dict[str, Any], model: ModelConfig, cpu_engine: str | None
     vocab = int(vocab) if vocab and int(vocab) != model.vocab_size else None
     kind = d.get("fusion", "dgf") if d.get("fusion") in ("dgf", "eagle", "none") else "dgf"
     draft = DraftConfig(num_layers=layers, fusion=kind, draft_vocab_size=vocab)
-    return Workload(model, draft, tree, "f32", "f32", prompt, new, kv_slots=slots, cpu_engine=cpu_engine)
+    return Workload(model, draft, tree, CALIBRATION_DTYPE, CALIBRATION_DTYPE, prompt, new, kv_slots=slots,
+                    cpu_engine=cpu_engine)
 
 
 def _phase(run: dict[str, Any], name: str) -> float:
@@ -182,6 +185,18 @@ def calibrate(cal_runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelC
     return factors, (RunsAcceptance(dt) if dt else None)
 
 
+def scaled_factory(factors: dict[str, Any], measured: dict[str, Any] | None
+                   ) -> Callable[[HardwareProfile, Workload], CostModel]:
+    """The cost factory of calibrated `factors` (from `calibrate`): the base predictor times the fitted factors."""
+
+    def factory(h: HardwareProfile, w: Workload) -> CostModel:
+        # the runs' "host" phase holds the accept step and the tree bookkeeping: one factor for both
+        return ScaledCosts(make_costs(h, w, measured), factors["target"], factors["draft"], factors["host"],
+                           factors["transfer"], accept=factors["host"])
+
+    return factory
+
+
 def check(runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelConfig, measured: dict[str, Any] | None,
           calibration: list[str], cycles: int = 4000, acceptance: str = "own", cpu_engine: str | None = None
           ) -> dict[str, Any]:
@@ -206,11 +221,7 @@ def check(runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelConfig, m
     if not held:
         raise ConfigError("every run is used for calibration: nothing is left to validate")
     factors, acc = calibrate(cal, hw, model, measured, cpu_engine)
-
-    def factory(h: HardwareProfile, w: Workload) -> CostModel:
-        # the runs' "host" phase holds the accept step and the tree bookkeeping: one factor for both
-        return ScaledCosts(make_costs(h, w, measured), factors["target"], factors["draft"], factors["host"],
-                           factors["transfer"], accept=factors["host"])
+    factory = scaled_factory(factors, measured)
 
     rows = []
     for r in held:
@@ -277,6 +288,59 @@ def validate_file(path: str | Path, hw: HardwareProfile, model: ModelConfig, mea
         write_json(out, rep)
     rep["text"] = format_report(rep)
     return rep
+
+
+def _check_runs_match(runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelConfig, path: str) -> None:
+    """Refuse runs that did not run `model` on `hw`'s kind of machine: their factors would calibrate another engine.
+
+    A run names its model ("default" = the shipped SmolLM2-135M) and its devices; a draft on a host device
+    (cpu:N) needs a profile whose accelerator is a host device too."""
+    from dovetail_jax.config import KNOWN_MODELS, SMOLLM2_135M
+
+    known = {k.lower(): v for k, v in KNOWN_MODELS.items()} | {v.name.lower(): v for v in KNOWN_MODELS.values()}
+    for r in runs:
+        name = r.get("name", "run")
+        ran = r.get("model")
+        ran_cfg = SMOLLM2_135M if ran == "default" else known.get(str(ran).lower())
+        if ran_cfg is not None and ran_cfg != model:  # a model given by file path cannot be told apart: accepted
+            raise ConfigError(f"--calibrated-by {path}: run {name!r} ran {ran_cfg.name}, not {model.name} "
+                              f"(--model): its calibration does not apply")
+        dev = (r.get("devices") or {}).get("draft") if isinstance(r.get("devices"), dict) else None
+        if _is_dovetail(r) and isinstance(dev, str) and dev.startswith("cpu") and not hw.gpu.shares_cpu:
+            raise ConfigError(f"--calibrated-by {path}: run {name!r} drafted on host device {dev}, but profile "
+                              f"{hw.name} has a real accelerator: its calibration does not apply")
+
+
+def calibration_from_file(path: str | Path, hw: HardwareProfile, model: ModelConfig,
+                          measured: dict[str, Any] | None, calibrate_names: str | None = None,
+                          cpu_engine: str | None = None) -> tuple[Callable[[HardwareProfile, Workload], CostModel],
+                                                                  dict[str, Any]]:
+    """`dovetail simulate --calibrated-by RUNS`: the cost factory `check` would fit on the same calibration runs.
+
+    Returns (factory, info) where info holds the runs file, the calibration names and the factors. The same
+    `calibrate` as `check`, so simulate's predictions are those `python -m simulator.validate check` validated.
+    """
+    runs = _load_runs_file(path)
+    names = [r.get("name", f"run{i}") for i, r in enumerate(runs)]
+    if calibrate_names:
+        cal = [n.strip() for n in calibrate_names.split(",") if n.strip()]
+    else:
+        cal = [n for n in DEFAULT_CALIBRATION if n in names]
+        if not cal:
+            raise ConfigError(f"--calibrated-by {path}: none of the default calibration runs "
+                              f"({', '.join(DEFAULT_CALIBRATION)}) is in the file; name some with --calibrate "
+                              f"(runs: {', '.join(map(str, names))})")
+    unknown = sorted(set(cal) - set(names))
+    if unknown:
+        raise ConfigError(f"--calibrated-by {path}: calibration runs {unknown} are not in the file "
+                          f"(runs: {', '.join(map(str, names))})")
+    chosen = [r for n, r in zip(names, runs, strict=True) if n in cal]
+    _check_runs_match(chosen, hw, model, str(path))
+    try:
+        factors, _ = calibrate(chosen, hw, model, measured, cpu_engine)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ConfigError(f"--calibrated-by {path}: a calibration run lacks a measured field ({e!r})") from None
+    return scaled_factory(factors, measured), {"runs": str(path), "calibration": cal, "factors": factors}
 
 
 # ---------------------------------------------------------------------------------------------------------------
