@@ -347,12 +347,12 @@ def calibration_from_file(path: str | Path, hw: HardwareProfile, model: ModelCon
 # engines: the same machine, three engines (--cpu-engine), target-only decode
 
 
-def engine_rows(results: Path = RESULTS) -> list[dict[str, Any]]:
+def engine_rows(results: Path = RESULTS, held_out: Path | None = None) -> list[dict[str, Any]]:
     """Measured target-only decode tok/s per engine on this machine (bench_target.json, bench_dovetail.json).
 
     The engines' parameters (simulator/data/cpu_engines.json, analysis/fit_cpu_engines.py) used bench_target's
     decode rates ("calibration" rows here); bench_dovetail's decode rates on chat prompts were not used
-    ("held-out")."""
+    ("held-out"); `held_out` names another `bench dovetail` result to take them from."""
     rows: list[dict[str, Any]] = []
     bt = json.loads((results / "bench_target.json").read_text())
     prompt, new = int(bt["prompt"]["tokens"]), int(bt["max_new_tokens"])
@@ -364,7 +364,12 @@ def engine_rows(results: Path = RESULTS) -> list[dict[str, Any]]:
                          "new_tokens": new, "measured_tokens_per_s": float(e["decode_tok_s"]),
                          "cache_slots": e.get("cache_slots"), "source": "bench_target.json",
                          "split": "calibration"})
-    bd = json.loads((results / "bench_dovetail.json").read_text())
+    held_out = held_out or results / "bench_dovetail.json"
+    try:
+        bd = json.loads(Path(held_out).read_text())
+        bd["results"], bd["prompts"]  # noqa: B018 - the keys a bench dovetail result has
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{held_out}: not a readable `dovetail bench dovetail` result ({e})") from None
     for ds, res in bd["results"].items():
         ps = bd["prompts"][ds]
         prompt = round(statistics.mean(p["prompt_tokens"] for p in ps))
@@ -373,15 +378,16 @@ def engine_rows(results: Path = RESULTS) -> list[dict[str, Any]]:
             if key in res:
                 rows.append({"name": f"target-{engine}-{ds}", "engine": engine, "prompt_tokens": prompt,
                              "new_tokens": new, "measured_tokens_per_s": float(res[key]["decode_tok_s"]),
-                             "cache_slots": None, "source": f"bench_dovetail.json ({ds}, 12 prompts, chat)",
+                             "cache_slots": None, "source": f"{Path(held_out).name} ({ds}, {len(ps)} prompts, chat)",
                              "split": "held-out"})
     return rows
 
 
-def check_engines(hw: HardwareProfile, model: ModelConfig, results: Path = RESULTS) -> dict[str, Any]:
+def check_engines(hw: HardwareProfile, model: ModelConfig, results: Path = RESULTS,
+                  held_out: Path | None = None) -> dict[str, Any]:
     """Predict each engine's measured target-only decode from the profile + `--cpu-engine` (no calibration)."""
     out = []
-    for r in engine_rows(results):
+    for r in engine_rows(results, held_out):
         slots = None
         if r["engine"] == "dovetail-jax":  # our loop attends over its whole preallocated cache
             slots = r["cache_slots"] or kv_slots(r["prompt_tokens"], r["new_tokens"], 0,
@@ -426,10 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--profile", default="host-2core-shared")
     e.add_argument("--model", default="smollm2-135m")
     e.add_argument("--out", default=str(RESULTS / "sim_validation_engines.json"))
+    e.add_argument("--held-out", default=None, metavar="FILE",
+                   help="a `dovetail bench dovetail` result whose target-only and llama.cpp decode rates are the "
+                        "held-out rows (default: analysis/results/bench_dovetail.json)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "engines":
-            rep = check_engines(load_profile(args.profile), resolve_model(args.model))
+            rep = check_engines(load_profile(args.profile), resolve_model(args.model),
+                                held_out=Path(args.held_out) if args.held_out else None)
             write_json(args.out, rep)
             for r in rep["rows"]:
                 print(f"{r['name']:<30} {r['engine']:<13} {r['split']:<11} predicted {r['predicted_tokens_per_s']:7.2f}"

@@ -73,3 +73,25 @@ def test_collect_refuses_two_configurations_under_one_name(tmp_path) -> None:
     with pytest.raises(ConfigError, match="'x' appears 2 times"):
         collect([same, {**same, "args": ["--mode", "dovetail"]}], out, repeats=1)
     assert not out.exists()
+
+
+def test_engines_take_their_held_out_rows_from_a_named_bench_file(tmp_path) -> None:
+    """`validate engines --held-out FILE`: the target-only and llama.cpp rates of that bench run are the held-out rows
+    (prompt and answer lengths averaged over its prompts); a file that is not such a result is one clear error."""
+    import json
+
+    from simulator.validate import engine_rows
+
+    prompts = [{"prompt_tokens": 10, "target": {"tokens": 100}}, {"prompt_tokens": 30, "target": {"tokens": 50}}]
+    bench = {"results": {"mtbench": {"target": {"decode_tok_s": 40.0}, "llama_cpp_f32": {"decode_tok_s": 50.0}}},
+             "prompts": {"mtbench": prompts}}
+    f = tmp_path / "b.json"
+    f.write_text(json.dumps(bench))
+    held = [r for r in engine_rows(held_out=f) if r["split"] == "held-out"]
+    assert [(r["engine"], r["measured_tokens_per_s"], r["prompt_tokens"], r["new_tokens"]) for r in held] == [
+        ("dovetail-jax", 40.0, 20, 75), ("llama.cpp", 50.0, 20, 75)]
+    assert all("b.json (mtbench, 2 prompts" in r["source"] for r in held)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": []}')
+    with pytest.raises(ConfigError, match="not a readable `dovetail bench dovetail` result"):
+        engine_rows(held_out=bad)
