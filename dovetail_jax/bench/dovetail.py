@@ -6,7 +6,8 @@ is loaded once. Every prompt
 goes through the chat template and is decoded round-robin: target-only, each configuration, then llama.cpp on
 the same weights as an F32 GGUF, so a slow spell of this shared machine hits all methods of that prompt alike.
 One warm-up generation per method on the first prompt runs before anything is timed; a prompt of a new length
-bucket compiles inside its own call, outside the timed region (`compile_s`).
+bucket compiles inside its own call, outside the timed region (`compile_s`). The machine's memory read bandwidth
+is measured, untimed, before the first prompt and after the last (`machine.memory_read_gbs`: start, end).
 
 Generations stop at EOS as `dovetail generate` does, so answers are natural; llama.cpp makes exactly as many
 tokens as target-only did for that prompt. Tokens are counted alike for all methods: decode tok/s is
@@ -609,6 +610,17 @@ def _finish(res: dict[str, Any], out: Path) -> None:
     print(format_table(res) + f"\nwrote {out} and {figs[0]}")
 
 
+def _read_gbs(machine: Any) -> float | None:
+    """The machine's read bandwidth in GB/s (`machine.memory_read_bandwidth_gbs`, ~1 s, untimed); None if the
+    probe fails: a failed 1 GiB probe must not lose the benchmark's measurements."""
+    _say("measuring the machine's memory read bandwidth (untimed)")
+    try:
+        return machine.memory_read_bandwidth_gbs()
+    except (RuntimeError, MemoryError) as e:
+        _say(f"memory read bandwidth not measured ({type(e).__name__}: {e})")
+        return None
+
+
 def run(opts: DovetailBenchOptions) -> dict[str, Any]:
     """Run the benchmark, rewriting `<out>.partial.json` after every prompt and writing `opts.out` (atomically)
     only when every prompt is done, so an interrupted or failed run leaves the old result intact."""
@@ -617,6 +629,9 @@ def run(opts: DovetailBenchOptions) -> dict[str, Any]:
     from dovetail_jax import machine
 
     m, encoded, res = _prepare(opts)
+    # the machine's read bandwidth (decode is bound by it; it swings ~2x between hours here) brackets the timed
+    # prompts, so a simulator can predict this run on the hardware it actually had (`simulator.validate engines`)
+    res["machine"]["memory_read_gbs"] = {"start": _read_gbs(machine), "end": None}
     names = [c.name for c in opts.configs]
     greedy = opts.sampling.greedy
     records: dict[str, list[dict[str, Any]]] = {ds: [] for ds in opts.datasets}
@@ -646,6 +661,7 @@ def run(opts: DovetailBenchOptions) -> dict[str, Any]:
     bar.close()
     if m.llama is not None:
         m.llama.close()
+    res["machine"]["memory_read_gbs"]["end"] = _read_gbs(machine)
     res["complete"] = True
     write(final=True)
     _finish(res, Path(opts.out))
