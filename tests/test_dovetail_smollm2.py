@@ -94,7 +94,8 @@ def test_untrained_draft_is_lossless_subset(target, reference, drafts, tree):
 
 @pytest.mark.parametrize("tree", ["server", "small"])
 def test_agreeing_draft_is_lossless_subset(target, reference, drafts, tree):
-    taus = check(target, reference, drafts["agreeing"], TREES[tree], [1, 8])
+    # the whole target drafts here, so a deep tree is costly: one prompt for the server tree (the slow matrix has all)
+    taus = check(target, reference, drafts["agreeing"], TREES[tree], [8] if tree == "server" else [1, 8])
     assert min(taus) > 2.0
 
 
