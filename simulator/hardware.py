@@ -144,6 +144,24 @@ class HardwareProfile:
         _positive("gpu.vram_bytes", vram_bytes, self.name)
         return replace(self, gpu=replace(self.gpu, vram_bytes=vram_bytes))
 
+    def with_memory_bandwidth(self, scale: float) -> HardwareProfile:
+        """The same machine on DRAM that reads `scale` times as fast: another hour of it (here ~22-57 GB/s apart).
+
+        cpu.mem_bw scales, and with it every CPU read (an engine streams at min(mem_bw x bw_eff x stream_frac,
+        mem_bw)), so a memory-bound decode step takes 1/scale the time while compute and fixed overheads stay; a
+        stand-in accelerator on the same cores (gpu.shares_cpu) reads the same DRAM and scales alike, a real GPU's
+        memory does not. Sources say so; `self` is unchanged."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ConfigError(f"memory bandwidth scale must be a positive finite number, got {scale!r}")
+        note = f" (x {scale:.4g}: scaled to a run's measured read bandwidth)"
+        sources = dict(self.sources)
+        sources["cpu.mem_bw"] = sources.get("cpu.mem_bw", "") + note
+        gpu = self.gpu
+        if gpu.shares_cpu:
+            gpu = replace(gpu, mem_bw=gpu.mem_bw * scale)
+            sources["gpu.mem_bw"] = sources.get("gpu.mem_bw", "") + note
+        return replace(self, cpu=replace(self.cpu, mem_bw=self.cpu.mem_bw * scale), gpu=gpu, sources=sources)
+
     def to_json(self) -> dict[str, Any]:
         """Plain JSON with `{value, source}` pairs where a source is known (round-trips through `parse_profile`)."""
         out: dict[str, Any] = {"name": self.name, "description": self.description}

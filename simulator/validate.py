@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -352,25 +351,6 @@ def calibration_from_file(path: str | Path, hw: HardwareProfile, model: ModelCon
 REFERENCE_BENCH = "bench_target.json"  # the calibration run whose read bandwidth the engines' fit corresponds to
 
 
-def with_memory_bandwidth(hw: HardwareProfile, scale: float) -> HardwareProfile:
-    """`hw` on DRAM that reads `scale` times as fast: the same machine in another hour (here ~22-57 GB/s apart).
-
-    cpu.mem_bw scales, and with it every CPU read (an engine streams at min(mem_bw x bw_eff x stream_frac,
-    mem_bw)), so a memory-bound decode step takes 1/scale the time while compute and fixed overheads stay; a
-    stand-in accelerator on the same cores (gpu.shares_cpu) reads the same DRAM and scales alike, a real GPU's
-    memory does not. Sources say so; `hw` itself is unchanged."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ConfigError(f"memory bandwidth scale must be a positive finite number, got {scale!r}")
-    note = f" (x {scale:.4g}: scaled to a run's measured read bandwidth)"
-    sources = dict(hw.sources)
-    sources["cpu.mem_bw"] = sources.get("cpu.mem_bw", "") + note
-    gpu = hw.gpu
-    if gpu.shares_cpu:
-        gpu = replace(gpu, mem_bw=gpu.mem_bw * scale)
-        sources["gpu.mem_bw"] = sources.get("gpu.mem_bw", "") + note
-    return replace(hw, cpu=replace(hw.cpu, mem_bw=hw.cpu.mem_bw * scale), gpu=gpu, sources=sources)
-
-
 def run_read_gbs(machine: Any, where: str) -> float | None:
     """The read bandwidth (GB/s) a bench run measured, from its `machine.memory_read_gbs`: a number (`bench
     target`, once before the engines run) or {start, end} (`bench dovetail`, before the first prompt and after
@@ -459,7 +439,7 @@ def check_engines(hw: HardwareProfile, model: ModelConfig, results: Path = RESUL
     for r in rows:
         unscaled = _engine_tokens_per_s(hw, model, r)
         scale = r["run_read_gbs"] / ref if bandwidth_scaling and ref and r["run_read_gbs"] else None
-        pred = unscaled if scale is None else _engine_tokens_per_s(with_memory_bandwidth(hw, scale), model, r)
+        pred = unscaled if scale is None else _engine_tokens_per_s(hw.with_memory_bandwidth(scale), model, r)
         meas = r["measured_tokens_per_s"]
         out.append({**r, "bandwidth_scaled": scale is not None, "bandwidth_scale": scale,
                     "predicted_tokens_per_s": pred, "predicted_unscaled_tokens_per_s": unscaled,

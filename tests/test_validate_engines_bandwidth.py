@@ -15,7 +15,7 @@ from simulator.engines import resolve_engine
 from simulator.errors import ConfigError
 from simulator.hardware import load_profile, parse_profile
 from simulator.schedules import SimOptions, simulate
-from simulator.validate import check_engines, main, run_read_gbs, with_memory_bandwidth
+from simulator.validate import check_engines, main, run_read_gbs
 from simulator.workload import Workload
 
 HW = load_profile("host-2core-shared")
@@ -23,7 +23,7 @@ PROMPTS = [{"prompt_tokens": 10, "target": {"tokens": 100}}, {"prompt_tokens": 3
 
 
 def test_scaled_profile_fields() -> None:
-    s = with_memory_bandwidth(HW, 0.5)
+    s = HW.with_memory_bandwidth(0.5)
     assert s.cpu.mem_bw == HW.cpu.mem_bw * 0.5 and s.cpu.bw == HW.cpu.bw * 0.5
     assert s.gpu.mem_bw == HW.gpu.mem_bw * 0.5  # the stand-in device reads the same DRAM (shares_cpu)
     assert (s.cpu.peak_flops, s.cpu.bw_eff, s.cpu.dispatch_s, s.link) == (HW.cpu.peak_flops, HW.cpu.bw_eff,
@@ -31,14 +31,14 @@ def test_scaled_profile_fields() -> None:
     assert "x 0.5" in s.sources["cpu.mem_bw"] and "x 0.5" not in HW.sources["cpu.mem_bw"]  # hw itself unchanged
     assert HW.cpu.mem_bw == load_profile("host-2core-shared").cpu.mem_bw
     gpu_box = load_profile("desktop-13900k-4090")
-    g = with_memory_bandwidth(gpu_box, 2.0)
+    g = gpu_box.with_memory_bandwidth(2.0)
     assert g.cpu.mem_bw == gpu_box.cpu.mem_bw * 2 and g.gpu == gpu_box.gpu  # a real GPU's memory is its own
 
 
 @pytest.mark.parametrize("scale", [0, -1.0, math.nan, math.inf, True, "2"])
 def test_bad_scale(scale) -> None:  # noqa: ANN001
     with pytest.raises(ConfigError, match="memory bandwidth scale must be a positive finite number"):
-        with_memory_bandwidth(HW, scale)
+        HW.with_memory_bandwidth(scale)
 
 
 def test_memory_bound_decode_scales_with_bandwidth() -> None:
@@ -50,7 +50,7 @@ def test_memory_bound_decode_scales_with_bandwidth() -> None:
     wl = Workload(SMOLLM2_135M, prompt_len=20, new_tokens=64, kv_slots=256)
     base = simulate("target-cpu", hw, wl, opts=SimOptions()).tokens_per_s
     for scale in (0.25, 0.5, 1.7):
-        got = simulate("target-cpu", with_memory_bandwidth(hw, scale), wl, opts=SimOptions()).tokens_per_s
+        got = simulate("target-cpu", hw.with_memory_bandwidth(scale), wl, opts=SimOptions()).tokens_per_s
         assert got == pytest.approx(base * scale, rel=1e-9)
 
 
@@ -60,7 +60,7 @@ def test_engine_step_closed_form() -> None:
     wl = Workload(SMOLLM2_135M, prompt_len=20, new_tokens=75, cpu_engine="llama.cpp")
     t1 = 1 / simulate("target-cpu", HW, wl, opts=SimOptions()).tokens_per_s
     for scale in (0.25, 0.5, 0.8):
-        got = 1 / simulate("target-cpu", with_memory_bandwidth(HW, scale), wl, opts=SimOptions()).tokens_per_s
+        got = 1 / simulate("target-cpu", HW.with_memory_bandwidth(scale), wl, opts=SimOptions()).tokens_per_s
         assert got == pytest.approx(call_s + (t1 - call_s) / scale, rel=1e-9)
 
 
