@@ -18,7 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -351,17 +351,27 @@ def calibration_from_file(path: str | Path, hw: HardwareProfile, model: ModelCon
 REFERENCE_BENCH = "bench_target.json"  # the calibration run whose read bandwidth the engines' fit corresponds to
 
 
-def run_read_gbs(machine: Any, where: str) -> float | None:
-    """The read bandwidth (GB/s) a bench run measured, from its `machine.memory_read_gbs`: a number (`bench
-    target`, once before the engines run) or {start, end} (`bench dovetail`, before the first prompt and after
-    the last: their mean, or the one present in a partial file). None when the run recorded none (older files)."""
-    v = machine.get("memory_read_gbs") if isinstance(machine, dict) else None
-    vals = [v.get("start"), v.get("end")] if isinstance(v, dict) else [v]
-    vals = [x for x in vals if x is not None]
+def _check_gbs(vals: list[Any], where: str, what: str, shown: Any = None) -> list[float]:
     for x in vals:
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
-            raise ConfigError(f"{where}: machine.memory_read_gbs must be a positive number of GB/s or "
-                              f"{{\"start\": GB/s, \"end\": GB/s}}, got {v!r}")
+            raise ConfigError(f"{where}: {what}, got {x if shown is None else shown!r}")
+    return [float(x) for x in vals]
+
+
+def run_read_gbs(machine: Any, where: str, prompts: Sequence[Any] = ()) -> float | None:
+    """The read bandwidth (GB/s) a bench run measured. `bench dovetail` probes briefly after every few prompts
+    (a prompt record's `memory_read_gbs`): the median of those of `prompts`, when any, is the bandwidth of that
+    stretch of the run. Otherwise the run's `machine.memory_read_gbs`: a number (`bench target`, once before the
+    engines run) or {start, end} (`bench dovetail` before the first prompt and after the last: their mean, or
+    the one present in a partial file). None when the run recorded none (older files)."""
+    inside = [p["memory_read_gbs"] for p in prompts if isinstance(p, dict) and p.get("memory_read_gbs") is not None]
+    if inside:
+        return statistics.median(_check_gbs(inside, where, "a prompt's memory_read_gbs must be a positive number "
+                                                            "of GB/s"))
+    v = machine.get("memory_read_gbs") if isinstance(machine, dict) else None
+    vals = [v.get("start"), v.get("end")] if isinstance(v, dict) else [v]
+    vals = _check_gbs([x for x in vals if x is not None], where, "machine.memory_read_gbs must be a positive "
+                      'number of GB/s or {"start": GB/s, "end": GB/s}', v)
     return float(statistics.mean(vals)) if vals else None
 
 
@@ -395,9 +405,10 @@ def engine_rows(results: Path = RESULTS, held_out: Path | None = None) -> list[d
         bd["results"], bd["prompts"]  # noqa: B018 - the keys a bench dovetail result has
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{held_out}: not a readable `dovetail bench dovetail` result ({e})") from None
-    bd_gbs = run_read_gbs(bd.get("machine"), str(held_out))
+    run_read_gbs(bd.get("machine"), str(held_out))  # a bad field is an error even if no row would use it
     for ds, res in bd["results"].items():
         ps = bd["prompts"][ds]
+        bd_gbs = run_read_gbs(bd.get("machine"), str(held_out), ps)  # this dataset's stretch of the run
         prompt = round(statistics.mean(p["prompt_tokens"] for p in ps))
         new = round(statistics.mean(p["target"]["tokens"] for p in ps))
         for key, engine in (("target", "dovetail-jax"), ("llama_cpp_f32", "llama.cpp")):

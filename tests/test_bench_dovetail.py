@@ -268,6 +268,9 @@ def test_cli_end_to_end(run_cli, smollm2_path, tmp_path, monkeypatch):
     assert c["speedup"] > 0 and c["llama_cpp_f32_tok_s"] is None
     (p,) = d["prompts"]["humaneval"]
     assert p["id"] == "HumanEval/0" and p["configs"][name]["identical"] is True
+    # the read-bandwidth probes: before, after, and during the run (the first prompt and every PROBE_EVERY-th)
+    assert d["machine"]["memory_read_gbs"]["start"] > 0 and d["machine"]["memory_read_gbs"]["end"] > 0
+    assert p["memory_read_gbs"] > 0
     assert {"tokens", "cycles", "tau", "tok_s"} <= set(p["configs"][name])
     assert name in stdout and "wrote" in stdout
 

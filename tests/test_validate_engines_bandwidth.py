@@ -69,6 +69,24 @@ def test_run_read_gbs() -> None:
     assert run_read_gbs({"memory_read_gbs": {"start": 18, "end": 22}}, "f") == 20.0  # bench dovetail: the mean
     assert run_read_gbs({"memory_read_gbs": {"start": 30.0, "end": None}}, "f") == 30.0  # a partial file
     assert run_read_gbs({"cpu": "x"}, "f") is None and run_read_gbs(None, "f") is None  # older files
+    # bench dovetail's in-run probes (every few prompts) win over start/end: their median
+    m = {"memory_read_gbs": {"start": 40.0, "end": 40.0}}
+    ps = [{"memory_read_gbs": 10.0}, {}, {"memory_read_gbs": 30.0}, {"memory_read_gbs": None},
+          {"memory_read_gbs": 20.0}]
+    assert run_read_gbs(m, "f", ps) == 20.0
+    assert run_read_gbs(m, "f", [{}, {"memory_read_gbs": None}]) == 40.0  # no probe among these prompts
+    with pytest.raises(ConfigError, match="a prompt's memory_read_gbs"):
+        run_read_gbs(m, "f", [{"memory_read_gbs": "fast"}])
+
+
+def test_each_dataset_is_scaled_by_its_own_probes(tmp_path) -> None:
+    f = _results(tmp_path, {"cpu": "x", "memory_read_gbs": {"start": 40.0, "end": 40.0}})
+    bd = json.loads(f.read_text())
+    bd["prompts"]["mtbench"] = [{**p, "memory_read_gbs": g} for p, g in zip(PROMPTS, (8.0, 12.0), strict=False)]
+    f.write_text(json.dumps(bd))
+    rows = {r["name"]: r for r in check_engines(HW, SMOLLM2_135M, results=tmp_path, held_out=f)["rows"]}
+    assert rows["target-llama.cpp-mtbench"]["run_read_gbs"] == 10.0
+    assert rows["target-llama.cpp-mtbench"]["bandwidth_scale"] == 0.25
 
 
 def _results(tmp_path, held_machine: dict | None):  # noqa: ANN202

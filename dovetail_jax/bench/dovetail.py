@@ -7,7 +7,8 @@ goes through the chat template and is decoded round-robin: target-only, each con
 the same weights as an F32 GGUF, so a slow spell of this shared machine hits all methods of that prompt alike.
 One warm-up generation per method on the first prompt runs before anything is timed; a prompt of a new length
 bucket compiles inside its own call, outside the timed region (`compile_s`). The machine's memory read bandwidth
-is measured, untimed, before the first prompt and after the last (`machine.memory_read_gbs`: start, end).
+is measured, untimed, before the first prompt and after the last (`machine.memory_read_gbs`: start, end), and
+briefly after every `PROBE_EVERY`-th prompt (that prompt's `memory_read_gbs`).
 
 Generations stop at EOS as `dovetail generate` does, so answers are natural; llama.cpp makes exactly as many
 tokens as target-only did for that prompt. Tokens are counted alike for all methods: decode tok/s is
@@ -610,12 +611,16 @@ def _finish(res: dict[str, Any], out: Path) -> None:
     print(format_table(res) + f"\nwrote {out} and {figs[0]}")
 
 
-def _read_gbs(machine: Any) -> float | None:
+PROBE_EVERY = 8  # prompts between the short read-bandwidth probes taken during the run (untimed)
+
+
+def _read_gbs(machine: Any, quiet: bool = False, **kw: Any) -> float | None:
     """The machine's read bandwidth in GB/s (`machine.memory_read_bandwidth_gbs`, ~1 s, untimed); None if the
-    probe fails: a failed 1 GiB probe must not lose the benchmark's measurements."""
-    _say("measuring the machine's memory read bandwidth (untimed)")
+    probe fails: a failed probe must not lose the benchmark's measurements."""
+    if not quiet:
+        _say("measuring the machine's memory read bandwidth (untimed)")
     try:
-        return machine.memory_read_bandwidth_gbs()
+        return machine.memory_read_bandwidth_gbs(**kw)
     except (RuntimeError, MemoryError) as e:
         _say(f"memory read bandwidth not measured ({type(e).__name__}: {e})")
         return None
@@ -653,6 +658,9 @@ def run(opts: DovetailBenchOptions) -> dict[str, Any]:
             bar.set_description(f"{ds} {pid}")
             rec = m.measure(pid, ids, i)
             rec["load_average_1m"] = machine.load_average()
+            if i % PROBE_EVERY == 0:  # the bandwidth of this stretch of the run: the start/end probes alone miss
+                # the slow hours' dips (a best-of-5 read at either end said 27.7 GB/s while decode ran at 60%)
+                rec["memory_read_gbs"] = _read_gbs(machine, quiet=True, size_mib=512, repeats=3)
             records[ds].append(rec)
             i += 1
             write()
