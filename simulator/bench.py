@@ -9,7 +9,6 @@ machine may be shared; the load average is recorded next to the numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -20,6 +19,8 @@ from typing import Any
 
 from dovetail_jax.config import LLAMA2_7B, DraftConfig
 from simulator.acceptance import PositionalAcceptance
+from simulator.errors import ConfigError
+from simulator.files import write_json
 from simulator.hardware import load_profile
 from simulator.schedules import SimOptions, simulate
 from simulator.tune import sweep
@@ -67,9 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cycles", type=int, default=200_000)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.cycles <= 0 or args.repeats <= 0:
+        ap.error("--cycles and --repeats must be positive")
     res = bench(args.cycles, args.repeats)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    try:  # whole or not at all: an unwritable --out leaves the old result as it was
+        write_json(args.out, res)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for k, v in res["cycles_per_s"].items():
         print(f"{k:<20} {v:12,.0f} cycles/s")
     s = res["sweep"]
