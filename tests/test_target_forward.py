@@ -81,10 +81,11 @@ def test_prefill_matches_hf(tiny):
     with torch.no_grad():
         ref_h = model(torch.tensor([ids.tolist()]), output_hidden_states=True).hidden_states[-1][0].numpy()
     np.testing.assert_allclose(np.asarray(hidden[0]), ref_h, atol=TOL, rtol=0)
-    # the fresh-prefill shortcut (no cache attention at all) gives the same result
+    # the fresh-prefill shortcut (no cache attention at all) gives the same result, up to f32 rounding (with a
+    # cache, the fused tree-attention kernel sums in another order than XLA's dots)
     fast, _, _ = forward(params, cfg, jnp.asarray(ids[None], jnp.int32), jnp.arange(19)[None], causal_mask(19),
                          cache, empty_cache=True)
-    np.testing.assert_allclose(np.asarray(fast), np.asarray(logits), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(logits), atol=2e-5, rtol=0)
 
 
 def test_decode_through_cache_matches_hf(tiny):

@@ -9,7 +9,9 @@ half of an f32), so `matmul(x, w)` equals `matmul(x, w.astype(float32))` bit for
 The same holds for attention over the KV cache: XLA runs it as batched dot_generals at ~1/3
 of DRAM speed; `attention.cc` streams each cached K/V row once for all query rows of its kv head and returns
 the partial softmax state (max, sum of exp, un-normalised output) that `layers.attention` merges with the new
-tokens' scores. The SIMD blocks both use (dot steps, horizontal sums, axpy panels, work sharing) are in
+tokens' scores; `tree_attention` goes further and does a layer's whole attention of the new tokens in one call
+(RoPE, the cache part, the new tokens under the tree mask, the merge), which XLA runs as ~10 dispatches of small
+ops per layer. The SIMD blocks both use (dot steps, horizontal sums, axpy panels, work sharing) are in
 `simd.h`, which the sources include from their own folder. Both sources are compiled with the system C++
 compiler on first use into one library in the cache directory (keyed by every source and header, flags,
 compiler and jaxlib version; atomic, so concurrent processes are safe) and registered as FFI targets.
@@ -17,7 +19,8 @@ compiler and jaxlib version; atomic, so concurrent processes are safe) and regis
 Where they cannot run (no compiler, no AVX-512, build or load failure, `DOVETAIL_KERNELS=off`)
 `kernels_enabled()` is False and callers use XLA: same semantics, one line on stderr, no traceback.
 `DOVETAIL_ATTENTION_KERNEL=off` (read when a forward is traced) keeps the matmul kernel but computes attention
-with XLA, for before/after comparisons.
+with XLA, for before/after comparisons; `DOVETAIL_TREE_ATTENTION=off` keeps the cache kernel but runs RoPE and the
+new tokens' part in XLA (the path before `tree_attention`).
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ _BF16_SYMBOLS = {"out_in": "DovetailMatmulOIBf16", "in_out": "DovetailMatmulIOBf
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)  # what `matmul` takes as weights (activations are always f32)
 ATTENTION_TARGET = "dovetail_cache_attention"
 _ATTENTION_SYMBOL = "DovetailCacheAttention"
+TREE_ATTENTION_TARGET = "dovetail_tree_attention"
+_TREE_ATTENTION_SYMBOL = "DovetailTreeAttention"
 
 
 class KernelUnavailable(RuntimeError):
@@ -135,8 +140,8 @@ def _load() -> str | None:
             for layout, name in targets.items():
                 fn = getattr(lib, symbols[layout])
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
-        fn = getattr(lib, _ATTENTION_SYMBOL)
-        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(fn), platform="cpu")
+        for name, symbol in ((ATTENTION_TARGET, _ATTENTION_SYMBOL), (TREE_ATTENTION_TARGET, _TREE_ATTENTION_SYMBOL)):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except Exception as e:  # any build or load failure means "use XLA's dot", never a crash
         return f"{type(e).__name__}: {e}" if not isinstance(e, KernelUnavailable) else str(e)
     return None
@@ -232,3 +237,43 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array,
                                                jax.ShapeDtypeStruct((b, kh, m, d), f32)),
                             vmap_method="sequential")
     return call(q, k, v, jnp.asarray(lo, jnp.int32).reshape(b), jnp.asarray(hi, jnp.int32))
+
+
+def supports_tree_attention(qkv: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> bool:
+    """Whether `tree_attention(qkv, ..., k, v, ..., mask)` may run: f32 `qkv [B, T, (N + 2K) D]` and cache
+    `k, v [B, K, S, D]`, K | N, even D, a bool mask `[T, T]` or `[B, T, T]` (no keys but the new tokens'), at most
+    MAX_ATTENTION_ROWS query rows per kv head, the attention kernel enabled."""
+    if qkv.ndim != 3 or k.ndim != 4 or k.shape != v.shape:
+        return False
+    b, t, width = qkv.shape
+    _, kh, _, d = k.shape
+    if d < 2 or d % 2 or width % d or kh < 1:
+        return False
+    n = width // d - 2 * kh
+    return (n >= kh and n % kh == 0 and k.shape[0] == b and all(a.dtype == jnp.float32 for a in (qkv, k, v))
+            and mask.dtype == jnp.bool_ and mask.shape in ((t, t), (b, t, t))
+            and 1 <= (n // kh) * t <= MAX_ATTENTION_ROWS and attention_enabled()
+            and os.environ.get("DOVETAIL_TREE_ATTENTION", "on").strip().lower() not in ("off", "0", "false", "no"))
+
+
+def tree_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array,
+                   hi: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A layer's attention of T new tokens, from the fused projection `qkv [B, T, (N + 2K) D]` (pre-RoPE):
+    RoPE (`cos, sin [B, T, D/2]`, rotate-half), the committed slots `[lo[b], hi)` of `k, v [B, K, S, D]`, the new
+    tokens under `mask [T, T]` or `[B, T, T]` (i sees j), one softmax over both.
+
+    Returns `out [B, T, N D]` and the new tokens' RoPE'd keys and values `[B, T, K, D]` (for the cache write).
+    A query that sees nothing gets 0. Call only when `supports_tree_attention`; no autodiff rule of its own
+    (`layers.self_attention` adds one).
+    """
+    if not kernels_enabled():
+        raise KernelUnavailable(f"compiled kernels unavailable: {_load()}")
+    b, t, width = qkv.shape
+    kh, d = k.shape[1], k.shape[3]
+    n = width // d - 2 * kh
+    f32 = jnp.float32
+    call = jax.ffi.ffi_call(TREE_ATTENTION_TARGET, (jax.ShapeDtypeStruct((b, t, n * d), f32),
+                                                    jax.ShapeDtypeStruct((b, t, kh, d), f32),
+                                                    jax.ShapeDtypeStruct((b, t, kh, d), f32)),
+                            vmap_method="sequential")
+    return call(qkv, cos, sin, k, v, jnp.asarray(lo, jnp.int32).reshape(b), jnp.asarray(hi, jnp.int32), mask)

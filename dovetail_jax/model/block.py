@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 
 from dovetail_jax.config import ModelConfig
 from dovetail_jax.model import layers as L
@@ -40,15 +39,9 @@ def decoder_layer(
     """
     b, t, _ = x.shape
     h = x if p.attn_norm is None else L.rms_norm(x, p.attn_norm, cfg.rms_norm_eps)
-    q, k, v = jnp.split(L.linear(h, p.wqkv, in_out), [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
-    q = L.apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
-    k = L.apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    k_all, v_all = k, v
-    if lead_k is not None:
-        k_all = jnp.concatenate([lead_k, k], axis=1)
-        v_all = jnp.concatenate([lead_v, v], axis=1)
-    x = x + L.linear(L.attention(q, k_all, v_all, k_cache, v_cache, prefix_len, mask, kv_start), p.wo, in_out)
+    attn, k, v = L.self_attention(L.linear(h, p.wqkv, in_out), cos, sin, cfg.num_kv_heads, k_cache, v_cache,
+                                  prefix_len, mask, lead_k, lead_v, kv_start)
+    x = x + L.linear(attn, p.wo, in_out)
     x = x + L.swiglu(L.rms_norm(x, p.mlp_norm, cfg.rms_norm_eps), p.w_gate_up, p.w_down, in_out)
     return x, k, v
 

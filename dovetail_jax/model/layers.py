@@ -141,6 +141,91 @@ def attention(
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * d)
 
 
+def self_attention(
+    qkv: jax.Array,  # [B, T, (N + 2K) D] the fused projection, before RoPE
+    cos: jax.Array,  # [B, T, D/2]
+    sin: jax.Array,
+    num_kv_heads: int,
+    k_cache: jax.Array | None,  # [B, K, S, D] committed keys (read only); None: no prefix
+    v_cache: jax.Array | None,
+    prefix_len: jax.Array,
+    mask: jax.Array,  # [T, P + T] or [B, T, P + T] bool over the lead keys and the new tokens
+    lead_k: jax.Array | None = None,  # [B, P, K, D] uncommitted keys before the new tokens
+    lead_v: jax.Array | None = None,
+    kv_start: jax.Array | None = None,  # [B]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A layer's attention from its QKV projection: RoPE, then `attention`. Returns `[B, T, N*D]` and the new
+    tokens' keys (RoPE'd) and values `[B, T, K, D]` for the caller's cache write.
+
+    With a cache, no lead keys and the kernel available (decode steps, tree verification) the whole of it is one
+    call of `kernels.tree_attention`: in XLA it is ~10 small ops per layer whose dispatch costs several times
+    their work. Gradients are those of the XLA composition.
+    """
+    b, t, width = qkv.shape
+    d = cos.shape[-1] * 2
+    if (lead_k is None and k_cache is not None and v_cache is not None
+            and kernels.supports_tree_attention(qkv, k_cache, v_cache, mask)):
+        lo = jnp.zeros((b,), jnp.int32) if kv_start is None else kv_start.astype(jnp.int32)
+        hi = jnp.asarray(prefix_len, jnp.int32)
+        return jax.lax.platform_dependent(qkv, cos, sin, k_cache, v_cache, lo, hi, mask,
+                                          cpu=_kernel_self_attention, default=_xla_self_attention)
+    n = width // d - 2 * num_kv_heads
+    q, k, v = jnp.split(qkv, [n * d, (n + num_kv_heads) * d], axis=-1)
+    q = apply_rope(q.reshape(b, t, n, d), cos, sin)
+    k = apply_rope(k.reshape(b, t, num_kv_heads, d), cos, sin)
+    v = v.reshape(b, t, num_kv_heads, d)
+    k_all = k if lead_k is None else jnp.concatenate([lead_k, k], axis=1)
+    v_all = v if lead_v is None else jnp.concatenate([lead_v, v], axis=1)
+    return attention(q, k_all, v_all, k_cache, v_cache, prefix_len, mask, kv_start), k, v
+
+
+def _xla_self_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                        lo: jax.Array, hi: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`kernels.tree_attention`'s XLA equivalent (its reference, its gradient, its path off the CPU)."""
+    b, t, width = qkv.shape
+    kh, d = k_cache.shape[1], k_cache.shape[3]
+    n = width // d - 2 * kh
+    q, k, v = jnp.split(qkv, [n * d, (n + kh) * d], axis=-1)
+    q = apply_rope(q.reshape(b, t, n, d), cos, sin)
+    k = apply_rope(k.reshape(b, t, kh, d), cos, sin)
+    v = v.reshape(b, t, kh, d)
+    g = n // kh
+    qh = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d) * (d**-0.5)
+    m_c, l_c, o_c = _xla_cache_partial(qh, k_cache, v_cache, lo, hi)  # [B, K, G*T], .., [B, K, G*T, D]
+    s_new = jax.lax.dot_general(qh, k.transpose(0, 2, 1, 3), (((3,), (3,)), ((0, 1), (0, 1))))
+    s_new = s_new.reshape(b, kh, g, t, t)
+    visible = mask[:, None, None] if mask.ndim == 3 else mask  # [B, 1, 1, T, T] or [T, T]
+    s_new = jnp.where(visible, s_new, NEG_INF)
+    m_c, l_c, o_c = m_c.reshape(b, kh, g, t, 1), l_c.reshape(b, kh, g, t, 1), o_c.reshape(b, kh, g, t, d)
+    m = jnp.maximum(s_new.max(-1, keepdims=True), m_c)
+    e_new = jnp.where(visible, jnp.exp(s_new - m), 0.0)
+    scale = jnp.exp(m_c - m)
+    denom = e_new.sum(-1, keepdims=True) + l_c * scale
+    pv = (((3,), (2,)), ((0, 1), (0, 1)))
+    out = jax.lax.dot_general(e_new.reshape(b, kh, g * t, t), v.transpose(0, 2, 1, 3), pv).reshape(b, kh, g, t, d)
+    out = (out + o_c * scale) / jnp.where(denom > 0, denom, 1.0)  # nothing visible: 0, as the kernel
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * d), k, v
+
+
+@jax.custom_vjp
+def _kernel_self_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                           lo: jax.Array, hi: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return kernels.tree_attention(qkv, cos, sin, k_cache, v_cache, lo, hi, mask)
+
+
+def _kernel_self_attention_fwd(*args: jax.Array) -> tuple:
+    return _kernel_self_attention(*args), args
+
+
+def _kernel_self_attention_bwd(res: tuple, g: tuple) -> tuple:
+    qkv, cos, sin, k_cache, v_cache, lo, hi, mask = res
+    _, vjp = jax.vjp(lambda *a: _xla_self_attention(*a, lo, hi, mask), qkv, cos, sin, k_cache, v_cache)
+    return (*vjp(g), None, None, None)
+
+
+_kernel_self_attention.defvjp(_kernel_self_attention_fwd, _kernel_self_attention_bwd)
+
+
 def _cache_partial(qh: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array,
                    hi: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`kernels.cache_attention` on the CPU (XLA's equivalent elsewhere): the softmax state over slots [lo, hi)."""
