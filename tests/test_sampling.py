@@ -60,3 +60,17 @@ def test_sample_follows_processed_distribution():
 def test_greedy_is_argmax():
     logits = jnp.asarray([[0.1, 3.0, -1.0], [5.0, 4.0, 4.9]])
     assert np.asarray(sampling.greedy(logits)).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_breaks_ties_as_numpy_argmax(seed):
+    # greedy is a top-1 (faster on XLA CPU than argmax): with many exact ties, infinities and a NaN it must still
+    # pick numpy's first maximum, or verification and target-only decoding could disagree on a tie
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 2, size=(7, 49152)).astype(np.float32)
+    x[1] = -np.inf
+    x[2, rng.integers(0, 49152, 5)] = np.inf
+    x[3, 12345] = np.nan
+    x[4, :] = 0.0
+    got = np.asarray(jax.jit(sampling.greedy)(jnp.asarray(x)))
+    assert got.dtype == np.int32 and got.tolist() == np.argmax(x, -1).tolist()

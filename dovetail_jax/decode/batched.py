@@ -24,6 +24,7 @@ from dovetail_jax.model.cache import KVCache, init_cache
 from dovetail_jax.model.params import TargetParams
 from dovetail_jax.model.target import causal_mask, forward
 from dovetail_jax.plan import batch_sizes
+from dovetail_jax.speculation import sampling
 
 PAD_ID = 0
 
@@ -35,14 +36,14 @@ def _prefill(params: TargetParams, cache: KVCache, tokens: jax.Array, start: jax
     positions = jnp.maximum(idx[None, :] - start[:, None], 0)
     mask = causal_mask(p)[None] & (idx[None, None, :] >= start[:, None, None])  # [B, P, P]
     logits, _, update = forward(params, cfg, tokens, positions, mask, cache, "last", p - 1, empty_cache=True)
-    return jnp.argmax(logits, -1).astype(jnp.int32), update
+    return sampling.greedy(logits), update
 
 
 def _step(params: TargetParams, cache: KVCache, tok: jax.Array, start: jax.Array, *, cfg: ModelConfig):
     positions = (cache.length - start)[:, None]  # [B, 1]
     logits, _, update = forward(params, cfg, tok[:, None], positions, jnp.ones((1, 1), bool), cache, "last", 0,
                                 kv_start=start)
-    return jnp.argmax(logits, -1).astype(jnp.int32), update
+    return sampling.greedy(logits), update
 
 
 @functools.cache

@@ -35,7 +35,7 @@ def _acceptance(node: jax.Array, bonus: jax.Array, arrays: tree.TreeArrays) -> A
 
 def accept_greedy(tokens: jax.Array, parents: jax.Array, logits: jax.Array, width: int) -> Acceptance:
     """Deepest node whose whole path matches the target's argmax (ties: lowest index); bonus = argmax there."""
-    g = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [T]
+    g = sampling.greedy(logits)  # [T]
     ok = (tokens == g[jnp.maximum(parents, 0)]).at[0].set(True)  # [T] node agrees with its parent's argmax
     arrays = tree.tree_arrays(parents, width)
     accepted = jnp.all(~arrays.mask | ok[None, :], axis=1)  # [T] the whole root..i path agrees

@@ -50,4 +50,7 @@ def sample(key: jax.Array, logits: jax.Array, temperature: jax.Array, top_k: jax
 
 
 def greedy(logits: jax.Array) -> jax.Array:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    """The argmax `[...]` of `logits [..., V]` (ties: the lowest index, as `jnp.argmax`), as a top-1: XLA CPU runs
+    argmax as a variadic reduce, measured 0.26 vs 0.06 ms over SmolLM2's 49,152 logits, 0.53 vs 0.29 for six
+    rows (a decode step's and a verification's)."""
+    return jax.lax.top_k(logits, 1)[1][..., 0].astype(jnp.int32)
