@@ -3,6 +3,11 @@
     dovetail bench forward --out analysis/results/bench_forward.json     # our engine, per T (quiet machine)
     python analysis/torch_linear_dtype_bench.py                         # torch int8 / bf16 vs f32 (ratios)
     python analysis/fit_cpu_engines.py                                  # -> simulator/data/cpu_engines.json
+    python analysis/fit_cpu_engines.py --machine intel-xeon-2core       # -> ..._intel_xeon_2core.json
+
+`--machine` picks the measurements and the preset (MACHINES below): the AMD EPYC VM the shared file was fitted
+on (the default), or the Intel Xeon VM of 2026-12-02, whose engines run at other fractions of the same measured
+DRAM read rate (its preset `host-2core-intel-xeon` names its own engines file).
 
 Every engine is fitted against the `host-2core-shared` preset (this machine: achieved read bandwidth and fp32
 peak) with the simulator's own forward formula (`simulator.costs.RooflineCosts._engine_forward`), from quiet
@@ -20,6 +25,7 @@ import itertools
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +35,31 @@ from simulator.hardware import load_profile
 from simulator.workload import DTYPE_BYTES
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROFILE = "host-2core-shared"
 L = SMOLLM2_135M.num_layers
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One machine's quiet measurements and the preset the engines are fitted against."""
+
+    profile: str
+    bench_target: str  # `dovetail bench target`: the three engines' decode step
+    bench_forward: str  # `dovetail bench forward`: our forward per T
+    prefill_bench: str  # a `dovetail bench dovetail` run: llama.cpp's prompt prefills
+    llama_formats: bool  # F16 / Q4_1 decode rates known (peers-and-limits §8.1, AMD); else llama.cpp's per-T forwards
+    torch_gemm_gflops: float | None  # BLAS-class f32 GEMM, 2 threads; None: not measured, AMD's fraction of peak
+    out: Path
+
+
+MACHINES = {
+    "amd-epyc-2core": Machine("host-2core-shared", "bench_target.json", "bench_forward.json", "bench_dovetail.json",
+                              True, 243.0, ENGINES_FILE),
+    # llama-cpp-python 0.3.36 segfaults in decode on the F16 and Q4_1 GGUFs on this VM (F32 runs): its per-T F32
+    # forwards (bench forward) stand in for the formats
+    "intel-xeon-2core": Machine("host-2core-intel-xeon", "bench_target_intel.json", "bench_forward_rerun5.json",
+                                "bench_dovetail_full_r4_fused.json", False, None,
+                                ENGINES_FILE.parent / "cpu_engines_intel_xeon_2core.json"),
+}
 
 
 def predict(hw: Any, eng: dict[str, float], path: dict[str, float], t: int, ctx: int, kv_bytes: float,
@@ -97,9 +126,10 @@ def _mf(section: str) -> str:
     return f"shared/reference/machine-facts.md {section}"
 
 
-def fit(out: Path) -> dict[str, Any]:
+def fit(out: Path, mc: Machine = MACHINES["amd-epyc-2core"]) -> dict[str, Any]:
+    PROFILE = mc.profile  # noqa: N806 - the preset's name, as in every source string below
     hw = load_profile(PROFILE)
-    bt, bd, bf = _json("bench_target.json"), _json("bench_dovetail.json"), _json("bench_forward.json")
+    bt, bd, bf = _json(mc.bench_target), _json(mc.prefill_bench), _json(mc.bench_forward)
     f32 = {"bytes_per_weight": 4.0, "stream_scale": 1.0, "mac_cost": 1.0}
     ref = f"on the {PROFILE!r} preset (read {hw.cpu.mem_bw * hw.cpu.bw_eff / 1e9:.0f} GB/s, fp32 peak " \
           f"{hw.cpu.peak_flops / 1e9:.0f} GFLOP/s)"
@@ -120,8 +150,10 @@ def fit(out: Path) -> dict[str, Any]:
                                     "n_half": [1, 4, 16], "call_s": [1e-4, 1e-3, 3e-3]},
                    {"stream_frac": (0.05, 1.0), "gemm_frac": (0.01, 1.0), "n_half": (0.1, 256),
                     "call_s": (1e-6, 0.05)}, w1=4.0)
-    src = ("fit to analysis/results/bench_forward.json (f32, T = 1..32 at context 128 of 256 slots) and the decode "
-           f"step of bench_target.json (73.0 tok/s), single-token points weighted 4x {ref}")
+    dec_jax = bt["engines"]["dovetail_jax"]["decode_tok_s"]
+    src = (f"fit to analysis/results/{mc.bench_forward} (f32, T = {min(best)}..{max(best)} at context 128 of 256 "
+           f"slots) and the decode step of {mc.bench_target} ({dec_jax:.1f} tok/s), single-token points weighted 4x "
+           f"{ref}")
     engines["dovetail-jax"] = {
         "description": "this project: XLA CPU, one jit per forward, f32 weights, the whole preallocated KV cache "
                        "attended (masked)",
@@ -137,15 +169,20 @@ def fit(out: Path) -> dict[str, Any]:
     lc = bt["engines"]["llama_cpp_f32"]
     ctx1 = int(bt["prompt"]["tokens"]) + 64
     npar = SMOLLM2_135M.num_params
-    dec = [(4.0, 1.0 / lc["decode_tok_s"], "F32 86.2 tok/s (bench_target.json)"),
-           (270885952 / npar, 1.0 / 111.5, "F16 111.5 tok/s (peers-and-limits.md §8.1)"),
-           (98362432 / npar, 1.0 / 137.7, "Q4_1 137.7 tok/s (peers-and-limits.md §8.1)")]
+    dec = [(4.0, 1.0 / lc["decode_tok_s"], f"F32 {lc['decode_tok_s']:.1f} tok/s ({mc.bench_target})")]
+    if mc.llama_formats:
+        dec += [(270885952 / npar, 1.0 / 111.5, "F16 111.5 tok/s (peers-and-limits.md §8.1)"),
+                (98362432 / npar, 1.0 / 137.7, "Q4_1 137.7 tok/s (peers-and-limits.md §8.1)")]
     pts = [(1, ctx1, 1, sec) for _, sec, _ in dec]
     for ds in ("humaneval", "mtbench"):
         n = statistics.mean(p["prompt_tokens"] for p in bd["prompts"][ds])
         r = bd["results"][ds]["llama_cpp_f32"]
         pts.append((round(n), 0, 1, r["prefill_s"] / r["n_prompts"]))
     nbytes = [b for b, _, _ in dec] + [4.0, 4.0]
+    if not mc.llama_formats:  # F32 forwards over T = 1..16 tokens at context 128, logits for all T
+        lrows = bf["llama_cpp"]["rows"]
+        pts += [(r["tokens"], int(bf["context"]), r["tokens"], r["best_ms"] / 1e3) for r in lrows]
+        nbytes += [4.0] * len(lrows)
 
     def lc_model(p: dict[str, float], t: int, c: int, hr: int, nb: float = 4.0) -> float:
         return predict(hw, {**p, "layer_s": 0.0}, {**f32, "bytes_per_weight": nb}, t, c, 2.0, hr)
@@ -158,10 +195,18 @@ def fit(out: Path) -> dict[str, Any]:
                                       "n_half": [0.5, 2, 8], "call_s": [1e-3, 5e-3]},
                         {"stream_frac": (0.05, 1.0), "gemm_frac": (0.01, 1.0), "n_half": (0.05, 64),
                          "call_s": (1e-6, 0.02)})
-    src = ("fit to 5 quiet measurements of the same weights: decode of the F32, F16 and Q4_1 GGUFs (one bandwidth, "
-           "one per-token overhead) and the mean prompt prefill of 12 HumanEval / 12 MT-bench prompts "
-           f"(bench_dovetail.json) {ref}")
-    peers = "the formats' decode rates fit one streaming rate within the errors in 'fit' (F32/F16/Q4_1)"
+    n_pf = {ds: bd["results"][ds]["llama_cpp_f32"]["n_prompts"] for ds in ("humaneval", "mtbench")}
+    prefills = (f"the mean prompt prefill of {n_pf['humaneval']} HumanEval / {n_pf['mtbench']} MT-bench prompts "
+                f"({mc.prefill_bench})")
+    if mc.llama_formats:
+        src = ("fit to 5 quiet measurements of the same weights: decode of the F32, F16 and Q4_1 GGUFs (one "
+               f"bandwidth, one per-token overhead: {'; '.join(d[2] for d in dec)}) and {prefills} {ref}")
+        peers = "the formats' decode rates fit one streaming rate within the errors in 'fit' (F32/F16/Q4_1)"
+    else:
+        src = (f"fit to quiet F32 measurements: the decode step ({dec[0][2]}), forwards of T = 1..16 tokens at context "
+               f"128 ({mc.bench_forward}) and {prefills} {ref}; llama-cpp-python 0.3.36 segfaults in decode on the "
+               "F16 and Q4_1 GGUFs on this machine, so no second format separates the per-token overhead")
+        peers = "not measured on this machine (F16 decode segfaults here)"
     no_mac = "mac_cost 1 (as F32): no multi-token measurement of this format on this machine"
     engines["llama.cpp"] = {
         "description": "llama.cpp (ggml CPU backend, llama-cpp-python 0.3.36, all cores): GGUF weights, F16 KV "
@@ -185,7 +230,12 @@ def fit(out: Path) -> dict[str, Any]:
     # --- hf-torch: quiet decode (bench_target) gives the per-layer eager overhead; BLAS-class compute
     hf = bt["engines"]["hf_transformers"]
     t1 = 1.0 / hf["decode_tok_s"]
-    gemm_hf = 243.0 / hw.cpu.peak_flops * 1e9
+    amd_gemm_frac = 243.0 / load_profile(MACHINES["amd-epyc-2core"].profile).cpu.peak_flops * 1e9
+    gemm_hf = amd_gemm_frac if mc.torch_gemm_gflops is None else mc.torch_gemm_gflops / hw.cpu.peak_flops * 1e9
+    gemm_src = (f"BLAS-class f32 GEMM on this machine: {mc.torch_gemm_gflops:g} GFLOP/s at 2048^2, 2 threads "
+                f"({_mf('§7.1')}) / the preset's peak" if mc.torch_gemm_gflops is not None else
+                "not measured on this machine: the AMD VM's fraction of its peak (243 GFLOP/s at 2048^2, "
+                f"{_mf('§7.1')}); decode predictions do not use it")
     base = {"stream_frac": pl["stream_frac"], "gemm_frac": gemm_hf, "n_half": n_half_blas, "call_s": 0.0,
             "layer_s": 0.0}
     layer_s = (t1 - predict(hw, base, f32, 1, ctx1, 4.0)) / L
@@ -201,12 +251,11 @@ def fit(out: Path) -> dict[str, Any]:
         "stream_frac": {"value": round(pl["stream_frac"], 6),
                         "source": "assumption, as llama.cpp's: HF's decode here is dominated by dispatch, so no quiet "
                                   "measurement separates its weight streaming; MKL/oneDNN GEMV is a streaming kernel"},
-        "gemm_frac": {"value": round(gemm_hf, 6), "source": "BLAS-class f32 GEMM on this machine: 243 GFLOP/s at "
-                      f"2048^2, 2 threads ({_mf('§7.1')}) / the preset's peak"},
+        "gemm_frac": {"value": round(gemm_hf, 6), "source": gemm_src},
         "n_half": {"value": n_half_blas, "source": f"BLAS-class small-M GEMM ({_mf('§7.2')})"},
         "call_s": {"value": 0.0, "source": "folded into layer_s"},
         "layer_s": {"value": round(layer_s, 6),
-                    "source": f"decode 1/{hf['decode_tok_s']:.2f} s per token (bench_target.json, quiet) minus the "
+                    "source": f"decode 1/{hf['decode_tok_s']:.2f} s per token ({mc.bench_target}, quiet) minus the "
                               f"predicted weight read, over {L} layers: eager per-op dispatch"},
         "kv_bytes": {"value": 4.0, "source": "f32 KV cache"},
         "dtypes": {
@@ -234,9 +283,12 @@ def fit(out: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(ENGINES_FILE))
+    ap.add_argument("--machine", choices=sorted(MACHINES), default="amd-epyc-2core",
+                    help="whose measurements and preset (default: the AMD EPYC VM of the shared engines file)")
+    ap.add_argument("--out", help="default: the machine's engines file under simulator/data")
     args = ap.parse_args(argv)
-    res = fit(Path(args.out))
+    mc = MACHINES[args.machine]
+    res = fit(Path(args.out) if args.out else mc.out, mc)
     for n, e in res["engines"].items():
         errs = [p / pt[3] - 1 for pt, p in zip(e["fit"]["points"], e["fit"]["predicted_s"], strict=True)]
         print(f"{n:<13} stream {e['stream_frac']['value']:.3f} gemm {e['gemm_frac']['value']:.3f} n_half "

@@ -9,7 +9,10 @@ Two measurements for T = 1 (a decode step) and T = 6 (the default tree's verific
   (`machine.memory_read_bandwidth_gbs`, recorded beside it).
 - `forward`: `model.target.forward` with all logits at a context of 180 committed slots out of 512 (a mid-answer
   verification), median of 20 calls, and a `jax.profiler` trace of 10 more, summed per XLA op kind: the FFI calls
-  split by their place in a layer (projections, cache attention, LM head) and everything else ("xla_ops").
+  split by their place in a layer (projections, attention, LM head) and everything else ("xla_ops").
+- `tree_attention_ab`: the same forward with the fused tree-attention kernel and without it
+  (`DOVETAIL_TREE_ATTENTION=off`: RoPE and the new tokens' part in XLA, the cache part still the kernel), both
+  compiled up front and called alternately, 15 rounds; the medians and their difference.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import functools
 import glob
 import gzip
 import json
+import os
 import re
 import tempfile
 import time
@@ -36,7 +40,7 @@ from dovetail_jax.model.target import forward
 
 OUT = Path(__file__).resolve().parent / "results" / "profile_verify_forward.json"
 SLOTS, CONTEXT = 512, 180
-SLOT_NAMES = ("wqkv", "cache_attention", "wo", "w_gate_up", "w_down")  # FFI calls per layer, in order
+SLOT_NAMES = ("wqkv", "attention", "wo", "w_gate_up", "w_down")  # FFI calls per layer, in order
 
 
 def _best_and_median(f: Any, n: int) -> tuple[float, float]:
@@ -99,6 +103,29 @@ def traced_forward(target: Any, t: int) -> dict[str, Any]:
             "ms_per_call_by_part": {k: round(v, 3) for k, v in parts.items()}}
 
 
+def tree_attention_ab(target: Any, t: int, rounds: int = 15) -> dict[str, float]:
+    params, cfg = target.params, target.cfg
+    cache = init_cache(cfg, SLOTS, device=jax.devices()[0]).replace(length=jnp.int32(CONTEXT))
+    tokens = (jnp.arange(t, dtype=jnp.int32) + 100)[None]
+    positions = (CONTEXT + jnp.arange(t, dtype=jnp.int32))[None]
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    calls = {}
+    for mode in ("on", "off"):  # the switch is read when the forward is traced
+        os.environ["DOVETAIL_TREE_ATTENTION"] = mode
+        f = jax.jit(functools.partial(forward, cfg=cfg, logits_mode="all"))
+        calls[mode] = functools.partial(f, params, tokens=tokens, positions=positions, tree_mask=mask, cache=cache)
+        jax.block_until_ready(calls[mode]())
+    os.environ.pop("DOVETAIL_TREE_ATTENTION")
+    times: dict[str, list[float]] = {m: [] for m in calls}
+    for _ in range(rounds):
+        for m, c in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(c())
+            times[m].append(time.perf_counter() - t0)
+    on, off = (1e3 * float(np.median(times[m])) for m in ("on", "off"))
+    return {"fused_median_ms": on, "unfused_median_ms": off, "saved_ms": off - on}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python analysis/profile_verify_forward.py")
     ap.add_argument("--out", default=str(OUT))
@@ -106,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     if not kernels.kernels_enabled():
         raise SystemExit("error: the compiled kernels are not available here; this profile is about them")
     target = api.load_target(None, layout="out_in")
-    res: dict[str, Any] = {"command": "python analysis/profile_verify_forward.py", "machine": machine.machine_info(),
+    cmd = "python analysis/profile_verify_forward.py" + ("" if args.out == str(OUT) else f" --out {args.out}")
+    res: dict[str, Any] = {"command": cmd, "machine": machine.machine_info(),
                            "memory_read_gbs": machine.memory_read_bandwidth_gbs(),
                            "context": CONTEXT, "cache_slots": SLOTS, "tokens": {}}
     for t in (1, 6):
-        res["tokens"][str(t)] = {"chain": chain(target.cfg, t), "forward": traced_forward(target, t)}
+        res["tokens"][str(t)] = {"chain": chain(target.cfg, t), "forward": traced_forward(target, t),
+                                 "tree_attention_ab": tree_attention_ab(target, t)}
         print(t, json.dumps(res["tokens"][str(t)]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from simulator.engines import resolve_engine
 from simulator.errors import ConfigError
 from simulator.hardware import CpuSpec, GpuSpec, HardwareProfile
 from simulator.workload import ID_BYTES, Workload, dtype_bytes
@@ -48,7 +49,7 @@ class RooflineCosts:
         m = wl.model
         self._tb, self._db = wl.target_bytes_per_weight(), dtype_bytes(wl.draft_dtype)
         self._h, self._lp, self._kv, self._q = m.hidden_size, m.layer_params, m.kv_size, m.q_size
-        self.engine = wl.engine
+        self.engine = resolve_engine(wl.cpu_engine, hw.cpu_engines or None)  # fitted against this profile
         self.fw = wl.framework
         # a GPU framework's counted host calls replace the profile's coarse per-layer dispatch (never both)
         self._layer_s = 0.0 if self.fw is not None else hw.gpu.layer_s

@@ -4,7 +4,10 @@ The same CPU decodes at very different speeds depending on what runs the target 
 SmolLM2-135M f32: ~26 tok/s in HF transformers, ~73 in this project, ~86 in llama.cpp), so a prediction for a
 machine described only by its spec sheet needs the engine as an input. Each engine is a handful of numbers in
 `simulator/data/cpu_engines.json` (one file, so it is easy to refit when an engine gets faster), every number with
-its source:
+its source. The numbers are relative to the preset they were fitted against, and they do not carry over between
+CPUs: on a second 2-core VM (Intel Xeon, the same measured DRAM read rate as the AMD EPYC the shared file was
+fitted on) llama.cpp decodes 1.9x slower, this project 1.4x slower and HF transformers 1.3x faster. A preset
+fitted on its own machine names its own file (`cpu_engines` in the preset, e.g. `host-2core-intel-xeon`):
 
 - `stream_frac`: weight-streaming rate of a decode step / the profile's achieved read bandwidth (mem_bw x bw_eff);
 - `gemm_frac`: large multi-token GEMM FLOP/s / the profile's fp32 peak (`peak_flops`, the spec-sheet FMA peak);
@@ -129,18 +132,30 @@ def _load(path: str) -> dict[str, CpuEngine]:
     return {n: parse_engine(n, e) for n, e in _read_section(path, "engines", "cpu engines").items()}
 
 
-def engine_names() -> list[str]:
+def engines_path(engines_file: str | None = None) -> Path:
+    """The engines data file: `simulator/data/cpu_engines.json`, or another file of `simulator/data` that a
+    preset names (`cpu_engines`: engines fitted against that preset, on that machine)."""
+    if not engines_file:
+        return ENGINES_FILE
+    p = ENGINES_FILE.parent / engines_file
+    if Path(engines_file).name != engines_file or not p.is_file():
+        raise ConfigError(f"cpu engines file {engines_file!r}: not a file of {ENGINES_FILE.parent}")
+    return p
+
+
+def engine_names(engines_file: str | None = None) -> list[str]:
     """`profile` first, then the engines of the data file."""
-    return [PROFILE_ENGINE, *_load(str(ENGINES_FILE))]
+    return [PROFILE_ENGINE, *_load(str(engines_path(engines_file)))]
 
 
-def resolve_engine(name: str | None) -> CpuEngine | None:
-    """None for `profile` (or None), else the named engine; unknown names list the choices."""
+def resolve_engine(name: str | None, engines_file: str | None = None) -> CpuEngine | None:
+    """None for `profile` (or None), else the named engine (of `engines_file`, default the shared data file);
+    unknown names list the choices."""
     if name is None or name == PROFILE_ENGINE:
         return None
-    engines = _load(str(ENGINES_FILE))
+    engines = _load(str(engines_path(engines_file)))
     if name not in engines:
-        raise ConfigError(f"unknown cpu engine {name!r}; choose from {', '.join(engine_names())}")
+        raise ConfigError(f"unknown cpu engine {name!r}; choose from {', '.join(engine_names(engines_file))}")
     return engines[name]
 
 

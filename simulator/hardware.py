@@ -126,6 +126,7 @@ class HardwareProfile:
     link: LinkSpec
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    cpu_engines: str = ""  # the engines file (simulator/data) fitted against this profile; "" = the shared one
 
     def with_link(self, gen: int | None = None, lanes: int | None = None, bandwidth: float | None = None
                   ) -> HardwareProfile:
@@ -165,6 +166,8 @@ class HardwareProfile:
     def to_json(self) -> dict[str, Any]:
         """Plain JSON with `{value, source}` pairs where a source is known (round-trips through `parse_profile`)."""
         out: dict[str, Any] = {"name": self.name, "description": self.description}
+        if self.cpu_engines:
+            out["cpu_engines"] = {"value": self.cpu_engines, "source": self.sources.get("cpu_engines", "")}
         for sect in ("cpu", "gpu", "link"):
             d = asdict(getattr(self, sect))
             out[sect] = {k: ({"value": v, "source": self.sources[f"{sect}.{k}"]} if f"{sect}.{k}" in self.sources
@@ -232,8 +235,15 @@ def parse_profile(raw: Any, where: str = "<dict>") -> HardwareProfile:
     pcie_bandwidth(link.gen, link.lanes)
     if gpu.reserved_bytes >= gpu.vram_bytes:
         raise ConfigError(f"profile {where!r}: gpu.reserved_bytes must be below gpu.vram_bytes")
+    engines = raw.get("cpu_engines", "")
+    if isinstance(engines, dict):
+        if engines.get("source"):
+            sources["cpu_engines"] = str(engines["source"])
+        engines = engines.get("value", "")
+    if not isinstance(engines, str) or Path(engines).name != engines:
+        raise ConfigError(f"profile {where!r}: cpu_engines must be a file name in simulator/data, got {engines!r}")
     return HardwareProfile(name=str(raw.get("name", where)), cpu=cpu, gpu=gpu, link=link,
-                           description=str(raw.get("description", "")), sources=sources)
+                           description=str(raw.get("description", "")), sources=sources, cpu_engines=engines)
 
 
 MEASURED_TAG = "measured by dovetail profile-hw"

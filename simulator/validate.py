@@ -375,15 +375,17 @@ def run_read_gbs(machine: Any, where: str, prompts: Sequence[Any] = ()) -> float
     return float(statistics.mean(vals)) if vals else None
 
 
-def engine_rows(results: Path = RESULTS, held_out: Path | None = None) -> list[dict[str, Any]]:
+def engine_rows(results: Path = RESULTS, held_out: Path | None = None,
+                reference: Path | None = None) -> list[dict[str, Any]]:
     """Measured target-only decode tok/s per engine on this machine (bench_target.json, bench_dovetail.json).
 
     The engines' parameters (simulator/data/cpu_engines.json, analysis/fit_cpu_engines.py) used bench_target's
     decode rates ("calibration" rows here); bench_dovetail's decode rates on chat prompts were not used
     ("held-out"); `held_out` names another `bench dovetail` result to take them from. Each row carries the read
-    bandwidth its run measured (`run_read_gbs`, None when that run recorded none)."""
+    bandwidth its run measured (`run_read_gbs`, None when that run recorded none). `reference` names another `bench
+    target` result for the calibration rows (the one a preset's own engines file was fitted on)."""
     rows: list[dict[str, Any]] = []
-    path = results / REFERENCE_BENCH
+    path = Path(reference) if reference else results / REFERENCE_BENCH
     try:
         bt = json.loads(path.read_text())
         prompt, new = int(bt["prompt"]["tokens"]), int(bt["max_new_tokens"])
@@ -397,7 +399,7 @@ def engine_rows(results: Path = RESULTS, held_out: Path | None = None) -> list[d
         if e and e.get("decode_tok_s"):
             rows.append({"name": f"target-{engine}-fib", "engine": engine, "prompt_tokens": prompt,
                          "new_tokens": new, "measured_tokens_per_s": float(e["decode_tok_s"]),
-                         "cache_slots": e.get("cache_slots"), "source": REFERENCE_BENCH,
+                         "cache_slots": e.get("cache_slots"), "source": path.name,
                          "split": "calibration", "run_read_gbs": bt_gbs})
     held_out = held_out or results / "bench_dovetail.json"
     try:
@@ -431,7 +433,8 @@ def _engine_tokens_per_s(hw: HardwareProfile, model: ModelConfig, r: dict[str, A
 
 
 def check_engines(hw: HardwareProfile, model: ModelConfig, results: Path = RESULTS,
-                  held_out: Path | None = None, bandwidth_scaling: bool = True) -> dict[str, Any]:
+                  held_out: Path | None = None, bandwidth_scaling: bool = True,
+                  reference: Path | None = None) -> dict[str, Any]:
     """Predict each engine's measured target-only decode from the profile + `--cpu-engine` (no calibration).
 
     With `bandwidth_scaling`, each row is predicted on the profile with its memory bandwidth scaled by (the read
@@ -444,8 +447,9 @@ def check_engines(hw: HardwareProfile, model: ModelConfig, results: Path = RESUL
     no bandwidth, so the reference is exact for the shared decode points only. Rows whose run recorded no
     bandwidth (or all rows, if the reference file has none) are predicted unscaled (`bandwidth_scaled` false).
     Both errors are reported; the scaled one is the headline (`median_abs_error`, `meets_goal`)."""
-    rows = engine_rows(results, held_out)
-    ref = next((r["run_read_gbs"] for r in rows if r["source"] == REFERENCE_BENCH), None)
+    rows = engine_rows(results, held_out, reference)
+    ref_name = Path(reference).name if reference else REFERENCE_BENCH
+    ref = next((r["run_read_gbs"] for r in rows if r["split"] == "calibration"), None)
     out = []
     for r in rows:
         unscaled = _engine_tokens_per_s(hw, model, r)
@@ -461,12 +465,13 @@ def check_engines(hw: HardwareProfile, model: ModelConfig, results: Path = RESUL
                           f"rate to validate")
     errs = [abs(x["error"]) for x in held]
     errs_un = [abs(x["error_unscaled"]) for x in held]
-    summary = {"profile": hw.name, "model": model.name, "rows": len(out), "held_out": len(errs),
+    summary = {"profile": hw.name, "cpu_engines": hw.cpu_engines or "cpu_engines.json", "model": model.name,
+               "rows": len(out), "held_out": len(errs),
                "headline": "bandwidth-scaled" if bandwidth_scaling else "unscaled (--no-bandwidth-scaling)",
                "median_abs_error": statistics.median(errs), "max_abs_error": max(errs),
                "median_abs_error_unscaled": statistics.median(errs_un), "max_abs_error_unscaled": max(errs_un),
                "bandwidth_scaling": {"enabled": bandwidth_scaling, "reference_read_gbs": ref,
-                                     "reference": f"{REFERENCE_BENCH} machine.memory_read_gbs (jnp.sum read)",
+                                     "reference": f"{ref_name} machine.memory_read_gbs (jnp.sum read)",
                                      "held_out_scaled": sum(x["bandwidth_scaled"] for x in held)},
                "goal": {"median": GOAL_MEDIAN, "max": GOAL_MAX},
                "meets_goal": statistics.median(errs) <= GOAL_MEDIAN and max(errs) <= GOAL_MAX}
@@ -485,6 +490,7 @@ def format_engines_report(rep: dict[str, Any]) -> str:
                      f"{r['error_unscaled']:>+8.1%}")
     b = s["bandwidth_scaling"]
     ref = "none recorded" if b["reference_read_gbs"] is None else f"{b['reference_read_gbs']:.1f} GB/s"
+    ref += f" in {b['reference'].split()[0]}, engines {s.get('cpu_engines', 'cpu_engines.json')}"
     lines.append(f"held-out ({s['held_out']} rows, {b['held_out_scaled']} bandwidth-scaled; reference {ref}): "
                  f"{s['headline']} median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%} "
                  f"(goal {GOAL_MEDIAN:.0%} / {GOAL_MAX:.0%}: {'met' if s['meets_goal'] else 'NOT met'})"
@@ -523,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--held-out", default=None, metavar="FILE",
                    help="a `dovetail bench dovetail` result whose target-only and llama.cpp decode rates are the "
                         "held-out rows (default: analysis/results/bench_dovetail.json)")
+    e.add_argument("--reference", default=None, metavar="FILE",
+                   help="the `dovetail bench target` result the profile's engines were fitted on: its decode rates "
+                        "are the calibration rows and its read bandwidth the scaling reference (default: "
+                        f"analysis/results/{REFERENCE_BENCH})")
     e.add_argument("--no-bandwidth-scaling", action="store_true",
                    help="predict every row on the profile as it is, not scaled to the read bandwidth its run "
                         "measured (machine.memory_read_gbs)")
@@ -531,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "engines":
             rep = check_engines(load_profile(args.profile), resolve_model(args.model),
                                 held_out=Path(args.held_out) if args.held_out else None,
-                                bandwidth_scaling=not args.no_bandwidth_scaling)
+                                bandwidth_scaling=not args.no_bandwidth_scaling,
+                                reference=Path(args.reference) if args.reference else None)
             write_json(args.out, rep)
             print(format_engines_report(rep))
             return 0
