@@ -37,7 +37,8 @@ def test_preset_names_its_engines_and_the_costs_use_them() -> None:
     assert RooflineCosts(INTEL, wl).engine == own and RooflineCosts(AMD, wl).engine == shared
     # the same preset without its own file would cost llama.cpp with the AMD fractions: another prediction
     bare = parse_profile({k: v for k, v in INTEL.to_json().items() if k != "cpu_engines"}, "bare")
-    assert bare.cpu_engines == "" and _decode_tok_s(bare, "llama.cpp") != pytest.approx(_decode_tok_s(INTEL, "llama.cpp"))
+    assert bare.cpu_engines == ""
+    assert _decode_tok_s(bare, "llama.cpp") != pytest.approx(_decode_tok_s(INTEL, "llama.cpp"))
     assert parse_profile(INTEL.to_json(), "again").cpu_engines == INTEL.cpu_engines  # round-trips
 
 
