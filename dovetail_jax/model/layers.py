@@ -161,50 +161,36 @@ def self_attention(
     call of `kernels.tree_attention`: in XLA it is ~10 small ops per layer whose dispatch costs several times
     their work. Gradients are those of the XLA composition.
     """
-    b, t, width = qkv.shape
-    d = cos.shape[-1] * 2
+    b = qkv.shape[0]
     if (lead_k is None and k_cache is not None and v_cache is not None
             and kernels.supports_tree_attention(qkv, k_cache, v_cache, mask)):
         lo = jnp.zeros((b,), jnp.int32) if kv_start is None else kv_start.astype(jnp.int32)
         hi = jnp.asarray(prefix_len, jnp.int32)
         return jax.lax.platform_dependent(qkv, cos, sin, k_cache, v_cache, lo, hi, mask,
                                           cpu=_kernel_self_attention, default=_xla_self_attention)
-    n = width // d - 2 * num_kv_heads
-    q, k, v = jnp.split(qkv, [n * d, (n + num_kv_heads) * d], axis=-1)
-    q = apply_rope(q.reshape(b, t, n, d), cos, sin)
-    k = apply_rope(k.reshape(b, t, num_kv_heads, d), cos, sin)
-    v = v.reshape(b, t, num_kv_heads, d)
+    q, k, v = _split_rope(qkv, cos, sin, num_kv_heads)
     k_all = k if lead_k is None else jnp.concatenate([lead_k, k], axis=1)
     v_all = v if lead_v is None else jnp.concatenate([lead_v, v], axis=1)
     return attention(q, k_all, v_all, k_cache, v_cache, prefix_len, mask, kv_start), k, v
 
 
+def _split_rope(qkv: jax.Array, cos: jax.Array, sin: jax.Array,
+                num_kv_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The fused projection `[B, T, (N + 2K) D]` -> RoPE'd q `[B, T, N, D]`, RoPE'd k and v `[B, T, K, D]`."""
+    b, t, width = qkv.shape
+    d = cos.shape[-1] * 2
+    n = width // d - 2 * num_kv_heads
+    q, k, v = jnp.split(qkv, [n * d, (n + num_kv_heads) * d], axis=-1)
+    return (apply_rope(q.reshape(b, t, n, d), cos, sin), apply_rope(k.reshape(b, t, num_kv_heads, d), cos, sin),
+            v.reshape(b, t, num_kv_heads, d))
+
+
 def _xla_self_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                         lo: jax.Array, hi: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`kernels.tree_attention`'s XLA equivalent (its reference, its gradient, its path off the CPU)."""
-    b, t, width = qkv.shape
-    kh, d = k_cache.shape[1], k_cache.shape[3]
-    n = width // d - 2 * kh
-    q, k, v = jnp.split(qkv, [n * d, (n + kh) * d], axis=-1)
-    q = apply_rope(q.reshape(b, t, n, d), cos, sin)
-    k = apply_rope(k.reshape(b, t, kh, d), cos, sin)
-    v = v.reshape(b, t, kh, d)
-    g = n // kh
-    qh = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d) * (d**-0.5)
-    m_c, l_c, o_c = _xla_cache_partial(qh, k_cache, v_cache, lo, hi)  # [B, K, G*T], .., [B, K, G*T, D]
-    s_new = jax.lax.dot_general(qh, k.transpose(0, 2, 1, 3), (((3,), (3,)), ((0, 1), (0, 1))))
-    s_new = s_new.reshape(b, kh, g, t, t)
-    visible = mask[:, None, None] if mask.ndim == 3 else mask  # [B, 1, 1, T, T] or [T, T]
-    s_new = jnp.where(visible, s_new, NEG_INF)
-    m_c, l_c, o_c = m_c.reshape(b, kh, g, t, 1), l_c.reshape(b, kh, g, t, 1), o_c.reshape(b, kh, g, t, d)
-    m = jnp.maximum(s_new.max(-1, keepdims=True), m_c)
-    e_new = jnp.where(visible, jnp.exp(s_new - m), 0.0)
-    scale = jnp.exp(m_c - m)
-    denom = e_new.sum(-1, keepdims=True) + l_c * scale
-    pv = (((3,), (2,)), ((0, 1), (0, 1)))
-    out = jax.lax.dot_general(e_new.reshape(b, kh, g * t, t), v.transpose(0, 2, 1, 3), pv).reshape(b, kh, g, t, d)
-    out = (out + o_c * scale) / jnp.where(denom > 0, denom, 1.0)  # nothing visible: 0, as the kernel
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * d), k, v
+    """`kernels.tree_attention`'s XLA equivalent (its gradient, its path off the CPU): `attention` over RoPE'd
+    q, k, v (a query that sees no key at all differs: the kernel gives 0)."""
+    q, k, v = _split_rope(qkv, cos, sin, k_cache.shape[1])
+    return attention(q, k, v, k_cache, v_cache, hi, mask, lo), k, v
 
 
 @jax.custom_vjp
