@@ -33,10 +33,6 @@ def _mover(device: jax.Device) -> Callable[[tuple[np.ndarray, ...]], tuple[jax.A
     return jax.jit(lambda xs: xs, in_shardings=on, out_shardings=on, donate_argnums=0)
 
 
-def nbytes(*xs: Any) -> int:
-    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in xs)
-
-
 @dataclass
 class Counter:
     """Bytes and copies in each direction, and seconds per phase (verify, draft, transfer, host)."""
@@ -67,9 +63,10 @@ class Counter:
 
     def _cross(self, arrays: tuple[jax.Array, ...], device: jax.Device) -> tuple[Any, int]:
         t0 = time.perf_counter()
-        moved = jax.block_until_ready(_mover(device)(tuple(np.asarray(x) for x in arrays)))
+        host = tuple(np.asarray(x) for x in arrays)
+        moved = jax.block_until_ready(_mover(device)(host))
         self.transfer += time.perf_counter() - t0
-        return moved, nbytes(*arrays)
+        return moved, sum(h.nbytes for h in host)
 
     def phase_times(self) -> PhaseTimes:
         return PhaseTimes(verify=self.verify, draft=self.draft, transfer=self.transfer, host=self.host)

@@ -1,26 +1,27 @@
 """Compiled f32 kernels (f32 or bf16 matmul weights) for XLA CPU, called through `jax.ffi` inside jitted forwards.
 
-Decoding and tree verification multiply 1-32 token rows by f32 weights; that is memory-bound, so the weights
-should be read once whatever T is. XLA CPU does not do that for T >= 2 (YNNPACK packs `[out, in]` weights on
-every call, see README). `matmul.cc` streams each weight row (or column panel) once for all T tokens on XLA's
-own thread pool. Weights stored as bfloat16 (a draft loaded from a bf16 checkpoint, `io.checkpoint.load_draft`)
-have their own targets: the same blocks widen each bf16 to its f32 value in registers (exact: a bf16 is the top
-half of an f32), so `matmul(x, w)` equals `matmul(x, w.astype(float32))` bit for bit and reads half the bytes.
-The same holds for attention over the KV cache: XLA runs it as batched dot_generals at ~1/3
-of DRAM speed; `attention.cc` streams each cached K/V row once for all query rows of its kv head and returns
-the partial softmax state (max, sum of exp, un-normalised output) that `layers.attention` merges with the new
-tokens' scores; `tree_attention` goes further and does a layer's whole attention of the new tokens in one call
-(RoPE, the cache part, the new tokens under the tree mask, the merge), which XLA runs as ~10 dispatches of small
-ops per layer. The SIMD blocks both use (dot steps, horizontal sums, axpy panels, work sharing) are in
-`simd.h`, which the sources include from their own folder. Both sources are compiled with the system C++
-compiler on first use into one library in the cache directory (keyed by every source and header, flags,
-compiler and jaxlib version; atomic, so concurrent processes are safe) and registered as FFI targets.
+Decoding and tree verification multiply 1-32 token rows by f32 weights; that is memory-bound, so the weights should
+be read once whatever T is. XLA CPU does not do that for T >= 2 (YNNPACK packs `[out, in]` weights on every call,
+see README). `matmul.cc` streams each weight row (or column panel) once for all T tokens on XLA's own thread pool.
+Weights stored as bfloat16 (a draft loaded from a bf16 checkpoint, `io.checkpoint.load_draft`) have their own
+targets: the same blocks widen each bf16 to its f32 value in registers (exact: a bf16 is the top half of an f32), so
+`matmul(x, w)` equals `matmul(x, w.astype(float32))` bit for bit and reads half the bytes. The same holds for
+attention over the KV cache: XLA runs it as batched dot_generals at ~1/3 of DRAM speed; `attention.cc` streams each
+cached K/V row once for all query rows of its kv head and returns the partial softmax state (max, sum of exp, un-
+normalised output) that `layers.attention` merges with the new tokens' scores; `tree_attention` goes further and
+does a layer's whole attention of the new tokens in one call (RoPE, the cache part, the new tokens under the tree
+mask, the merge), which XLA runs as ~10 dispatches of small ops per layer. `kv_write.cc` writes a step's or an
+accepted path's K/V rows into every layer's cache in one call, in place (XLA: ~3 small ops per buffer, 60 buffers).
+The SIMD blocks the first two use (dot steps, horizontal sums, axpy panels, work sharing) are in `simd.h`, which the
+sources include from their own folder. The sources are compiled with the system C++ compiler on first use into one
+library in the cache directory (keyed by every source and header, flags, compiler and jaxlib version; atomic, so
+concurrent processes are safe) and registered as FFI targets.
 
-Where they cannot run (no compiler, no AVX-512, build or load failure, `DOVETAIL_KERNELS=off`)
-`kernels_enabled()` is False and callers use XLA: same semantics, one line on stderr, no traceback.
-`DOVETAIL_ATTENTION_KERNEL=off` (read when a forward is traced) keeps the matmul kernel but computes attention
-with XLA, for before/after comparisons; `DOVETAIL_TREE_ATTENTION=off` keeps the cache kernel but runs RoPE and the
-new tokens' part in XLA (the path before `tree_attention`).
+Where they cannot run (no compiler, no AVX-512, build or load failure, `DOVETAIL_KERNELS=off`) `kernels_enabled()`
+is False and callers use XLA: same semantics, one line on stderr, no traceback. `DOVETAIL_ATTENTION_KERNEL=off`
+(read when a forward is traced) keeps the matmul kernel but computes attention with XLA, for before/after
+comparisons; `DOVETAIL_TREE_ATTENTION=off` keeps the cache kernel but runs RoPE and the new tokens' part in XLA (the
+path before `tree_attention`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 MAX_TOKENS = 32
 # Query rows per kv head (G * T) up to which `layers.attention` uses the cache kernel (G = 3: trees of 32).
 MAX_ATTENTION_ROWS = 128
-SOURCES = (Path(__file__).with_name("matmul.cc"), Path(__file__).with_name("attention.cc"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("matmul.cc", "attention.cc", "kv_write.cc"))
 # Included by the sources as `#include "simd.h"` (a quoted include: found in the including file's folder, whatever
 # the working directory). Not compiled on its own, but a change to it must rebuild: it is part of the build key.
 HEADERS = (Path(__file__).with_name("simd.h"),)
@@ -64,6 +65,8 @@ ATTENTION_TARGET = "dovetail_cache_attention"
 _ATTENTION_SYMBOL = "DovetailCacheAttention"
 TREE_ATTENTION_TARGET = "dovetail_tree_attention"
 _TREE_ATTENTION_SYMBOL = "DovetailTreeAttention"
+KV_WRITE_TARGET = "dovetail_kv_write"
+_KV_WRITE_SYMBOL = "DovetailKvWrite"
 
 
 class KernelUnavailable(RuntimeError):
@@ -140,7 +143,8 @@ def _load() -> str | None:
             for layout, name in targets.items():
                 fn = getattr(lib, symbols[layout])
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
-        for name, symbol in ((ATTENTION_TARGET, _ATTENTION_SYMBOL), (TREE_ATTENTION_TARGET, _TREE_ATTENTION_SYMBOL)):
+        for name, symbol in ((ATTENTION_TARGET, _ATTENTION_SYMBOL), (TREE_ATTENTION_TARGET, _TREE_ATTENTION_SYMBOL),
+                             (KV_WRITE_TARGET, _KV_WRITE_SYMBOL)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except Exception as e:  # any build or load failure means "use XLA's dot", never a crash
         return f"{type(e).__name__}: {e}" if not isinstance(e, KernelUnavailable) else str(e)
@@ -277,3 +281,30 @@ def tree_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array,
                                                     jax.ShapeDtypeStruct((b, t, kh, d), f32)),
                             vmap_method="sequential")
     return call(qkv, cos, sin, k, v, jnp.asarray(lo, jnp.int32).reshape(b), jnp.asarray(hi, jnp.int32), mask)
+
+
+def supports_kv_write(caches: tuple[jax.Array, ...], updates: tuple[jax.Array, ...], width: int) -> bool:
+    """Whether `kv_write(caches, updates, ...)` may run: as many f32 caches `[B, K, S, D]` as f32 updates
+    `[B, T, K, D]` of matching (B, K, D), 1 <= W <= S rows written, the kernels built."""
+    if _forced_off or not caches or len(caches) != len(updates):
+        return False
+    for c, u in zip(caches, updates, strict=True):
+        if (c.ndim != 4 or u.ndim != 4 or c.dtype != jnp.float32 or u.dtype != jnp.float32
+                or (u.shape[0], u.shape[2], u.shape[3]) != (c.shape[0], c.shape[1], c.shape[3])
+                or not 1 <= width <= c.shape[2] or u.shape[1] < 1):
+            return False
+    return kernels_enabled()
+
+
+def kv_write(caches: tuple[jax.Array, ...], updates: tuple[jax.Array, ...], path: jax.Array,
+             start: jax.Array) -> tuple[jax.Array, ...]:
+    """Rows `path [W]` of every `updates[i] [B, T, K, D]` into slots `start .. start + W` of `caches[i]
+    [B, K, S, D]`, as `lax.dynamic_update_slice` would (start clamped to [0, S - W]); in place when the caches
+    are donated. Call only when `supports_kv_write`."""
+    if not kernels_enabled():
+        raise KernelUnavailable(f"compiled kernels unavailable: {_load()}")
+    n = len(caches)
+    call = jax.ffi.ffi_call(KV_WRITE_TARGET, tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches),
+                            input_output_aliases={2 + n + i: i for i in range(n)}, vmap_method="sequential")
+    return tuple(call(jnp.asarray(path, jnp.int32).reshape(-1), jnp.asarray(start, jnp.int32).reshape(()),
+                      *updates, *caches))

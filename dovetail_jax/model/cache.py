@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from dovetail_jax import kernels
 from dovetail_jax.config import ModelConfig
 
 
@@ -62,28 +63,34 @@ def _write(buf: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_slice(buf, rows.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, start, 0))
 
 
+def _write_rows(bufs: tuple[jax.Array, ...], new: tuple[jax.Array, ...], path: jax.Array,
+                start: jax.Array) -> tuple[jax.Array, ...]:
+    """Rows `path [W]` of each `new [B, T, K, D]` into its buffer at slot `start`: one `kernels.kv_write` call for
+    all buffers on the CPU (XLA: a gather, a transpose and an update per buffer, ~0.5 ms of dispatches for
+    SmolLM2's 60), XLA elsewhere."""
+
+    def xla(bufs: tuple[jax.Array, ...], new: tuple[jax.Array, ...], path: jax.Array,
+            start: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(_write(b, jnp.take(u, path, axis=1), start) for b, u in zip(bufs, new, strict=True))
+
+    if kernels.supports_kv_write(bufs, new, path.shape[0]):
+        return jax.lax.platform_dependent(bufs, new, path, start, cpu=kernels.kv_write, default=xla)
+    return xla(bufs, new, path, start)
+
+
+def _commit(cache: KVCache, update: KVUpdate, path: jax.Array, advance: jax.Array | int) -> KVCache:
+    n = len(cache.k)
+    rows = _write_rows((*cache.k, *cache.v), (*update.k, *update.v), path, cache.length)
+    return KVCache(k=rows[:n], v=rows[n:], length=cache.length + jnp.asarray(advance, jnp.int32))
+
+
 def append(cache: KVCache, update: KVUpdate, num_valid: jax.Array | int | None = None) -> KVCache:
     """Write all T new rows at `length` and advance it by `num_valid` (default T; fewer for right padding)."""
-    start = cache.length
     t = update.k[0].shape[1]
-    n = t if num_valid is None else num_valid
-    return KVCache(
-        k=tuple(_write(b, u, start) for b, u in zip(cache.k, update.k, strict=True)),
-        v=tuple(_write(b, u, start) for b, u in zip(cache.v, update.v, strict=True)),
-        length=start + jnp.asarray(n, jnp.int32),
-    )
+    return _commit(cache, update, jnp.arange(t, dtype=jnp.int32), t if num_valid is None else num_valid)
 
 
 def commit_path(cache: KVCache, update: KVUpdate, path: jax.Array, num_accepted: jax.Array) -> KVCache:
     """Commit an accepted tree path: its nodes' K/V (rows `path [W]` of `update`, root first, padded with any
     valid index) go to slots `length ..`; `length` advances by `num_accepted`. A gather, no recompute."""
-    start = cache.length
-
-    def gather_write(buf: jax.Array, new: jax.Array) -> jax.Array:
-        return _write(buf, jnp.take(new, path, axis=1), start)
-
-    return KVCache(
-        k=tuple(gather_write(b, u) for b, u in zip(cache.k, update.k, strict=True)),
-        v=tuple(gather_write(b, u) for b, u in zip(cache.v, update.v, strict=True)),
-        length=start + jnp.asarray(num_accepted, jnp.int32),
-    )
+    return _commit(cache, update, path, num_accepted)
