@@ -10,6 +10,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dovetail_jax.argtypes import DraftFlags
@@ -188,10 +189,47 @@ def test_summarize_config_closed_form():
     assert s["llama_cpp_f32_tok_s"] == pytest.approx(5.0) and s["llama_cpp_n_prompts"] == 1
     assert s["over_llama_cpp_f32"] == pytest.approx(20.0 / 5.0)
     assert s["greedy_identical"] == 1
+    assert s["greedy_float_ties"] == 0 and s["greedy_mismatches"] == 1  # B differs, with no divergence record
     assert bd.summarize_config(_records(), "x", greedy=False)["greedy_identical"] is None
     d = bd.summarize_dataset(_records(), ["x"], greedy=True)
     assert d["n_prompts"] == 2 and d["target"]["decode_tok_s"] == pytest.approx(15.0)
     assert d["llama_cpp_f32"]["n_prompts"] == 1 and d["llama_cpp_f32"]["tokens_equal_target"] == 1
+
+
+def test_differences_split_into_float_ties_and_mismatches():
+    recs = _records()
+    recs[1]["configs"]["x"]["divergence"] = {"index": 3, "logit_gap": 2e-6, "tie": True}
+    s = bd.summarize_config(recs, "x", greedy=True)
+    assert (s["greedy_identical"], s["greedy_float_ties"], s["greedy_mismatches"]) == (1, 1, 0)
+    recs[1]["configs"]["x"]["divergence"]["tie"] = False
+    s = bd.summarize_config(recs, "x", greedy=True)
+    assert (s["greedy_identical"], s["greedy_float_ties"], s["greedy_mismatches"]) == (1, 0, 1)
+
+
+def test_first_divergence_on_a_tiny_target(monkeypatch):
+    """The first differing index, both tokens and the target's logit gap between them after the shared prefix;
+    the logits are the ones target-only's greedy decoding picks from (an independent path: decode steps)."""
+    from dovetail_helpers import tiny_target
+
+    from dovetail_jax.bench import divergence as dv
+    from dovetail_jax.decode import target_only
+
+    cfg, params = tiny_target(vocab=64, seed=5)
+    prompt = [3, 1, 4, 1, 5]
+    ref, _ = target_only.generate(params, cfg, prompt, 6)
+    assert dv.first_divergence(params, cfg, prompt, ref, list(ref)) is None
+    for i in (0, 3):
+        logits = dv.next_logits(params, cfg, prompt + ref[:i])
+        assert int(logits.argmax()) == ref[i]
+        second = int(np.argsort(-logits)[1])
+        d = dv.first_divergence(params, cfg, prompt, ref, ref[:i] + [second] + ref[i + 1:])
+        assert d["index"] == i and (d["target_token"], d["dovetail_token"]) == (ref[i], second)
+        assert d["logit_gap"] == pytest.approx(logits[ref[i]] - logits[second]) and d["logit_gap"] > dv.TIE_LOGIT_GAP
+        assert d["top_logit"] == pytest.approx(logits.max()) and d["tie"] is False
+    monkeypatch.setattr(dv, "TIE_LOGIT_GAP", 1e9)
+    assert dv.first_divergence(params, cfg, prompt, ref, ref[:2] + [(ref[2] + 1) % 64])["tie"] is True
+    cut = dv.first_divergence(params, cfg, prompt, ref, ref[:4])  # agrees where both exist: cut short, no tie
+    assert cut["index"] == 4 and cut["tie"] is False and cut["logit_gap"] is None
 
 
 @pytest.mark.parametrize("which", ["self", "random"])

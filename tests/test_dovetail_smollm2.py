@@ -3,15 +3,22 @@
 that agrees with the target (the target itself as a standalone draft, so long paths are accepted), over several
 tree shapes.
 
+Exactly means: up to a float32 tie of the target's own logits (`bench/divergence.py`: two tokens within 1e-4,
+which a 1-token step and a tree verification, adding in different orders, may break differently); such a tie is
+reported as a warning, any wider difference fails.
+
 The default run checks a subset; `pytest -m slow` runs the full matrix (20 prompts x 128 new tokens x 4 tree
 shapes x 3 drafts; about 15 minutes on 2 cores), which CI runs too.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from dovetail_jax import api, devices
+from dovetail_jax.bench.divergence import first_divergence
 from dovetail_jax.config import DraftConfig, TreeConfig
 from dovetail_jax.model import draft as draft_lib
 from dovetail_jax.model.draft import Draft
@@ -75,11 +82,15 @@ def check(target, reference, draft: Draft, tree: TreeConfig, prompts: list[int])
     for i in prompts:
         out = api.generate(target, PROMPTS[i], chat=True, max_new_tokens=NEW_TOKENS, draft=draft, tree=tree)
         ref = reference(i)
-        if out.token_ids != ref:
-            first = next((j for j, (a, b) in enumerate(zip(out.token_ids, ref, strict=False)) if a != b),
-                         min(len(out.token_ids), len(ref)))
-            pytest.fail(f"prompt {i} ({PROMPTS[i]!r}), draft {draft.source}, tree {tree}: first divergence at "
-                        f"token {first}: dovetail {out.token_ids[first:first + 5]} vs target {ref[first:first + 5]}")
+        d = first_divergence(target.params, target.cfg, out.prompt_ids, ref, out.token_ids)
+        if d is not None:
+            first = d["index"]
+            what = (f"prompt {i} ({PROMPTS[i]!r}), draft {draft.source}, tree {tree}: first divergence at token "
+                    f"{first}: dovetail {out.token_ids[first:first + 5]} vs target {ref[first:first + 5]}, target "
+                    f"logit gap {d['logit_gap']}")
+            if not d["tie"]:
+                pytest.fail(what)
+            warnings.warn(f"a float32 tie of the target's own logits, broken differently: {what}", stacklevel=1)
         taus.append(out.stats.acceptance.tau)
         hist = out.stats.acceptance.hist
         if draft.source == "the target itself":

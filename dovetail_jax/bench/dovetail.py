@@ -286,6 +286,7 @@ def summarize_config(records: Sequence[dict[str, Any]], name: str, greedy: bool)
     lc = summarize_runs([r["llama_cpp_f32"] for r in with_lc]) if with_lc else None
     dt_on_lc = summarize_runs([r["configs"][name] for r in with_lc]) if with_lc else None
     identical = sum(1 for r in runs if r["identical"]) if greedy else None
+    ties = sum(1 for r in runs if (r.get("divergence") or {}).get("tie")) if greedy else None
     return {
         "n_prompts": dt["n_prompts"],
         "tokens": dt["tokens"],
@@ -314,6 +315,9 @@ def summarize_config(records: Sequence[dict[str, Any]], name: str, greedy: bool)
         "over_llama_cpp_f32": ratio(dt_on_lc and dt_on_lc["decode_tok_s"], lc and lc["decode_tok_s"]),
         "llama_cpp_n_prompts": len(with_lc),
         "greedy_identical": identical,
+        # the differing prompts split: float ties of the target's own logits (bench/divergence.py), real mismatches
+        "greedy_float_ties": ties,
+        "greedy_mismatches": None if identical is None else len(runs) - identical - ties,
     }
 
 
@@ -339,8 +343,10 @@ def target_record(out: Any) -> dict[str, Any]:
             "compile_s": s.compile_s, "tok_s": s.tokens_per_s, "stop": s.stop_reason}
 
 
-def dovetail_record(out: Any, reference: list[int] | None) -> dict[str, Any]:
-    """A Dovetail run's numbers; `identical` compares its tokens with target-only's (greedy only)."""
+def dovetail_record(out: Any, reference: list[int] | None,
+                    divergence: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Dovetail run's numbers; `identical` compares its tokens with target-only's (greedy only), `divergence`
+    says where and how they differ (`divergence.first_divergence`), when they do."""
     a, x = out.stats.acceptance, out.stats.dovetail
     t = x.transfers
     return {
@@ -351,6 +357,7 @@ def dovetail_record(out: Any, reference: list[int] | None) -> dict[str, Any]:
         "prefill_bytes_to_draft": t.prefill_bytes_to_draft,
         "transfers_to_draft": t.transfers_to_draft, "transfers_to_target": t.transfers_to_target,
         "identical": None if reference is None else list(out.token_ids) == list(reference),
+        **({"divergence": divergence} if divergence is not None else {}),
     }
 
 
@@ -409,6 +416,8 @@ def format_table(res: dict[str, Any]) -> str:
         rows.append(head)
         for name, c in r["configs"].items():
             ident = "-" if c["greedy_identical"] is None else f"{c['greedy_identical']}/{c['n_prompts']}"
+            if c.get("greedy_float_ties"):
+                ident += f" +{c['greedy_float_ties']} tie"
             rows.append(f"{name[:23]:<24}{c['n_prompts']:>4}{c['tokens']:>8}{fmt(c['tau'], '.2f'):>6}"
                         f"{fmt(c['decode_tok_s'], '.1f'):>8}{fmt(c['target_decode_tok_s'], '.1f'):>8}"
                         f"{fmt(c['speedup'], '.2f'):>8}{fmt(c['speedup_wall'], '.2f'):>7}"
@@ -528,12 +537,25 @@ class _Methods:
         self.run_llama(ids, min(8, self.n), None)
         return warm
 
+    def dovetail(self, pid: str, ids: list[int], i: int, c: RunConfig, ref: list[int] | None) -> dict[str, Any]:
+        """Configuration c's record of prompt i; a greedy output that differs from target-only's gets its
+        divergence classified (one untimed target forward)."""
+        from dovetail_jax.bench.divergence import first_divergence
+
+        out = self.gen(ids, i, c)
+        div = None
+        if ref is not None and list(out.token_ids) != ref:
+            div = first_divergence(self.baseline.params, self.baseline.cfg, ids, ref, list(out.token_ids))
+            _say(f"{pid}, {c.name}: differs from target-only at token {div['index']} "
+                 + ("(a float tie of the target's logits)" if div["tie"] else "(NOT a float tie: a mismatch)"))
+        return dovetail_record(out, ref, div)
+
     def measure(self, pid: str, ids: list[int], i: int) -> dict[str, Any]:
         """Prompt i round-robin: target-only, each configuration, then llama.cpp for as many tokens."""
         t_out = self.gen(ids, i, None)
         ref = list(t_out.token_ids) if self.sampling.greedy else None
         return {"id": pid, "prompt_tokens": len(ids), "target": target_record(t_out),
-                "configs": {c.name: dovetail_record(self.gen(ids, i, c), ref) for c in self.configs},
+                "configs": {c.name: self.dovetail(pid, ids, i, c, ref) for c in self.configs},
                 "llama_cpp_f32": self.run_llama(ids, len(t_out.token_ids), ref)}
 
 
