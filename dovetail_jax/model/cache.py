@@ -63,22 +63,25 @@ def _write(buf: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_slice(buf, rows.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, start, 0))
 
 
-def _write_rows(bufs: tuple[jax.Array, ...], new: tuple[jax.Array, ...], path: jax.Array,
+def _write_rows(bufs: tuple[jax.Array, ...], new: tuple[jax.Array, ...], path: jax.Array | None,
                 start: jax.Array) -> tuple[jax.Array, ...]:
-    """Rows `path [W]` of each `new [B, T, K, D]` into its buffer at slot `start`: one `kernels.kv_write` call for
-    all buffers on the CPU (XLA: a gather, a transpose and an update per buffer, ~0.5 ms of dispatches for
-    SmolLM2's 60), XLA elsewhere."""
+    """Rows `path [W]` of each `new [B, T, K, D]` (None: all T in order) into its buffer at slot `start`: one
+    `kernels.kv_write` call for all buffers on the CPU (XLA: a gather, a transpose and an update per buffer, ~0.5 ms
+    of dispatches for SmolLM2's 60), XLA elsewhere (no gather when all rows go in order)."""
 
-    def xla(bufs: tuple[jax.Array, ...], new: tuple[jax.Array, ...], path: jax.Array,
-            start: jax.Array) -> tuple[jax.Array, ...]:
-        return tuple(_write(b, jnp.take(u, path, axis=1), start) for b, u in zip(bufs, new, strict=True))
+    def xla(bufs: tuple[jax.Array, ...], new: tuple[jax.Array, ...], start: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(_write(b, u if path is None else jnp.take(u, path, axis=1), start)
+                     for b, u in zip(bufs, new, strict=True))
 
-    if kernels.supports_kv_write(bufs, new, path.shape[0]):
-        return jax.lax.platform_dependent(bufs, new, path, start, cpu=kernels.kv_write, default=xla)
-    return xla(bufs, new, path, start)
+    width = new[0].shape[1] if path is None else path.shape[0]
+    if kernels.supports_kv_write(bufs, new, width):
+        rows = jnp.arange(width, dtype=jnp.int32) if path is None else path
+        return jax.lax.platform_dependent(bufs, new, rows, start, cpu=kernels.kv_write,
+                                          default=lambda b, u, _, s: xla(b, u, s))
+    return xla(bufs, new, start)
 
 
-def _commit(cache: KVCache, update: KVUpdate, path: jax.Array, advance: jax.Array | int) -> KVCache:
+def _commit(cache: KVCache, update: KVUpdate, path: jax.Array | None, advance: jax.Array | int) -> KVCache:
     n = len(cache.k)
     rows = _write_rows((*cache.k, *cache.v), (*update.k, *update.v), path, cache.length)
     return KVCache(k=rows[:n], v=rows[n:], length=cache.length + jnp.asarray(advance, jnp.int32))
@@ -87,7 +90,7 @@ def _commit(cache: KVCache, update: KVUpdate, path: jax.Array, advance: jax.Arra
 def append(cache: KVCache, update: KVUpdate, num_valid: jax.Array | int | None = None) -> KVCache:
     """Write all T new rows at `length` and advance it by `num_valid` (default T; fewer for right padding)."""
     t = update.k[0].shape[1]
-    return _commit(cache, update, jnp.arange(t, dtype=jnp.int32), t if num_valid is None else num_valid)
+    return _commit(cache, update, None, t if num_valid is None else num_valid)
 
 
 def commit_path(cache: KVCache, update: KVUpdate, path: jax.Array, num_accepted: jax.Array) -> KVCache:
