@@ -117,10 +117,31 @@ def _check_draft_config(cfg: Any, target: Target) -> None:
                           f"({target.cfg.num_layers} layers): use 1..{target.cfg.num_layers}")
 
 
-HEAD_DTYPES = ("float32", "bfloat16")  # a draft's shared LM head: as the target's, or rounded to bf16 once
-# head_dtype None: bfloat16 for drafts sharing the target's head (trained, random), float32 for standalone/self ones.
-# Measured on the 244 evaluation prompts: the same tau, less draft time (README; bench_dovetail_full_r3_head.json)
-SHARED_HEAD_DEFAULT = "bfloat16"
+HEAD_DTYPES = ("float32", "bfloat16", "int8")  # a draft's shared LM head: as the target's, bf16, or int8 per row
+# head_dtype None: int8 for drafts sharing the target's head (trained, random), float32 for standalone/self ones.
+# bf16 was measured on the 244 evaluation prompts (same tau, less draft time: bench_dovetail_full_r3_head.json), int8
+# against bf16 on HumanEval (same tau, less draft time: README, bench_dovetail_int8_ab.json).
+SHARED_HEAD_DEFAULT = "int8"
+
+
+# A draft's own matrices: as its checkpoint stores them (bf16 or f32), or int8 per output channel (`model.quant`).
+# weight_dtype None: int8 for drafts sharing the target's head (trained, random; measured with the head, above),
+# as stored for standalone and "self" drafts (whole LMs kept as they are, like their heads).
+WEIGHT_DTYPES = ("stored", "int8")
+SHARED_WEIGHTS_DEFAULT = "int8"
+
+
+def _check_weight_dtype(weight_dtype: Any) -> None:
+    if weight_dtype is not None and (not isinstance(weight_dtype, str) or weight_dtype not in WEIGHT_DTYPES):
+        raise ConfigError(f"weight_dtype must be one of {', '.join(map(repr, WEIGHT_DTYPES))}, got {weight_dtype!r}")
+
+
+def _with_weights(draft: Draft, weight_dtype: str | None, device: jax.Device) -> Draft:
+    """`draft` with its matrices as `weight_dtype` says (None: the default for its kind, see WEIGHT_DTYPES)."""
+    default = SHARED_WEIGHTS_DEFAULT if draft.kind in ("trained", "random") else "stored"
+    if (weight_dtype or default) == "int8":
+        return dataclasses.replace(draft, params=draft_lib.quantize_matrices(draft.params, device))
+    return draft
 
 
 def _check_head_dtype(head_dtype: Any) -> None:
@@ -182,24 +203,25 @@ def load_target(path: str | Path | None = None, layout: Layout = "out_in", token
 
 
 def random_draft(target: Target, cfg: DraftConfig = DraftConfig(), seed: int = 0, *,
-                 head_dtype: str | None = None) -> Draft:
+                 head_dtype: str | None = None, weight_dtype: str | None = None) -> Draft:
     """An untrained draft (random weights) on the accelerator: lossless, just rarely right. A reduced
     vocabulary keeps the lowest ids, which in a BPE vocabulary are the earliest, most frequent merges.
-    `head_dtype`: as for `load_draft`."""
+    `head_dtype`, `weight_dtype`: as for `load_draft`."""
     _check_instance("target", target, Target, "a Target (api.load_target)")
     _check_draft_config(cfg, target)
     _check_seed(seed)
     _check_head_dtype(head_dtype)
+    _check_weight_dtype(weight_dtype)
     dev = target.placement.draft
     params = draft_lib.init_draft(jax.random.key(seed), target.cfg, cfg, dev)
     vocab_map = None if cfg.draft_vocab_size is None else np.arange(min(cfg.draft_vocab_size, target.cfg.vocab_size))
     shared = draft_lib.make_shared(target.params, target.cfg, vocab_map, dev,
                                    head_dtype=head_dtype or SHARED_HEAD_DEFAULT)
-    return Draft(cfg, params, shared, source=f"random (seed {seed})", kind="random")
+    return _with_weights(Draft(cfg, params, shared, source=f"random (seed {seed})", kind="random"), weight_dtype, dev)
 
 
 def load_draft(target: Target, path: str | Path | None = None, *, fallback_random: DraftConfig | None = None,
-               seed: int = 0, head_dtype: str | None = None) -> Draft:
+               seed: int = 0, head_dtype: str | None = None, weight_dtype: str | None = None) -> Draft:
     """Load a draft for `target` onto the accelerator.
 
     `path`: a draft checkpoint folder (`card.json` + `weights.safetensors`), or a whole LLaMA with the same
@@ -209,37 +231,46 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
     None too).
 
     `head_dtype` "bfloat16": the draft's copy of the target's LM head rows rounded to bfloat16 once (half the
-    bytes the largest matrix of a draft forward streams); it can change which tokens the draft proposes, never
-    the output, which the target verifies. Only trained and random drafts share the target's head: a
-    standalone or "self" draft with "bfloat16" is a ConfigError. None (default): bfloat16 for trained and random
-    drafts (on the 244 evaluation prompts it proposed what the float32 head did, for less time), float32 for
-    standalone and "self" drafts; "float32" keeps the target's exact rows.
+    bytes the largest matrix of a draft forward streams); "int8": quantized per row (a quarter); either can
+    change which tokens the draft proposes, never the output, which the target verifies. Only trained and
+    random drafts share the target's head: a standalone or "self" draft with another dtype than "float32" is a
+    ConfigError. None (default): int8 for trained and random drafts (on HumanEval it proposed what the bf16 head
+    did, for less time, as bf16 did against float32 on the 244 evaluation prompts), float32 for standalone and
+    "self" drafts; "float32" keeps the target's exact rows.
+
+    `weight_dtype` "int8": the draft's own matrices (fusion, blocks) quantized per output channel
+    (`model.quant`), half the bytes of a bf16 checkpoint's; like the head's dtype it can change what the draft
+    proposes, never the output. "stored": as the checkpoint stores them. None: int8 for trained and random
+    drafts (with the int8 head: the same tau on HumanEval, less draft time), as stored for standalone and "self"
+    drafts.
     """
     _check_instance("target", target, Target, "a Target (api.load_target)")
     if fallback_random is not None:
         _check_draft_config(fallback_random, target)
     _check_seed(seed)
     _check_head_dtype(head_dtype)
+    _check_weight_dtype(weight_dtype)
     if path is not None:
         check_draft_path(path)
     dev = target.placement.draft
     if path == "self":  # the target as its own standalone draft: agrees almost always, costs a target forward
         _refuse_own_head(head_dtype, "the 'self' draft")
         dcfg, params, shared = draft_lib.draft_from_lm(target.params, target.cfg, dev)
-        return Draft(dcfg, params, shared, source="self (the target itself)", kind="self")
+        return _with_weights(Draft(dcfg, params, shared, source="self (the target itself)", kind="self"),
+                             weight_dtype, dev)
     if path is None:
         path = default_draft_path(target.sha256)
         if path is None:
             if fallback_random is None:
                 raise ConfigError(f"no trained draft is shipped for {target.cfg.name}; pass a draft path")
-            return random_draft(target, fallback_random, seed, head_dtype=head_dtype)
+            return random_draft(target, fallback_random, seed, head_dtype=head_dtype, weight_dtype=weight_dtype)
     p = Path(path).expanduser()
     progress.note(f"loading the draft {progress.short_path(p)} onto {dev} ...")
     if p.is_dir() and (p / checkpoint.CARD).is_file():
         dcfg, params, vocab_map, card = checkpoint.load_draft(p, target.cfg, dev, target.sha256)
         shared = draft_lib.make_shared(target.params, target.cfg, vocab_map, dev,
                                        head_dtype=head_dtype or SHARED_HEAD_DEFAULT)
-        return Draft(dcfg, params, shared, source=str(p), kind="trained")
+        return _with_weights(Draft(dcfg, params, shared, source=str(p), kind="trained"), weight_dtype, dev)
     _refuse_own_head(head_dtype, f"the standalone draft {p}")
     lm_cfg, tensors, _ = load_model_files(p)
     if lm_cfg.vocab_size != target.cfg.vocab_size:
@@ -250,7 +281,7 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
                                f"(hidden {lm_cfg.hidden_size} vs {target.cfg.hidden_size})")
     lm = params_from_tensors(lm_cfg, tensors, None, source=str(p))
     dcfg, params, shared = draft_lib.draft_from_lm(lm, lm_cfg, dev)
-    return Draft(dcfg, params, shared, source=str(p), kind="standalone")
+    return _with_weights(Draft(dcfg, params, shared, source=str(p), kind="standalone"), weight_dtype, dev)
 
 
 def encode_prompt(target: Target, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:

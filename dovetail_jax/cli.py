@@ -88,9 +88,10 @@ def add_dovetail_args(p: argparse.ArgumentParser) -> None:
                    help="fusion of the random draft: dgf (Dovetail, default) or eagle")
     g.add_argument("--draft-vocab", type=positive_int, default=None, metavar="V",
                    help="reduced vocabulary of the random draft: its head scores only V tokens")
-    from dovetail_jax.bench.dovetail import DRAFT_HEAD_HELP, DRAFT_HEADS
+    from dovetail_jax.bench.dovetail import DRAFT_HEAD_HELP, DRAFT_HEADS, DRAFT_WEIGHTS, DRAFT_WEIGHTS_HELP
 
     g.add_argument("--draft-head", choices=list(DRAFT_HEADS), default=None, help=DRAFT_HEAD_HELP)
+    g.add_argument("--draft-weights", choices=list(DRAFT_WEIGHTS), default=None, help=DRAFT_WEIGHTS_HELP)
 
 
 def _draft_flags(args: argparse.Namespace) -> DraftFlags:
@@ -117,7 +118,8 @@ def _check_generate(args: argparse.Namespace, flags: DraftFlags) -> None:
     if args.system is not None and not args.chat:
         raise DovetailError("--system only applies to --chat prompts")
     random_opts = flags.given(RANDOM_FLAGS)
-    if args.mode != "dovetail" and (flags.draft or random_opts or flags.given(TREE_FLAGS) or args.draft_head):
+    if args.mode != "dovetail" and (flags.draft or random_opts or flags.given(TREE_FLAGS) or args.draft_head
+                                    or args.draft_weights):
         raise DovetailError("draft and tree options need --mode dovetail")
     if flags.draft and random_opts:
         raise DovetailError(f"{flag(random_opts[0])} shapes a random draft; it cannot change --draft")
@@ -126,17 +128,20 @@ def _check_generate(args: argparse.Namespace, flags: DraftFlags) -> None:
                             "--draft self keeps its own f32 head")
 
 
-def _load_draft(api: Any, target: Any, flags: DraftFlags, seed: int, draft_head: str | None = None) -> Any:
+def _load_draft(api: Any, target: Any, flags: DraftFlags, seed: int, draft_head: str | None = None,
+                draft_weights: str | None = None) -> Any:
     """--draft, else the shipped draft, else a random one (shaped by the random-draft flags, which ask for one);
-    `draft_head` (--draft-head, None: the API's default) is its LM head's dtype."""
+    `draft_head` (--draft-head) is its LM head's dtype, `draft_weights` (--draft-weights) its matrices'; None: the
+    API's defaults."""
     from dovetail_jax.bench.dovetail import DRAFT_HEADS
 
     fallback = flags.random_config()
     head_dtype = DRAFT_HEADS[draft_head] if draft_head else None
     if flags.given(RANDOM_FLAGS):
-        draft = api.random_draft(target, fallback, seed=seed, head_dtype=head_dtype)
+        draft = api.random_draft(target, fallback, seed=seed, head_dtype=head_dtype, weight_dtype=draft_weights)
     else:
-        draft = api.load_draft(target, flags.draft, fallback_random=fallback, seed=seed, head_dtype=head_dtype)
+        draft = api.load_draft(target, flags.draft, fallback_random=fallback, seed=seed, head_dtype=head_dtype,
+                               weight_dtype=draft_weights)
     if draft.is_random:
         print(f"dovetail: note: using an untrained ({draft.source}) draft: output is still exactly the "
               f"target's, but few drafts are accepted", file=sys.stderr)
@@ -196,7 +201,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat and target.tokenizer.chat_template is None:
         print("dovetail: note: the model has no chat template; --chat uses the ChatML format "
               "(<|im_start|>role ... <|im_end|>)", file=sys.stderr)
-    draft = _load_draft(api, target, flags, args.seed, args.draft_head) if dovetail else None
+    draft = _load_draft(api, target, flags, args.seed, args.draft_head, args.draft_weights) if dovetail else None
     out = api.generate(target, args.prompt, chat=args.chat, system=args.system, max_new_tokens=args.max_new_tokens,
                        sampling=_sampling(args), ignore_eos=args.ignore_eos, on_text=None if args.json else _stream,
                        draft=draft, tree=tree)
@@ -232,7 +237,7 @@ def cmd_bench_dovetail(args: argparse.Namespace) -> int:
     from dovetail_jax.bench import dovetail as bench_dovetail
 
     datasets = bench_dovetail.parse_datasets(args.datasets)
-    configs = bench_dovetail.resolve_configs(args.configs, _draft_flags(args), args.draft_head)
+    configs = bench_dovetail.resolve_configs(args.configs, _draft_flags(args), args.draft_head, args.draft_weights)
     bench_dovetail.run(bench_dovetail.DovetailBenchOptions(
         configs=tuple(configs), model=args.model, tokenizer=args.tokenizer, datasets=tuple(datasets),
         limit=args.limit, max_new_tokens=args.max_new_tokens, sampling=_sampling(args), llama_cpp=args.llama_cpp,
@@ -343,8 +348,9 @@ def _add_bench_dovetail(bsub: Any) -> None:
     p.add_argument("--configs", metavar="FILE", type=input_file, default=None,
                    help='JSON list of {"name", "draft": path | "self" | "random" | null (the default draft), '
                         '"tree": preset name | {"top_k", "depth", "total_tokens"}} (optional "draft_layers", '
-                        '"draft_fusion", "draft_vocab" shape a random draft; "draft_head": "f32" | "bf16" as '
-                        '--draft-head); replaces --draft, --draft-head and the tree options')
+                        '"draft_fusion", "draft_vocab" shape a random draft; "draft_head": "f32" | "bf16" | "int8" '
+                        'as --draft-head; "draft_weights": "stored" | "int8" as --draft-weights); replaces '
+                        '--draft, --draft-head, --draft-weights and the tree options')
     p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
                    help="also time llama.cpp on the same weights as an F32 GGUF (default: on when llama_cpp is "
                         "installed and the model is a GGUF file)")

@@ -172,16 +172,19 @@ def test_api_head_dtype(tiny) -> None:
     bf = api.load_draft(target, folder, head_dtype="bfloat16")
     assert default.kind == bf.kind == "trained"
     assert default.shared.head.dtype == jnp.float32 and bf.shared.head.dtype == jnp.bfloat16
-    auto = api.load_draft(target, folder)  # the default for a draft sharing the target's head: bf16
-    np.testing.assert_array_equal(bits(auto.shared.head.astype(jnp.float32)), bits(bf.shared.head.astype(jnp.float32)))
+    auto = api.load_draft(target, folder)  # the default for a draft sharing the target's head: int8 per row
+    q8 = api.load_draft(target, folder, head_dtype="int8")
+    assert auto.shared.head.dtype == jnp.int8
+    for a, b in zip(jax.tree.leaves(auto.shared.head), jax.tree.leaves(q8.shared.head), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     want = rne_bf16(np.asarray(default.shared.head))
     np.testing.assert_array_equal(bits(bf.shared.head.astype(jnp.float32)), bits(want))
     for a, b in zip(jax.tree.leaves(default.params), jax.tree.leaves(bf.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # only the head changes
     r = api.random_draft(target, DraftConfig(draft_vocab_size=64), head_dtype="bfloat16")
-    assert r.shared.head.dtype == jnp.bfloat16 and api.random_draft(target).shared.head.dtype == jnp.bfloat16
+    assert r.shared.head.dtype == jnp.bfloat16 and api.random_draft(target).shared.head.dtype == jnp.int8
     assert api.random_draft(target, head_dtype="float32").shared.head.dtype == jnp.float32
-    assert "bfloat16" in api.HEAD_DTYPES and "float32" in api.HEAD_DTYPES
+    assert api.HEAD_DTYPES == ("float32", "bfloat16", "int8")
 
 
 @pytest.mark.parametrize("call,needle", [
@@ -256,7 +259,7 @@ def test_bench_config_draft_head() -> None:
     assert [c.draft_head for c in cs] == ["bf16", None, "f32", "bf16"]  # None: the API's default for the kind
     assert len({cs[0].draft_key, cs[1].draft_key, cs[2].draft_key}) == 3  # same path, other heads: loaded apart
     assert cs[0].to_dict()["draft_head"] == "bf16" and cs[2].to_dict()["draft_head"] == "f32"
-    assert "draft_head" in bd.CONFIG_KEYS and bd.DRAFT_HEADS == {"f32": "float32", "bf16": "bfloat16"}
+    assert "draft_head" in bd.CONFIG_KEYS and bd.DRAFT_HEADS == {"f32": "float32", "bf16": "bfloat16", "int8": "int8"}
     (one,) = bd.resolve_configs(None, DraftFlags(draft_vocab=64), "bf16")
     assert one.draft_head == "bf16" and one.name.endswith("-bf16")
     (dflt,) = bd.resolve_configs(None, DraftFlags(draft_vocab=64))

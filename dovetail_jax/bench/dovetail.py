@@ -50,15 +50,23 @@ DEFAULT_OUT = Path("analysis/results/bench_dovetail.json")
 DEFAULT_DATASETS = "humaneval,mtbench"
 SCHEMA = "dovetail.bench.dovetail/1"
 RESERVED_NAMES = ("target", "llama_cpp_f32")
-CONFIG_KEYS = {"name", "draft", "tree", "draft_layers", "draft_fusion", "draft_vocab", "draft_head"}
+CONFIG_KEYS = {"name", "draft", "tree", "draft_layers", "draft_fusion", "draft_vocab", "draft_head", "draft_weights"}
 # --draft-head / "draft_head": the dtype of the draft's copy of the target's LM head (`api.load_draft(head_dtype=)`)
-DRAFT_HEADS = {"f32": "float32", "bf16": "bfloat16"}
+DRAFT_HEADS = {"f32": "float32", "bf16": "bfloat16", "int8": "int8"}
 DRAFT_HEAD_HELP = ("dtype of the draft's copy of the target's LM head: bf16 rounds it once at load, halving the "
-                   "bytes of the largest matrix each draft forward reads (faster drafting); it can change which "
-                   "tokens the draft proposes, never the output, which the target verifies. Trained and random "
-                   "drafts only (a standalone or 'self' draft keeps its own f32 head). Default: bf16 for "
-                   "trained and random drafts (same tau, less time, measured on the evaluation sets), f32 for "
+                   "bytes of the largest matrix each draft forward reads (faster drafting), int8 quantizes it per "
+                   "row (a quarter of the bytes); it can change which tokens the draft proposes, never the "
+                   "output, which the target verifies. Trained and random "
+                   "drafts only (a standalone or 'self' draft keeps its own f32 head). Default: int8 for "
+                   "trained and random drafts (same tau, less time, measured on HumanEval), f32 for "
                    "standalone and 'self' drafts")
+# --draft-weights / "draft_weights": the draft's own matrices as stored, or int8 (`api.load_draft(weight_dtype=)`)
+DRAFT_WEIGHTS = ("stored", "int8")
+DRAFT_WEIGHTS_HELP = ("the draft's own matrices (fusion, decoder blocks): 'stored' as its checkpoint keeps them "
+                      "(bf16 for the shipped drafts), 'int8' quantized per output channel at load, half the bytes "
+                      "a draft step reads; like --draft-head it can change what the draft proposes, never the "
+                      "output. Default: int8 for trained and random drafts (same tau, less time, measured on "
+                      "HumanEval), stored for standalone and 'self' drafts")
 TREE_KEYS = ("top_k", "depth", "total_tokens")
 RANDOM_KEYS = RANDOM_FLAGS  # the same names shape a random draft in a configs file and on the command line
 
@@ -77,15 +85,18 @@ class RunConfig:
     tree: TreeConfig
     random_cfg: DraftConfig  # the random draft's shape ("random", or None when no draft is shipped)
     draft_head: str | None = None  # a key of DRAFT_HEADS; None: the API's default for the draft's kind
+    draft_weights: str | None = None  # one of DRAFT_WEIGHTS; None: the API's default
 
     @property
-    def draft_key(self) -> tuple[str | None, DraftConfig | None, str | None]:
+    def draft_key(self) -> tuple[str | None, DraftConfig | None, str | None, str | None]:
         """Configurations with equal keys share one loaded draft (a bf16 head is a separately loaded draft)."""
-        return self.draft, (self.random_cfg if self.draft in (None, "random") else None), self.draft_head
+        return (self.draft, (self.random_cfg if self.draft in (None, "random") else None), self.draft_head,
+                self.draft_weights)
 
     def to_dict(self) -> dict[str, Any]:
         r = self.random_cfg
         return {"name": self.name, "draft": self.draft, "draft_head": self.draft_head,
+                "draft_weights": self.draft_weights,
                 "tree": {"top_k": self.tree.top_k, "depth": self.tree.depth, "total_tokens": self.tree.total_tokens},
                 "random_draft": {"num_layers": r.num_layers, "fusion": r.fusion, "draft_vocab_size": r.draft_vocab_size}
                 if self.draft in (None, "random") else None}
@@ -151,9 +162,18 @@ def _draft_head(value: Any, draft: str | None, where: str) -> str | None:
     return value
 
 
-def configs_from_flags(flags: DraftFlags, draft_head: str | None = None) -> list[RunConfig]:
-    """The single configuration that --draft / --tree / --tree-top-k / ... / --draft-head describe (as `generate`
-    reads them)."""
+def _draft_weights(value: Any, where: str) -> str | None:
+    """A validated "draft_weights" (None stays None: the API's default)."""
+    if value is not None and (not isinstance(value, str) or value not in DRAFT_WEIGHTS):
+        raise ConfigError(f"{where}: draft_weights must be one of {', '.join(map(repr, DRAFT_WEIGHTS))}, "
+                          f"got {value!r}")
+    return value
+
+
+def configs_from_flags(flags: DraftFlags, draft_head: str | None = None,
+                       draft_weights: str | None = None) -> list[RunConfig]:
+    """The single configuration that --draft / --tree / --tree-top-k / ... / --draft-head / --draft-weights
+    describe (as `generate` reads them)."""
     random_opts = flags.given(RANDOM_FLAGS)
     draft = flags.draft
     if draft not in (None, "random") and random_opts:
@@ -163,9 +183,11 @@ def configs_from_flags(flags: DraftFlags, draft_head: str | None = None) -> list
     rcfg = flags.random_config()
     tree = flags.tree_config()
     head = _draft_head(draft_head, draft, "--draft-head")
+    weights = _draft_weights(draft_weights, "--draft-weights")
     name = f"{_draft_label(draft)}-{tree.top_k}-{tree.depth}-{tree.total_tokens}"
     name += "" if head is None else f"-{head}"
-    return [RunConfig(name, draft, tree, rcfg, head)]
+    name += "" if weights is None else f"-w{weights}"
+    return [RunConfig(name, draft, tree, rcfg, head, weights)]
 
 
 def parse_configs(data: Any, where: str, default_tree: TreeConfig = TreeConfig()) -> list[RunConfig]:
@@ -196,7 +218,8 @@ def parse_configs(data: Any, where: str, default_tree: TreeConfig = TreeConfig()
             raise ConfigError(f"{at}: {shaping[0]} shapes a random draft; it cannot change draft {draft!r}")
         rcfg = _random_cfg(c.get("draft_layers"), c.get("draft_fusion"), c.get("draft_vocab"), at)
         head = _draft_head(c.get("draft_head"), draft, at)
-        out.append(RunConfig(name, draft, _tree_from_spec(c.get("tree"), at, default_tree), rcfg, head))
+        weights = _draft_weights(c.get("draft_weights"), at)
+        out.append(RunConfig(name, draft, _tree_from_spec(c.get("tree"), at, default_tree), rcfg, head, weights))
     return out
 
 
@@ -212,17 +235,21 @@ def load_configs_file(path: Path) -> list[RunConfig]:
     return parse_configs(data, str(path))
 
 
-def resolve_configs(configs_file: Path | None, flags: DraftFlags, draft_head: str | None = None) -> list[RunConfig]:
+def resolve_configs(configs_file: Path | None, flags: DraftFlags, draft_head: str | None = None,
+                    draft_weights: str | None = None) -> list[RunConfig]:
     """The configurations of a run: those of `configs_file` (--configs), else the one the flags (and --draft-head,
-    None: not given) describe."""
+    --draft-weights, None: not given) describe."""
     if configs_file is None:
-        return configs_from_flags(flags, draft_head)
+        return configs_from_flags(flags, draft_head, draft_weights)
     single = flags.given(("draft", *TREE_FLAGS, *RANDOM_FLAGS))
     if single:
         raise ConfigError(f"--configs replaces {flag(single[0])}; give one or the other")
     if draft_head is not None:
         raise ConfigError("--configs replaces --draft-head (use a configuration's \"draft_head\"); give one or the "
                           "other")
+    if draft_weights is not None:
+        raise ConfigError("--configs replaces --draft-weights (use a configuration's \"draft_weights\"); give one "
+                          "or the other")
     return load_configs_file(configs_file)
 
 
@@ -396,8 +423,10 @@ def _load_draft(api: Any, target: Any, c: RunConfig, seed: int) -> Any:
     try:
         head_dtype = DRAFT_HEADS[c.draft_head] if c.draft_head else None
         if c.draft == "random":
-            return api.random_draft(target, c.random_cfg, seed=seed, head_dtype=head_dtype)
-        return api.load_draft(target, c.draft, fallback_random=c.random_cfg, seed=seed, head_dtype=head_dtype)
+            return api.random_draft(target, c.random_cfg, seed=seed, head_dtype=head_dtype,
+                                    weight_dtype=c.draft_weights)
+        return api.load_draft(target, c.draft, fallback_random=c.random_cfg, seed=seed, head_dtype=head_dtype,
+                              weight_dtype=c.draft_weights)
     except DovetailError as e:
         raise type(e)(f"configuration {c.name!r}: draft {c.draft!r}: {e}") from None
     except Exception as e:  # any failure to load a user-given draft is bad input, not a crash
@@ -476,6 +505,7 @@ def _load_drafts(api: Any, target: Any, configs: Sequence[RunConfig],
         info[c.name] = {**c.to_dict(), "draft_source": d.source, "draft_layers": d.cfg.num_layers,
                         "draft_fusion": d.cfg.fusion, "draft_vocab": int(d.shared.head.shape[0]),
                         "draft_head_dtype": str(d.shared.head.dtype),
+                        "draft_weight_dtype": str(d.params.layers[0].wqkv.dtype),
                         "load_s": time.perf_counter() - t0}
         if d.is_random:
             _say(f"note: {c.name} uses an untrained ({d.source}) draft: lossless, but few drafts are accepted")

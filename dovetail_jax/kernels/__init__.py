@@ -5,7 +5,9 @@ be read once whatever T is. XLA CPU does not do that for T >= 2 (YNNPACK packs `
 see README). `matmul.cc` streams each weight row (or column panel) once for all T tokens on XLA's own thread pool.
 Weights stored as bfloat16 (a draft loaded from a bf16 checkpoint, `io.checkpoint.load_draft`) have their own
 targets: the same blocks widen each bf16 to its f32 value in registers (exact: a bf16 is the top half of an f32), so
-`matmul(x, w)` equals `matmul(x, w.astype(float32))` bit for bit and reads half the bytes. The same holds for
+`matmul(x, w)` equals `matmul(x, w.astype(float32))` bit for bit and reads half the bytes. An int8 matrix with one
+f32 scale per output (a quantized draft, `model.quant`) has a third pair, `matmul_q8`: the same blocks over the
+widened int8 values, each output then scaled. The same holds for
 attention over the KV cache: XLA runs it as batched dot_generals at ~1/3 of DRAM speed; `attention.cc` streams each
 cached K/V row once for all query rows of its kv head and returns the partial softmax state (max, sum of exp, un-
 normalised output) that `layers.attention` merges with the new tokens' scores; `tree_attention` goes further and
@@ -60,6 +62,8 @@ TARGETS = {"out_in": "dovetail_matmul_oi", "in_out": "dovetail_matmul_io"}
 _SYMBOLS = {"out_in": "DovetailMatmulOI", "in_out": "DovetailMatmulIO"}
 BF16_TARGETS = {"out_in": "dovetail_matmul_oi_bf16", "in_out": "dovetail_matmul_io_bf16"}  # bf16 weights
 _BF16_SYMBOLS = {"out_in": "DovetailMatmulOIBf16", "in_out": "DovetailMatmulIOBf16"}
+Q8_TARGETS = {"out_in": "dovetail_matmul_oi_q8", "in_out": "dovetail_matmul_io_q8"}  # int8 weights + scales
+_Q8_SYMBOLS = {"out_in": "DovetailMatmulOIQ8", "in_out": "DovetailMatmulIOQ8"}
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)  # what `matmul` takes as weights (activations are always f32)
 ATTENTION_TARGET = "dovetail_cache_attention"
 _ATTENTION_SYMBOL = "DovetailCacheAttention"
@@ -139,7 +143,7 @@ def _load() -> str | None:
         return f"the CPU lacks {', '.join(missing)}"
     try:
         lib = ctypes.CDLL(str(build()))
-        for targets, symbols in ((TARGETS, _SYMBOLS), (BF16_TARGETS, _BF16_SYMBOLS)):
+        for targets, symbols in ((TARGETS, _SYMBOLS), (BF16_TARGETS, _BF16_SYMBOLS), (Q8_TARGETS, _Q8_SYMBOLS)):
             for layout, name in targets.items():
                 fn = getattr(lib, symbols[layout])
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
@@ -205,6 +209,32 @@ def matmul(x: jax.Array, w: jax.Array, layout: str) -> jax.Array:
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                             vmap_method="sequential")
     return call(x2, w).reshape(*x.shape[:-1], n)
+
+
+def supports_q8(x: jax.Array, q: jax.Array, scale: jax.Array, layout: str) -> bool:
+    """Whether `matmul_q8(x, q, scale, layout)` may use the kernel: f32 `x` of 1..MAX_TOKENS rows, a 2-D int8
+    `q`, one f32 scale per output, kernels built."""
+    if _forced_off or q.ndim != 2 or scale.ndim != 1:
+        return False
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    n = q.shape[0] if layout == "out_in" else q.shape[1]
+    return (x.dtype == jnp.float32 and q.dtype == jnp.int8 and scale.dtype == jnp.float32 and scale.shape[0] == n
+            and 1 <= rows <= MAX_TOKENS and x.ndim >= 1 and kernels_enabled())
+
+
+def matmul_q8(x: jax.Array, q: jax.Array, scale: jax.Array, layout: str) -> jax.Array:
+    """`x [..., in]` times the int8 matrix `q` (layout as for `matmul`) scaled per output: `(x . q) * scale`
+    -> `[..., out]` f32, reading one byte per weight. Call only when `supports_q8`."""
+    if not kernels_enabled():
+        raise KernelUnavailable(f"compiled matmul kernels unavailable: {_load()}")
+    k = x.shape[-1]
+    n = q.shape[0] if layout == "out_in" else q.shape[1]
+    x2 = x.reshape(-1, k)
+    call = jax.ffi.ffi_call(Q8_TARGETS[layout], jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+                            vmap_method="sequential")
+    return call(x2, q, scale).reshape(*x.shape[:-1], n)
 
 
 def attention_enabled() -> bool:

@@ -1,5 +1,5 @@
-// Small-T matmul for XLA CPU as FFI custom calls: y[T, out] = x[T, in] . W, T = 1..32; x and y f32, W f32 or
-// bf16.
+// Small-T matmul for XLA CPU as FFI custom calls: y[T, out] = x[T, in] . W, T = 1..32; x and y f32, W f32,
+// bf16 or int8 (with per-output scales).
 //
 // Decoding and tree verification are memory-bound: the weights should be read from DRAM once whatever T is.
 // Each handler streams W exactly once and, while a few rows (or a column panel) sit in registers/L1, applies
@@ -16,6 +16,10 @@
 // Each has a bf16-weight twin (`..._bf16`): the same blocks over W stored as bf16, widened to f32 in registers
 // (exact), so the results equal the f32 handler's on W upcast, bit for bit, for half the bytes read (the draft's
 // bf16 checkpoint weights).
+//
+// And an int8 twin (`..._q8`): W int8 with one f32 scale per output (a per-channel quantized matrix, the draft's
+// `--draft-quant int8`); the blocks run on the int8 values widened to f32 (exact), and each output is then
+// multiplied by its scale: y[t, o] = scale[o] * sum_k x[t, k] q[o, k], a quarter of f32's bytes read.
 //
 // The register blocks (dot steps, horizontal sums, axpy panels) and the work sharing are in simd.h, shared with
 // attention.cc.
@@ -103,6 +107,7 @@ struct Job {
   const W* w;
   const float* x;
   float* y;
+  const float* scale = nullptr;  // per output (int8 weights), else none
   int64_t t_len, k_len, n_out;
   int64_t units;            // rows ([out, in]) or panels ([in, out])
   int64_t per_chunk;        // units per chunk
@@ -118,7 +123,23 @@ struct Job {
         AxpyPanelRange(w, x, y, t_len, k_len, n_out, u0, u1);
       else
         DotRows(w, x, y, t_len, k_len, n_out, u0, u1);
+      if (scale) Scale(in_out ? u0 * kPanel * 16 : u0, in_out ? std::min(n_out, u1 * kPanel * 16) : u1);
       done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  // y[t, c] *= scale[c] for outputs [c0, c1) of every token (the chunk just written, still in cache).
+  void Scale(int64_t c0, int64_t c1) const {
+    for (int64_t t = 0; t < t_len; ++t) {
+      float* yt = y + t * n_out;
+      int64_t c = c0;
+      for (; c + 16 <= c1; c += 16)
+        _mm512_storeu_ps(yt + c, _mm512_mul_ps(_mm512_loadu_ps(yt + c), _mm512_loadu_ps(scale + c)));
+      if (c < c1) {
+        const __mmask16 m = TailMask(c1 - c);
+        _mm512_mask_storeu_ps(yt + c, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, yt + c),
+                                                       _mm512_maskz_loadu_ps(m, scale + c)));
+      }
     }
   }
 };
@@ -131,16 +152,19 @@ int64_t ChunkUnits(int64_t units, int64_t unit_bytes, int64_t granule) {
   return std::min(per, units);
 }
 
-// W is float (F32 weights) or uint16_t (BF16 weights: XLA's FFI passes bf16 as its 16 bits).
+// W is float (F32 weights), uint16_t (BF16 weights: XLA's FFI passes bf16 as its 16 bits) or int8_t (S8, with
+// `scale`).
 template <ffi::DataType kWType>
 ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<kWType> w, ffi::ResultBuffer<ffi::F32> y,
-               bool in_out) {
+               bool in_out, const ffi::Buffer<ffi::F32>* scale = nullptr) {
   using W = ffi::NativeType<kWType>;
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("dovetail_matmul: rank-2 x and w");
   const int64_t t_len = xd[0], k_len = xd[1];
   const int64_t n_out = in_out ? wd[1] : wd[0];
   if ((in_out ? wd[0] : wd[1]) != k_len) return ffi::Error::InvalidArgument("dovetail_matmul: shape mismatch");
+  if (scale && (scale->dimensions().size() != 1 || scale->dimensions()[0] != n_out))
+    return ffi::Error::InvalidArgument("dovetail_matmul: one scale per output");
   if (t_len == 0 || n_out == 0) return ffi::Error::Success();
   auto job = std::make_shared<Job<W>>();
   job->w = w.typed_data();
@@ -150,6 +174,7 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<kWType
   job->k_len = k_len;
   job->n_out = n_out;
   job->in_out = in_out;
+  if (scale) job->scale = scale->typed_data();
   if (k_len == 0) {
     std::fill(job->y, job->y + t_len * n_out, 0.0f);
     return ffi::Error::Success();
@@ -171,6 +196,16 @@ template <ffi::DataType kWType>
 ffi::Error RunIO(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<kWType> w,
                  ffi::ResultBuffer<ffi::F32> y) {
   return Run<kWType>(pool, x, w, y, true);
+}
+
+ffi::Error RunOIQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                   ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  return Run<ffi::S8>(pool, x, w, y, false, &scale);
+}
+
+ffi::Error RunIOQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                   ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  return Run<ffi::S8>(pool, x, w, y, true, &scale);
 }
 
 }  // namespace
@@ -203,5 +238,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulIOBf16, dovetail::RunIO<ffi::BF16>,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulOIQ8, dovetail::RunOIQ8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulIOQ8, dovetail::RunIOQ8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 #pragma GCC visibility pop

@@ -32,7 +32,8 @@ constexpr int kPanel = 4;      // 16-float vectors per column panel
 
 inline __mmask16 TailMask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
 
-// ---- weight loads: 16 lanes of f32, or of bf16 (uint16_t, as XLA's FFI passes it) widened to f32 in registers.
+// ---- weight loads: 16 lanes of f32, or of bf16 (uint16_t, as XLA's FFI passes it) or int8 widened to f32 in
+// registers.
 // A bf16 is the top half of an f32, so widening is exact (a zero-extend and a shift): a block over bf16 weights
 // does the same FMAs in the same order on the same values as over those weights upcast to f32, bit for bit, and
 // reads half the bytes. Masked-off lanes are 0.0f for both.
@@ -45,6 +46,14 @@ inline __m512 LoadW(const uint16_t* p) {
 inline __m512 MaskLoadW(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 MaskLoadW(__mmask16 m, const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+// int8 weights (a quantized matrix, scaled per output by the caller): each widened to its exact f32 value, for a
+// quarter of f32's bytes.
+inline __m512 LoadW(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 MaskLoadW(__mmask16 m, const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
 // Prefetch kBytes from p on into L1 (or L2 when kL2), one hint per 64-byte line, at least one.

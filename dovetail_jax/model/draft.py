@@ -33,6 +33,7 @@ from flax import struct
 from dovetail_jax.config import DraftConfig, ModelConfig
 from dovetail_jax.errors import ModelFormatError
 from dovetail_jax.model import layers as L
+from dovetail_jax.model import quant
 from dovetail_jax.model.block import run_layers
 from dovetail_jax.model.cache import KVCache, KVUpdate
 from dovetail_jax.model.params import (
@@ -143,7 +144,8 @@ class DraftShared:
     """Frozen copies of the target's embedding and LM head on the draft's device."""
 
     embed: jax.Array  # [V, H]
-    head: jax.Array  # [V', H]: the target head's rows `vocab_map` (all V rows without a reduced vocabulary)
+    head: jax.Array | quant.Int8Weight  # [V', H]: the target head's rows `vocab_map` (all V rows without a
+    #   reduced vocabulary)
     vocab_map: jax.Array | None  # [V'] int32 draft id -> target id; None: identity
 
 
@@ -212,11 +214,12 @@ def make_shared(target: TargetParams, cfg: ModelConfig, vocab_map: np.ndarray | 
     """Copy the target's embedding and (rows of) its LM head to the draft's device.
 
     `head_dtype` "bfloat16" rounds the head rows to bfloat16 once, here: the head is the largest matrix a draft
-    forward streams, and `layers.linear` reads a bf16 head in half the bytes and widens it exactly (f32 logits).
-    Only which tokens the draft proposes can change, never the output (the target verifies). Inference only:
-    training keeps the float32 default. The embedding stays float32 (a few rows are gathered, not streamed)."""
-    if head_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"head_dtype must be 'float32' or 'bfloat16', got {head_dtype!r}")
+    forward streams, and `layers.linear` reads a bf16 head in half the bytes and widens it exactly (f32 logits);
+    "int8" quantizes them per row (`quant.Int8Weight`, a quarter of the bytes). Only which tokens the draft
+    proposes can change, never the output (the target verifies). Inference only: training keeps the float32
+    default. The embedding stays float32 (a few rows are gathered, not streamed)."""
+    if head_dtype not in ("float32", "bfloat16", "int8"):
+        raise ValueError(f"head_dtype must be 'float32', 'bfloat16' or 'int8', got {head_dtype!r}")
     head = np.asarray(target.head)
     vm = None
     if vocab_map is not None:
@@ -227,8 +230,28 @@ def make_shared(target: TargetParams, cfg: ModelConfig, vocab_map: np.ndarray | 
         head = head[vm]
     if head_dtype == "bfloat16":
         head = head.astype(jnp.bfloat16)  # round to nearest even, once
-    return DraftShared(embed=place(np.asarray(target.embed), device), head=place(np.ascontiguousarray(head), device),
+    head = quant.quantize(head, False, device) if head_dtype == "int8" else place(np.ascontiguousarray(head), device)
+    return DraftShared(embed=place(np.asarray(target.embed), device), head=head,
                        vocab_map=None if vm is None else place(vm, device))
+
+
+def quantize_matrices(params: DraftParams, device: jax.Device | None = None) -> DraftParams:
+    """The draft with every matrix of its own that a forward streams as a `quant.Int8Weight` (per-output int8):
+    the fusion's and the blocks' projections; norms and the EAGLE bias stay. Half the bytes of bf16 weights (a
+    draft step after a verification reads them back from DRAM: `analysis/profile_decode_cycle.py`). Inference
+    only: no gradient, not saved. The head copy is `make_shared(head_dtype="int8")`."""
+    def q(w: jax.Array, in_out: bool) -> quant.Int8Weight:
+        return w if isinstance(w, quant.Int8Weight) else quant.quantize(w, in_out, device)
+
+    fusion = params.fusion
+    if isinstance(fusion, DGFParams):
+        fusion = fusion.replace(w1=q(fusion.w1, True), w2=q(fusion.w2, True), wz=q(fusion.wz, True))
+    elif isinstance(fusion, EagleFusionParams):
+        fusion = fusion.replace(w=q(fusion.w, True))
+    io = params.layout == "in_out"
+    layers = tuple(lp.replace(wqkv=q(lp.wqkv, io), wo=q(lp.wo, io), w_gate_up=q(lp.w_gate_up, io),
+                              w_down=q(lp.w_down, io)) for lp in params.layers)
+    return params.replace(fusion=fusion, layers=layers)
 
 
 def init_draft(key: jax.Array, cfg: ModelConfig, dcfg: DraftConfig, device: jax.Device | None = None,

@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from dovetail_jax import kernels
+from dovetail_jax.model.quant import Int8Weight
 
 NEG_INF = jnp.finfo(jnp.float32).min
 
 
-def linear(x: jax.Array, w: jax.Array, in_out: bool = False) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array | Int8Weight, in_out: bool = False) -> jax.Array:
     """`x [..., in]` times `w` -> `[..., out]`; `w` is `[out, in]`, or `[in, out]` when `in_out`.
 
     1-32 f32 token rows on the CPU go to the compiled kernel of `dovetail_jax.kernels` (it reads the weights
@@ -25,7 +26,15 @@ def linear(x: jax.Array, w: jax.Array, in_out: bool = False) -> jax.Array:
     unavailable, XLA's dot. Gradients are XLA's dot's in both cases. A bfloat16 `w` with f32 `x` (the draft's
     weights as a bf16 checkpoint stores them) gives exactly the result for `w.astype(float32)` on both paths:
     the kernel widens it in registers (reading half the bytes), XLA's path upcasts it inside the program.
+    An `Int8Weight` (a quantized draft) gives `(x . q) * scale`: `kernels.matmul_q8` on the CPU, else XLA; no
+    gradient rule (inference only).
     """
+    if isinstance(w, Int8Weight):
+        layout = "in_out" if in_out else "out_in"
+        if kernels.supports_q8(x, w.q, w.scale, layout):
+            return jax.lax.platform_dependent(x, w.q, w.scale, cpu=functools.partial(kernels.matmul_q8, layout=layout),
+                                              default=functools.partial(_xla_linear_q8, in_out=in_out))
+        return _xla_linear_q8(x, w.q, w.scale, in_out)
     if kernels.supports(x, w):
         return jax.lax.platform_dependent(x, w, cpu=functools.partial(_kernel_linear, in_out=in_out),
                                           default=functools.partial(_xla_linear, in_out=in_out))
@@ -36,6 +45,10 @@ def _xla_linear(x: jax.Array, w: jax.Array, in_out: bool) -> jax.Array:
     if w.dtype == jnp.bfloat16 and x.dtype == jnp.float32:
         w = w.astype(jnp.float32)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0 if in_out else 1,)), ((), ())))
+
+
+def _xla_linear_q8(x: jax.Array, q: jax.Array, scale: jax.Array, in_out: bool) -> jax.Array:
+    return _xla_linear(x, q.astype(x.dtype), in_out) * scale
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
