@@ -17,9 +17,10 @@
 // (exact), so the results equal the f32 handler's on W upcast, bit for bit, for half the bytes read (the draft's
 // bf16 checkpoint weights).
 //
-// And an int8 twin (`..._q8`): W int8 with one f32 scale per output (a per-channel quantized matrix, the draft's
-// `--draft-quant int8`); the blocks run on the int8 values widened to f32 (exact), and each output is then
-// multiplied by its scale: y[t, o] = scale[o] * sum_k x[t, k] q[o, k], a quarter of f32's bytes read.
+// And an int8 twin (`..._q8`): W int8 with one f32 scale per output (a per-channel quantized matrix: the draft's
+// `--draft-weights int8` and `--draft-head int8`); the blocks run on the int8 values widened to f32 (exact), and
+// each output is then multiplied by its scale: y[t, o] = scale[o] * sum_k x[t, k] q[o, k], a quarter of f32's
+// bytes read.
 //
 // The register blocks (dot steps, horizontal sums, axpy panels) and the work sharing are in simd.h, shared with
 // attention.cc.
@@ -239,6 +240,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulIOBf16, dovetail::RunIO<ffi::BF16>,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DovetailMatmulOIQ8, dovetail::RunOIQ8,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
