@@ -1,4 +1,4 @@
-"""Compiled f32 kernels (f32 or bf16 matmul weights) for XLA CPU, called through `jax.ffi` inside jitted forwards.
+"""Compiled f32 kernels (f32, bf16 or int8 matmul weights) for XLA CPU, called through `jax.ffi` inside jitted forwards.
 
 Decoding and tree verification multiply 1-32 token rows by f32 weights; that is memory-bound, so the weights should
 be read once whatever T is. XLA CPU does not do that for T >= 2 (YNNPACK packs `[out, in]` weights on every call,
