@@ -536,8 +536,24 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--no-bandwidth-scaling", action="store_true",
                    help="predict every row on the profile as it is, not scaled to the read bandwidth its run "
                         "measured (machine.memory_read_gbs)")
+    t = sub.add_parser("trees", help="predict a measured tree sweep (bench dovetail) and check --tune's pick")
+    t.add_argument("--bench", required=True, metavar="FILE", help="a `dovetail bench dovetail` result")
+    t.add_argument("--profile", default="host-2core-intel-xeon", help="the machine the bench ran on")
+    t.add_argument("--model", default="smollm2-135m")
+    t.add_argument("--acceptance-profile", default=None, metavar="NAME",
+                   help="base name of the shipped acceptance profile (default: the model's default draft's); "
+                        "NAME-<dataset> is used where it exists")
+    t.add_argument("--out", default=None, help="write the JSON report here")
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "trees":
+            from simulator.tree_check import check_trees, format_trees_report
+
+            rep = check_trees(load_profile(args.profile), args.model, Path(args.bench), args.acceptance_profile)
+            if args.out:
+                write_json(args.out, rep)
+            print(format_trees_report(rep))
+            return 0
         if args.cmd == "engines":
             rep = check_engines(load_profile(args.profile), resolve_model(args.model),
                                 held_out=Path(args.held_out) if args.held_out else None,

@@ -1,0 +1,135 @@
+"""Predict a measured tree sweep (`dovetail bench dovetail`) on a profile and say whether `--tune` picks its best.
+
+    python -m simulator.validate trees --bench analysis/results/bench_tree_sweep_int8.json \
+        --profile host-2core-intel-xeon --out analysis/results/sim_tree_sweep_intel.json
+
+Each configuration of the bench is priced twice on the profile with our CPU engine, no calibration: with its own
+measured accept histogram (the cost model alone is tested) and with the shipped acceptance profile of its draft
+and dataset (what a user who runs `--tune` gets). Speedups are over the same profile's target-only decode, as the
+bench measures them (one run, round-robin). `--tune` over the measured trees with the profile must pick the
+bench's fastest configuration, or one measured within `TIE` of it (the bench's own noise between trees).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dovetail_jax.config import DraftConfig, ModelConfig, TreeConfig
+from dovetail_jax.plan import cache_slots
+from simulator.acceptance import AcceptanceModel, HistogramAcceptance, ProfileAcceptance, default_profile
+from simulator.errors import ConfigError
+from simulator.hardware import HardwareProfile
+from simulator.schedules import SimOptions, simulate
+from simulator.workload import Workload, resolve_model
+
+TIE = 0.025  # trees measured within 2.5% of the best are tied: round-robin reruns move them by as much
+_DTYPES = {"int8": "int8", "bfloat16": "bf16", "bf16": "bf16", "float32": "f32", "f32": "f32"}
+
+
+def _draft_dtype(cfg: dict[str, Any]) -> str:
+    """One dtype for the draft (the simulator prices one): its matrices' (`draft_weight_dtype`; runs before it
+    was recorded say `draft_weights` "stored" = the checkpoint's bf16, else the int8 default)."""
+    w = cfg.get("draft_weight_dtype") or ("bf16" if cfg.get("draft_weights") == "stored" else "int8")
+    if w not in _DTYPES:
+        raise ConfigError(f"configuration {cfg.get('name')!r}: unknown draft dtype {w!r}")
+    return _DTYPES[w]
+
+
+def _workload(model: ModelConfig, cfg: dict[str, Any], tree: TreeConfig | None, prompt: int, new: int) -> Workload:
+    vocab = cfg.get("draft_vocab")
+    draft = DraftConfig(int(cfg.get("draft_layers") or 1), fusion=cfg.get("draft_fusion") or "dgf",
+                        draft_vocab_size=int(vocab) if vocab and int(vocab) != model.vocab_size else None)
+    t = 0 if tree is None else tree.total_tokens
+    slots = cache_slots(prompt + new + t, model.max_position_embeddings)  # our loop attends over all its slots
+    return Workload(model, draft, tree or TreeConfig(), "f32", _draft_dtype(cfg), prompt, new, kv_slots=slots,
+                    cpu_engine="dovetail-jax")
+
+
+def _tps(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, opts: SimOptions) -> float:
+    return simulate("dovetail" if acc is not None else "target-cpu", hw, wl, acc, opts=opts).tokens_per_s
+
+
+def check_trees(hw: HardwareProfile, model_key: str, bench: Path, profile: str | None = None,
+                cycles: int = 3000) -> dict[str, Any]:
+    """Rows per (dataset, configuration) and a summary per dataset; see the module docstring. `profile` is the
+    acceptance profile's base name (default: the model's default draft's); `<profile>-<dataset>` is used where
+    it exists."""
+    model = resolve_model(model_key)
+    base = profile or default_profile(model_key)
+    if not base:
+        raise ConfigError(f"no default acceptance profile for {model_key!r}: pass one")
+    try:
+        d = json.loads(Path(bench).read_text())
+        cfgs = {c["name"]: c for c in d["configs"]}
+        results, prompts = d["results"], d["prompts"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{bench}: not a readable `dovetail bench dovetail` result ({e})") from None
+    opts = SimOptions(cycles=cycles)
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    for ds, res in results.items():
+        ps = prompts[ds]
+        prompt = round(statistics.mean(p["prompt_tokens"] for p in ps))
+        new = round(statistics.mean(p["target"]["tokens"] for p in ps))
+        name = f"{base}-{ds}"
+        try:
+            prof = ProfileAcceptance(name)
+        except ConfigError:
+            prof = ProfileAcceptance(base)
+        measured_target = float(res["target"]["decode_tok_s"])
+        ds_rows = []
+        for cname, r in res["configs"].items():
+            cfg = cfgs[cname]
+            tree = TreeConfig(**cfg["tree"])
+            wl = _workload(model, cfg, tree, prompt, new)
+            target = _tps(hw, _workload(model, cfg, None, prompt, new), None, opts)
+            own = _tps(hw, wl, HistogramAcceptance(tree, r["accept_hist"]), opts)
+            prof_tps = _tps(hw, wl, prof, opts)
+            row = {"dataset": ds, "config": cname, "tree": cfg["tree"], "draft_dtype": _draft_dtype(cfg),
+                   "prompt_tokens": prompt, "new_tokens": new, "measured_tau": r["tau"],
+                   "measured_speedup": r["speedup"], "measured_tokens_per_s": r["decode_tok_s"],
+                   "measured_target_tokens_per_s": measured_target, "predicted_target_tokens_per_s": target,
+                   "predicted_speedup_own_hist": own / target, "predicted_speedup_profile": prof_tps / target,
+                   "profile": prof.name}
+            row["error_own_hist"] = row["predicted_speedup_own_hist"] / r["speedup"] - 1
+            row["error_profile"] = row["predicted_speedup_profile"] / r["speedup"] - 1
+            ds_rows.append(row)
+        best = max(ds_rows, key=lambda x: x["measured_speedup"])
+        tied = [x["config"] for x in ds_rows if x["measured_speedup"] >= best["measured_speedup"] * (1 - TIE)]
+        pick = max(ds_rows, key=lambda x: x["predicted_speedup_profile"])
+        pick_own = max(ds_rows, key=lambda x: x["predicted_speedup_own_hist"])
+        summary[ds] = {
+            "configs": len(ds_rows), "profile": ds_rows[0]["profile"],
+            "measured_best": best["config"], "measured_within_tie": tied,
+            "tune_pick_profile": pick["config"], "tune_pick_own_hist": pick_own["config"],
+            "pick_agrees": pick["config"] in tied, "pick_own_hist_agrees": pick_own["config"] in tied,
+            "median_abs_error_own_hist": float(np.median([abs(x["error_own_hist"]) for x in ds_rows])),
+            "max_abs_error_own_hist": float(max(abs(x["error_own_hist"]) for x in ds_rows)),
+            "median_abs_error_profile": float(np.median([abs(x["error_profile"]) for x in ds_rows])),
+            "max_abs_error_profile": float(max(abs(x["error_profile"]) for x in ds_rows)),
+            "target_error": ds_rows[0]["predicted_target_tokens_per_s"] / measured_target - 1,
+        }
+        rows += ds_rows
+    return {"bench": str(bench), "profile": hw.name, "model": model.name, "tie": TIE, "cycles": cycles,
+            "summary": summary, "rows": rows}
+
+
+def format_trees_report(rep: dict[str, Any]) -> str:
+    lines = [f"{'dataset':<10} {'configuration':<36} {'measured':>8} {'own hist':>15} {'profile':>15}"]
+    for r in rep["rows"]:
+        lines.append(f"{r['dataset']:<10} {r['config'][:36]:<36} {r['measured_speedup']:>7.3f}x "
+                     f"{r['predicted_speedup_own_hist']:>6.3f}x {r['error_own_hist']:>+6.1%} "
+                     f"{r['predicted_speedup_profile']:>6.3f}x {r['error_profile']:>+6.1%}")
+    for ds, s in rep["summary"].items():
+        lines.append(f"{ds}: measured best {s['measured_best']} (tied within {rep['tie']:.1%}: "
+                     f"{', '.join(s['measured_within_tie'])}); --tune with {s['profile']} picks "
+                     f"{s['tune_pick_profile']} ({'agrees' if s['pick_agrees'] else 'does NOT agree'}); speedup "
+                     f"|error| own hist median {s['median_abs_error_own_hist']:.1%} max "
+                     f"{s['max_abs_error_own_hist']:.1%}, profile median {s['median_abs_error_profile']:.1%} max "
+                     f"{s['max_abs_error_profile']:.1%}; target-only {s['target_error']:+.1%}")
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""The Intel VM's preset against the tree sweep measured on it with the shipped int8 draft: its draft-device
+numbers are what `analysis/fit_draft_device.py` fits, the cost model prices each measured tree's speedup from its
+own accept histogram, and `--tune` with the default acceptance profile picks a tree measured within the bench's
+noise of the fastest (`python -m simulator.validate trees`). Reads committed JSON only: no model, no timing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from simulator.hardware import load_profile
+from simulator.tree_check import TIE, check_trees
+from simulator.validate import RESULTS, main
+
+SWEEP = RESULTS / "bench_tree_sweep_int8.json"
+INTEL = load_profile("host-2core-intel-xeon")
+
+
+def _fit_module():  # noqa: ANN202 - a script under analysis/, not a package
+    path = Path(__file__).resolve().parent.parent / "analysis" / "fit_draft_device.py"
+    spec = importlib.util.spec_from_file_location("fit_draft_device", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return check_trees(INTEL, "smollm2-135m", SWEEP)
+
+
+def test_preset_draft_device_is_the_fit() -> None:
+    """The preset's gpu.launch_s / peak_flops / n_half and link latency are the script's fit, not hand-set."""
+    fit = _fit_module()
+    res = fit.fit(fit.points(), "host-2core-intel-xeon")
+    p = res["params"]
+    assert INTEL.gpu.launch_s == pytest.approx(p["launch_s"], rel=1e-3)
+    assert INTEL.gpu.peak_flops == pytest.approx(p["peak_flops"], rel=1e-3)
+    assert INTEL.gpu.n_half == pytest.approx(p["n_half"], rel=1e-3)
+    assert INTEL.link.latency_s == pytest.approx(res["link_latency_s"], rel=1e-3)
+    assert "fit_draft_device.py" in INTEL.sources["gpu.launch_s"]
+    # the draft runs on the CPU's own cores: its rate may not exceed the CPU's achieved peak
+    assert INTEL.gpu.peak_flops <= INTEL.cpu.peak_flops
+    assert res["median_abs_error"] <= 0.10 and res["max_abs_error"] <= 0.20
+    # the mixed run (int8 head on bf16 matrices) is left out: the simulator prices one draft dtype
+    assert {x["draft_dtype"] for x in res["points"]} == {"int8", "bf16"}
+    assert not any(x["config"] == "r4 int8 head, tree 4/3/6" for x in res["points"])
+
+
+def test_every_measured_tree_is_priced(report: dict) -> None:
+    bench = json.loads(SWEEP.read_text())
+    n = sum(len(r["configs"]) for r in bench["results"].values())
+    assert len(report["rows"]) == n == 10
+    for r in report["rows"]:
+        run = bench["results"][r["dataset"]]["configs"][r["config"]]
+        assert r["measured_speedup"] == run["speedup"] and r["draft_dtype"] == "int8"
+        assert r["error_own_hist"] == pytest.approx(r["predicted_speedup_own_hist"] / run["speedup"] - 1)
+
+
+def test_cost_model_prices_the_sweep_from_its_histograms(report: dict) -> None:
+    """Acceptance from each run's own histogram: what is left is the cost model (verify, draft, link)."""
+    for ds, s in report["summary"].items():
+        assert s["median_abs_error_own_hist"] <= 0.10, (ds, s)
+        assert s["max_abs_error_own_hist"] <= 0.20, (ds, s)
+        assert abs(s["target_error"]) <= 0.10, (ds, s)
+
+
+def test_tune_with_the_default_profile_agrees_with_the_measured_best(report: dict) -> None:
+    """HumanEval measured 3/3/5 1.680x, 4/3/6 1.655x (tied within 2.5%), the 7- and 8-token trees 1.57-1.59x;
+    MT-bench 4/3/6 1.245x, 3/3/5 1.244x, the others 1.155-1.173x."""
+    for ds, s in report["summary"].items():
+        assert s["profile"] == f"smollm2-dgf1-{ds}"
+        assert set(s["measured_within_tie"]) == {"int8 tree 4/3/6", "int8 tree 3/3/5"}, (ds, s)
+        assert s["pick_agrees"] and s["pick_own_hist_agrees"], (ds, s)
+    assert TIE == 0.025
+
+
+def test_trees_cli(tmp_path, capsys) -> None:  # noqa: ANN001
+    out = tmp_path / "trees.json"
+    assert main(["trees", "--bench", str(SWEEP), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["profile"] == "host-2core-intel-xeon" and len(rep["rows"]) == 10
+    assert "--tune with smollm2-dgf1-humaneval picks" in capsys.readouterr().out
+
+
+def test_trees_cli_bad_input(tmp_path, capsys) -> None:  # noqa: ANN001
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"configs": []}')
+    assert main(["trees", "--bench", str(bad)]) == 2
+    assert "not a readable `dovetail bench dovetail` result" in capsys.readouterr().err
+    assert main(["trees", "--bench", str(SWEEP), "--acceptance-profile", "nope"]) == 2
+    assert "unknown acceptance profile" in capsys.readouterr().err
