@@ -28,13 +28,13 @@ import numpy as np
 from dovetail_jax.config import SMOLLM2_135M, DraftConfig, TreeConfig
 from simulator.costs import RooflineCosts, feature_bytes, tree_bytes
 from simulator.hardware import PRESET_DIR, load_profile
+from simulator.tree_check import draft_dtypes
 from simulator.workload import Workload
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESET = "host-2core-intel-xeon"
 # runs of the shipped draft on the preset's machine (the Intel Xeon VM), int8 and bf16 draft weights
 RUNS = ("bench_tree_sweep_int8.json", "bench_dovetail_full_r4_int8.json", "bench_dovetail_int8_ab_24.json")
-DTYPE_OF = {"int8": "int8", "bf16": "bf16", "bfloat16": "bf16", "float32": "f32", "f32": "f32"}
 
 
 def _minimise(loss: Any, start: dict[str, float], bounds: dict[str, tuple[float, float]]) -> dict[str, float]:
@@ -80,10 +80,8 @@ def points(runs: tuple[str, ...] = RUNS) -> list[dict[str, Any]]:
 
 
 def _draft_dtype(cfg: dict[str, Any]) -> str | None:
-    """The draft's one dtype from a bench configuration (None = the defaults: int8 matrices and head; "stored" =
-    the checkpoint's bf16), or None when the head and the matrices differ."""
-    weights = "bf16" if cfg.get("draft_weights") == "stored" else "int8"
-    head = DTYPE_OF.get(cfg.get("draft_head") or "int8")
+    """The draft's one dtype, or None when its head and matrices differ (the simulator prices one dtype)."""
+    weights, head = draft_dtypes(cfg)
     return weights if head == weights else None
 
 

@@ -31,13 +31,26 @@ TIE = 0.025  # trees measured within 2.5% of the best are tied: round-robin reru
 _DTYPES = {"int8": "int8", "bfloat16": "bf16", "bf16": "bf16", "float32": "f32", "f32": "f32"}
 
 
+def draft_dtypes(cfg: dict[str, Any]) -> tuple[str, str]:
+    """(matrices, head) dtypes of a bench configuration's draft. Runs record `draft_weight_dtype` and
+    `draft_head_dtype`; earlier ones say `draft_weights` ("stored" = the checkpoint's bf16, else the int8 default),
+    and runs from before int8 drafts (no `draft_weights` at all) ran the checkpoint's bf16."""
+    if cfg.get("draft_weight_dtype"):
+        w = cfg["draft_weight_dtype"]
+    elif "draft_weights" in cfg:
+        w = "bf16" if cfg["draft_weights"] == "stored" else "int8"
+    else:
+        w = "bf16"
+    h = cfg.get("draft_head_dtype") or cfg.get("draft_head") or w
+    for x in (w, h):
+        if x not in _DTYPES:
+            raise ConfigError(f"configuration {cfg.get('name')!r}: unknown draft dtype {x!r}")
+    return _DTYPES[w], _DTYPES[h]
+
+
 def _draft_dtype(cfg: dict[str, Any]) -> str:
-    """One dtype for the draft (the simulator prices one): its matrices' (`draft_weight_dtype`; runs before it
-    was recorded say `draft_weights` "stored" = the checkpoint's bf16, else the int8 default)."""
-    w = cfg.get("draft_weight_dtype") or ("bf16" if cfg.get("draft_weights") == "stored" else "int8")
-    if w not in _DTYPES:
-        raise ConfigError(f"configuration {cfg.get('name')!r}: unknown draft dtype {w!r}")
-    return _DTYPES[w]
+    """The one dtype the simulator prices the draft in: its matrices' (most of its bytes)."""
+    return draft_dtypes(cfg)[0]
 
 
 def _workload(model: ModelConfig, cfg: dict[str, Any], tree: TreeConfig | None, prompt: int, new: int) -> Workload:
@@ -96,6 +109,8 @@ def check_trees(hw: HardwareProfile, model_key: str, bench: Path, profile: str |
                    "measured_target_tokens_per_s": measured_target, "predicted_target_tokens_per_s": target,
                    "predicted_speedup_own_hist": own / target, "predicted_speedup_profile": prof_tps / target,
                    "profile": prof.name}
+            row["predicted_tokens_per_s_own_hist"] = own
+            row["error_tokens_per_s_own_hist"] = own / r["decode_tok_s"] - 1  # absolute: the hour's speed too
             row["error_own_hist"] = row["predicted_speedup_own_hist"] / r["speedup"] - 1
             row["error_profile"] = row["predicted_speedup_profile"] / r["speedup"] - 1
             ds_rows.append(row)
