@@ -104,6 +104,7 @@ def check_trees(hw: HardwareProfile, model_key: str, bench: Path, profile: str |
             own = _tps(hw, wl, HistogramAcceptance(tree, r["accept_hist"]), opts)
             prof_tps = _tps(hw, wl, prof, opts)
             row = {"dataset": ds, "config": cname, "tree": cfg["tree"], "draft_dtype": _draft_dtype(cfg),
+                   "draft": cfg.get("draft_source") or cfg.get("draft"),
                    "prompt_tokens": prompt, "new_tokens": new, "measured_tau": r["tau"],
                    "measured_speedup": r["speedup"], "measured_tokens_per_s": r["decode_tok_s"],
                    "measured_target_tokens_per_s": measured_target, "predicted_target_tokens_per_s": target,
@@ -114,15 +115,19 @@ def check_trees(hw: HardwareProfile, model_key: str, bench: Path, profile: str |
             row["error_own_hist"] = row["predicted_speedup_own_hist"] / r["speedup"] - 1
             row["error_profile"] = row["predicted_speedup_profile"] / r["speedup"] - 1
             ds_rows.append(row)
+        # --tune ranks the trees of one draft: a bench that compares drafts has no tree pick to check
+        one_draft = len({(x["draft"], x["draft_dtype"]) for x in ds_rows}) == 1
         best = max(ds_rows, key=lambda x: x["measured_speedup"])
         tied = [x["config"] for x in ds_rows if x["measured_speedup"] >= best["measured_speedup"] * (1 - TIE)]
         pick = max(ds_rows, key=lambda x: x["predicted_speedup_profile"])
         pick_own = max(ds_rows, key=lambda x: x["predicted_speedup_own_hist"])
         summary[ds] = {
-            "configs": len(ds_rows), "profile": ds_rows[0]["profile"],
+            "configs": len(ds_rows), "profile": ds_rows[0]["profile"], "one_draft": one_draft,
             "measured_best": best["config"], "measured_within_tie": tied,
-            "tune_pick_profile": pick["config"], "tune_pick_own_hist": pick_own["config"],
-            "pick_agrees": pick["config"] in tied, "pick_own_hist_agrees": pick_own["config"] in tied,
+            "tune_pick_profile": pick["config"] if one_draft else None,
+            "tune_pick_own_hist": pick_own["config"] if one_draft else None,
+            "pick_agrees": pick["config"] in tied if one_draft else None,
+            "pick_own_hist_agrees": pick_own["config"] in tied if one_draft else None,
             "median_abs_error_own_hist": float(np.median([abs(x["error_own_hist"]) for x in ds_rows])),
             "max_abs_error_own_hist": float(max(abs(x["error_own_hist"]) for x in ds_rows)),
             "median_abs_error_profile": float(np.median([abs(x["error_profile"]) for x in ds_rows])),
@@ -141,9 +146,13 @@ def format_trees_report(rep: dict[str, Any]) -> str:
                      f"{r['predicted_speedup_own_hist']:>6.3f}x {r['error_own_hist']:>+6.1%} "
                      f"{r['predicted_speedup_profile']:>6.3f}x {r['error_profile']:>+6.1%}")
     for ds, s in rep["summary"].items():
+        if s["one_draft"]:
+            pick = (f"--tune with {s['profile']} picks {s['tune_pick_profile']} "
+                    f"({'agrees' if s['pick_agrees'] else 'does NOT agree'})")
+        else:
+            pick = "no --tune check (the configurations differ in draft; --tune ranks the trees of one draft)"
         lines.append(f"{ds}: measured best {s['measured_best']} (tied within {rep['tie']:.1%}: "
-                     f"{', '.join(s['measured_within_tie'])}); --tune with {s['profile']} picks "
-                     f"{s['tune_pick_profile']} ({'agrees' if s['pick_agrees'] else 'does NOT agree'}); speedup "
+                     f"{', '.join(s['measured_within_tie'])}); {pick}; speedup "
                      f"|error| own hist median {s['median_abs_error_own_hist']:.1%} max "
                      f"{s['max_abs_error_own_hist']:.1%}, profile median {s['median_abs_error_profile']:.1%} max "
                      f"{s['max_abs_error_profile']:.1%}; target-only {s['target_error']:+.1%}")
