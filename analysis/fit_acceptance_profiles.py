@@ -35,8 +35,8 @@ from simulator.acceptance import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCH = RESULTS / "bench_dovetail.json"
-# the default draft's full-set run (164 HumanEval + 80 MT-bench prompts, one tree: 4/3/6, int8 draft, llama.cpp and
-# the previous default beside it)
+# the default draft's full-set run (164 HumanEval + 80 MT-bench prompts, one tree: 4/3/6, int8 draft; round 6
+# ran alone, without llama.cpp or the previous default)
 BENCH_FULL = RESULTS / "bench_dovetail_full_r6.json"
 # profile stem -> (bench file, its configuration names, description); trees are read from the bench file.
 # `smollm2-dgf1` always names the default draft (`default_profile("smollm2-135m")`, see DEFAULT_DRAFT); the previous
