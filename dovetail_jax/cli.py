@@ -403,8 +403,9 @@ def _add_train_draft(sub: Any) -> None:
     t.add_argument("--run", metavar="DIR", type=output_dir, default=None,
                    help="run folder (default: <work>/runs/<architecture>)")
     t.add_argument("--init", metavar="DIR", type=input_path, default=None,
-                   help="start from this trained draft (same --fusion/--layers/--draft-vocab) and keep its "
-                        "vocabulary: a warm start, e.g. from the shipped draft")
+                   help="start from this trained draft (same --fusion/--draft-vocab) and keep its vocabulary: a warm "
+                        "start, e.g. from the shipped draft; a larger --layers grows it, the extra blocks starting "
+                        "as the identity")
     t.add_argument("--new-vocab", action="store_true",
                    help="with --init: choose the reduced vocabulary again from this run's data (any --draft-vocab "
                         "size; the trained weights do not depend on it, the head is the target's)")

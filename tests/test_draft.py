@@ -533,3 +533,36 @@ def test_init_draft_shapes_and_statistics():
             w = t["fc.weight"]
             assert w.min() >= -lim and w.max() <= lim and w.max() > 0.9 * lim
             np.testing.assert_array_equal(t["fc.bias"], 0.0)
+
+
+@pytest.mark.parametrize("fusion", ["dgf", "eagle"])
+def test_a_grown_draft_computes_what_it_grew_from(fusion):
+    """`deepen`: a 1-layer draft grown to 3 layers gives the same features (the new blocks add a zero residual
+    branch), keeps the trained block bit for bit, and its new output projections get a gradient (they can
+    learn); a shallower or other-fusion target shape is refused."""
+    one = D.init_draft(jax.random.key(1), CFG, DraftConfig(num_layers=1, fusion=fusion))
+    three_cfg = DraftConfig(num_layers=3, fusion=fusion)
+    grown = D.deepen(one, D.init_draft(jax.random.key(2), CFG, three_cfg, layout=one.layout))
+    assert len(grown.layers) == 3
+    for a, b in zip(jax.tree.leaves(grown.layers[0]), jax.tree.leaves(one.layers[0]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    _, _, shared = random_shared(CFG, 21)
+    rng = np.random.default_rng(31)
+    n = 7
+    feats = jnp.asarray(rng.standard_normal((1, n, CFG.hidden_size)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, size=(1, n)), jnp.int32)
+    pos = jnp.arange(n, dtype=jnp.int32)[None]
+    mask = T.causal_mask(n)
+
+    def out(p, dcfg):
+        cache = init_cache(D.draft_model_config(CFG, dcfg), 8, batch=1)
+        return D.forward(p, shared, CFG, dcfg, feats, tokens, pos, mask, cache, empty_cache=True)[0]
+
+    np.testing.assert_allclose(out(grown, three_cfg), out(one, DraftConfig(num_layers=1, fusion=fusion)),
+                               rtol=0, atol=1e-6)
+    g = jax.grad(lambda p: jnp.sum(out(p, three_cfg) ** 2))(grown)
+    assert all(float(jnp.abs(lp.wo).max()) > 0 and float(jnp.abs(lp.w_down).max()) > 0 for lp in g.layers[1:])
+    with pytest.raises(ValueError, match="grow"):
+        D.deepen(grown, one)
+    with pytest.raises(ValueError, match="grow"):
+        D.deepen(one, D.init_draft(jax.random.key(2), CFG, DraftConfig(num_layers=2, fusion="none")))

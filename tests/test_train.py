@@ -351,8 +351,18 @@ def test_warm_start_keeps_or_drops_the_drafts_vocabulary(tiny, tmp_path):
     assert rec2["init"]["weights_sha256"] == rec["init"]["weights_sha256"]
     for x, y in zip(_leaves(params), _leaves(params2), strict=True):
         np.testing.assert_array_equal(x, y)
-    with pytest.raises(ConfigError, match="layers"):
-        _warm_start(target, DraftConfig(num_layers=2, fusion="dgf", draft_vocab_size=48), folder, new_vocab=True)
+    with pytest.raises(ConfigError, match="fusion"):
+        _warm_start(target, DraftConfig(num_layers=1, fusion="eagle", draft_vocab_size=32), folder)
+    # more layers: the draft is grown (`draft.deepen`), its block kept; fewer: refused
+    two = DraftConfig(num_layers=2, fusion="dgf", draft_vocab_size=32)
+    grown, grown_vm, rec3 = _warm_start(target, two, folder, seed=3)
+    assert len(grown.layers) == 2 and rec3["init"]["grown_from_layers"] == 1
+    np.testing.assert_array_equal(grown_vm, vm)
+    for x, y in zip(_leaves(grown.layers[0]), _leaves(params.layers[0]), strict=True):
+        np.testing.assert_array_equal(x, y)
+    folder2 = ck.save_draft(tmp_path / "d2", cfg, two, grown, vocab_map=vm, target_sha256="a" * 64, dtype="float32")
+    with pytest.raises(ConfigError, match="--layers 2 or more"):
+        _warm_start(target, dcfg, folder2)
 
 
 def test_a_run_folder_refuses_another_architecture(tiny):

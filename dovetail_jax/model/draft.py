@@ -263,6 +263,19 @@ def init_draft(key: jax.Array, cfg: ModelConfig, dcfg: DraftConfig, device: jax.
     return from_tensors(spec, init_tensors(spec, key, num_keys=4 + 8 * dcfg.num_layers), device)
 
 
+def deepen(params: DraftParams, fresh: DraftParams) -> DraftParams:
+    """A trained draft grown to `fresh`'s depth: `params`' fusion and blocks, then `fresh`'s extra blocks with
+    their output projections (`wo`, `w_down`) zeroed. Each new block then adds nothing to the residual stream,
+    so the deeper draft computes exactly what `params` does and training grows the new blocks from there (a
+    warm start for more layers, as zero-initialised residual branches in ReZero / Fixup)."""
+    n = len(params.layers)
+    if fresh.fusion_kind != params.fusion_kind or len(fresh.layers) < n or fresh.layout != params.layout:
+        raise ValueError(f"cannot grow a {n}-layer {params.fusion_kind} draft ({params.layout}) into a "
+                         f"{len(fresh.layers)}-layer {fresh.fusion_kind} one ({fresh.layout})")
+    extra = tuple(lp.replace(wo=jnp.zeros_like(lp.wo), w_down=jnp.zeros_like(lp.w_down)) for lp in fresh.layers[n:])
+    return params.replace(layers=tuple(params.layers) + extra)
+
+
 def draft_from_lm(
     lm: TargetParams, lm_cfg: ModelConfig, device: jax.Device | None = None, layout: Layout | None = None,
     num_layers: int | None = None,

@@ -154,23 +154,34 @@ def _vocab_map(fs: Any, train_seqs: np.ndarray, dcfg: DraftConfig, run_dir: Path
     return vocab_map
 
 
-def _warm_start(target: Any, dcfg: DraftConfig, init: Path | None,
-                new_vocab: bool = False) -> tuple[Any, np.ndarray | None, dict[str, Any]]:
+def _warm_start(target: Any, dcfg: DraftConfig, init: Path | None, new_vocab: bool = False,
+                seed: int = 0) -> tuple[Any, np.ndarray | None, dict[str, Any]]:
     """(weights, vocabulary, what the run record says) of the draft a run starts from; (None, None, {}) for a
     fresh start. The draft must have the asked architecture and be trained for this target. With `new_vocab`
     its vocabulary is dropped (None: the run chooses one from its data, of any size): the trained weights do not
-    depend on it, since the draft's head is the target's own, restricted to the vocabulary's rows."""
+    depend on it, since the draft's head is the target's own, restricted to the vocabulary's rows. A draft with
+    fewer layers than asked is grown (`draft.deepen`; the new blocks are drawn from `seed`)."""
     if init is None:
         return None, None, {}
     from dovetail_jax.io.checkpoint import WEIGHTS, file_sha256, load_draft
 
     got, params, vocab_map, card = load_draft(init, target.cfg, target_sha256=target.sha256, keep_bf16=False)
-    same = got == dcfg if not new_vocab else (got.num_layers, got.fusion) == (dcfg.num_layers, dcfg.fusion)
-    if not same:
+    deeper = got.num_layers < dcfg.num_layers
+    same_vocab = new_vocab or got.draft_vocab_size == dcfg.draft_vocab_size
+    if got.fusion != dcfg.fusion or got.num_layers > dcfg.num_layers or not same_vocab:
         raise ConfigError(f"--init {init} is a {arch_name(got)} draft, not {arch_name(dcfg)}; pass matching "
-                          "--fusion/--layers" + ("" if new_vocab else "/--draft-vocab (or --new-vocab)"))
+                          "--fusion" + ("" if new_vocab else "/--draft-vocab (or --new-vocab)")
+                          + f" and --layers {got.num_layers} or more")
+    if deeper:  # the extra blocks start as the identity: the grown draft begins exactly where `init` ends
+        import jax
+
+        from dovetail_jax.model import draft as D
+
+        fresh = D.init_draft(jax.random.key(seed), target.cfg, dcfg, layout=params.layout)
+        params = D.deepen(params, fresh)
     record = {"name": card.get("name"), "weights_sha256": file_sha256(Path(init) / WEIGHTS),
-              "steps": card.get("training", {}).get("steps")} | ({"new_vocab": True} if new_vocab else {})
+              "steps": card.get("training", {}).get("steps")} | ({"new_vocab": True} if new_vocab else {}) \
+        | ({"grown_from_layers": got.num_layers} if deeper else {})
     return params, None if new_vocab else vocab_map, {"init": record}
 
 
@@ -198,7 +209,7 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
     features = opts.work / "features"
     fs = load_features(features, target.sha256, target.cfg.hidden_size)
     run_dir.mkdir(parents=True, exist_ok=True)
-    init_params, init_vm, init_record = _warm_start(target, dcfg, opts.init, opts.new_vocab)
+    init_params, init_vm, init_record = _warm_start(target, dcfg, opts.init, opts.new_vocab, tc.seed)
     record = run_record(target.cfg, dcfg, tc, target.sha256, {"folder": str(features),
                                                               "conversations": fs.num_sequences}) | init_record
     check_run(run_dir, record)
