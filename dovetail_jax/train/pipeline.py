@@ -180,8 +180,11 @@ def _warm_start(target: Any, dcfg: DraftConfig, init: Path | None, new_vocab: bo
         fresh = D.init_draft(jax.random.key(seed), target.cfg, dcfg, layout=params.layout)
         params = D.deepen(params, fresh)
     record = {"name": card.get("name"), "weights_sha256": file_sha256(Path(init) / WEIGHTS),
-              "steps": card.get("training", {}).get("steps")} | ({"new_vocab": True} if new_vocab else {}) \
-        | ({"grown_from_layers": got.num_layers} if deeper else {})
+              "steps": card.get("training", {}).get("steps")}
+    if new_vocab:
+        record["new_vocab"] = True
+    if deeper:
+        record["grown_from_layers"] = got.num_layers
     return params, None if new_vocab else vocab_map, {"init": record}
 
 
