@@ -307,6 +307,32 @@ def test_training_learns_and_resumes_exactly(tiny, tiny_features, tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_ctrl_c_saves_and_returns_without_a_heldout_pass(tiny, tiny_features, tmp_path, monkeypatch):
+    """Ctrl-C between evaluations: a checkpoint at the step reached, `interrupted`, and no extra pass over the
+    held-out split (minutes on the real data); the next call resumes from that checkpoint."""
+    cfg, params = tiny
+    fs = tiny_features
+    dcfg = DraftConfig(num_layers=1, fusion="dgf", draft_vocab_size=32)
+    tc = T.TrainConfig(steps=10, batch_tokens=256, lr=1e-3, warmup=1, save_every=100, eval_every=100,
+                       heldout_every=5)
+    vm = T.choose_vocab(fs, T.split(fs, 5)[0], 32, (7,))
+    real, calls = T.make_batch, []
+
+    def make_batch(fs_, seqs):
+        calls.append(len(seqs))
+        if len(calls) == 7:  # the 7th training batch: steps 1-6 are done
+            raise KeyboardInterrupt
+        return real(fs_, seqs)
+
+    monkeypatch.setattr(T, "make_batch", make_batch)
+    out = T.train(params, cfg, dcfg, tc, fs, vm, tmp_path / "r", "a" * 64, progress=False)
+    assert out.interrupted and out.step == 6 and out.heldout == {}
+    assert len(calls) == 7  # nothing evaluated after the interrupt
+    monkeypatch.setattr(T, "make_batch", real)
+    resumed = T.train(params, cfg, dcfg, tc, fs, vm, tmp_path / "r", "a" * 64, progress=False)
+    assert resumed.step == 10 and not resumed.interrupted and "top1" in resumed.heldout
+
+
 def test_warm_start_continues_from_the_given_draft(tiny, tiny_features, tmp_path):
     """`init`: a fresh run starts from those weights (one step moves them by at most lr per weight, AdamW's
     bound), not from the seeded random draft; a run folder made from another start is refused."""

@@ -243,7 +243,7 @@ def check_run(run: Path, record: dict[str, Any]) -> None:
 class TrainResult:
     params: D.DraftParams
     step: int
-    heldout: dict[str, float]
+    heldout: dict[str, float]  # empty after Ctrl-C between evaluations (no extra pass over the held-out split)
     seconds: float
     interrupted: bool  # Ctrl-C ended the sitting (after a checkpoint); the caller reports it, no exception
 
@@ -256,7 +256,7 @@ def train(target: TargetParams, cfg: ModelConfig, dcfg: DraftConfig, tc: TrainCo
     A fresh run starts from `init` (a trained draft of the same architecture: a warm start) or from a seeded
     random draft.
     `stop_at` ends this sitting early (with a checkpoint) without changing the schedule, which spans
-    `tc.steps`; the next call resumes from there.
+    `tc.steps`; the next call resumes from there. Ctrl-C saves a checkpoint and returns at once.
     """
     train_seqs, held_seqs = split(fs, tc.heldout_every)
     if train_seqs.size == 0 or held_seqs.size == 0:
@@ -324,8 +324,13 @@ def train(target: TargetParams, cfg: ModelConfig, dcfg: DraftConfig, tc: TrainCo
         bar.close()
         log.close()
     # the result's held-out numbers: the loop's own evaluation when it ended on one (a second pass over the
-    # held-out split costs minutes and gives the same numbers)
-    heldout = last_eval[1] if last_eval[0] == step else evaluate(params, shared, fs, held_seqs, cfg, dcfg, tc)
+    # held-out split costs minutes and gives the same numbers); none after Ctrl-C, whose user wants out now
+    if last_eval[0] == step:
+        heldout = last_eval[1]
+    elif interrupted:
+        heldout = {}
+    else:
+        heldout = evaluate(params, shared, fs, held_seqs, cfg, dcfg, tc)
     mngr.close()
     return TrainResult(params=params, step=step, heldout=heldout, seconds=time.perf_counter() - t0,
                        interrupted=interrupted)
