@@ -181,7 +181,8 @@ void Attend(const float* q, const float* k, const float* v, int64_t n_slots, int
     // online softmax: new max, rescale the running state, scores -> exp(s - max) in place
     const int64_t pf_rows = transposed ? (kSub + n_q - 1) / n_q : 0;  // the prefetch, spread over the queries
     for (int64_t t = 0; t < n_q; ++t) {
-      if (transposed && t * pf_rows < ahead) PrefetchNext(kb, vb, t * pf_rows, std::min(pf_rows, ahead - t * pf_rows), d);
+      if (transposed && t * pf_rows < ahead)
+        PrefetchNext(kb, vb, t * pf_rows, std::min(pf_rows, ahead - t * pf_rows), d);
       float* st = s + t * kSub;
       __m512 vmax = _mm512_set1_ps(kNegInf);
       for (int64_t j = 0; j < n; j += 16)
@@ -345,7 +346,8 @@ ffi::Error RunTree(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<
   auto xd = qkv.dimensions(), kd = k.dimensions(), cd = cos.dimensions();
   auto same = [](auto a, auto b) { return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin()); };
   if (xd.size() != 3 || kd.size() != 4 || !same(kd, v.dimensions()) || cd.size() != 3 || !same(cd, sin.dimensions()))
-    return ffi::Error::InvalidArgument("dovetail_tree_attention: qkv [B, T, W], k, v [B, K, S, D], cos, sin [B, T, D/2]");
+    return ffi::Error::InvalidArgument(
+        "dovetail_tree_attention: qkv [B, T, W], k, v [B, K, S, D], cos, sin [B, T, D/2]");
   const int64_t n_b = xd[0], n_t = xd[1], width = xd[2], n_kv = kd[1], n_s = kd[2], d = kd[3];
   if (kd[0] != n_b || d <= 0 || d % 2 != 0 || width % d != 0 || cd[0] != n_b || cd[1] != n_t || cd[2] != d / 2)
     return ffi::Error::InvalidArgument("dovetail_tree_attention: shape mismatch");
