@@ -4,10 +4,11 @@
     python analysis/torch_linear_dtype_bench.py                         # torch int8 / bf16 vs f32 (ratios)
     python analysis/fit_cpu_engines.py                                  # -> simulator/data/cpu_engines.json
     python analysis/fit_cpu_engines.py --machine intel-xeon-2core       # -> ..._intel_xeon_2core.json
+    python analysis/fit_cpu_engines.py --machine amd-epyc-2core-2       # -> ..._amd_epyc_2core_2.json
 
 `--machine` picks the measurements and the preset (MACHINES below): the AMD EPYC VM the shared file was fitted
-on (the default), or the Intel Xeon VM of 2026-12-02, whose engines run at other fractions of the same measured
-DRAM read rate (its preset `host-2core-intel-xeon` names its own engines file).
+on (the default), the Intel Xeon VM of 2026-12-02, or the AMD EPYC VM as measured on 2026-12-03, whose engines run
+at other fractions of the same measured DRAM read rate (their presets name their own engines files).
 
 Every engine is fitted against the `host-2core-shared` preset (this machine: achieved read bandwidth and fp32
 peak) with the simulator's own forward formula (`simulator.costs.RooflineCosts._engine_forward`), from quiet
@@ -59,6 +60,10 @@ MACHINES = {
     "intel-xeon-2core": Machine("host-2core-intel-xeon", "bench_target_intel.json", "bench_forward_rerun5.json",
                                 "bench_dovetail_full_r4_fused.json", False, None,
                                 ENGINES_FILE.parent / "cpu_engines_intel_xeon_2core.json"),
+    # the AMD EPYC VM as measured on 2026-12-03: same lscpu as the first, other rates (its own quiet runs, round 7)
+    "amd-epyc-2core-2": Machine("host-2core-amd-epyc-2", "bench_target_amd.json", "bench_forward_amd_r7.json",
+                                "bench_dovetail_full_r7_amd.json", False, None,
+                                ENGINES_FILE.parent / "cpu_engines_amd_epyc_2core_2.json"),
 }
 
 

@@ -2,6 +2,7 @@
 per-cycle draft and transfer times that `dovetail bench dovetail` measured with the shipped draft.
 
     python analysis/fit_draft_device.py                      # -> simulator/presets/host-2core-intel-xeon.json
+    python analysis/fit_draft_device.py --machine amd-epyc-2core-2   # -> .../host-2core-amd-epyc-2.json
     python analysis/fit_draft_device.py --dry-run            # print the fit, write nothing
 
 Why: on a 2-core VM the "GPU" is a second XLA host device running this project's kernels, so nothing on a spec
@@ -35,6 +36,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PRESET = "host-2core-intel-xeon"
 # runs of the shipped draft on the preset's machine (the Intel Xeon VM), int8 and bf16 draft weights
 RUNS = ("bench_tree_sweep_int8.json", "bench_dovetail_full_r4_int8.json", "bench_dovetail_int8_ab_24.json")
+# machine -> (its preset, the runs fitted). The AMD VM of 2026-12-03 fits its full-set run (3 trees x 2 sets, int8)
+# only: its 16-prompt sweep of 7 trees stays held out for `python -m simulator.validate trees`.
+MACHINES = {"intel-xeon-2core": (PRESET, RUNS),
+            "amd-epyc-2core-2": ("host-2core-amd-epyc-2", ("bench_dovetail_full_r7_amd.json",))}
 
 
 def _minimise(loss: Any, start: dict[str, float], bounds: dict[str, tuple[float, float]]) -> dict[str, float]:
@@ -125,12 +130,13 @@ def fit(pts: list[dict[str, Any]], preset: str = PRESET) -> dict[str, Any]:
             "loss": loss(best)}
 
 
-def write_preset(res: dict[str, Any], preset: str = PRESET) -> Path:
+def write_preset(res: dict[str, Any], preset: str = PRESET, runs: tuple[str, ...] = RUNS) -> Path:
     path = PRESET_DIR / f"{preset}.json"
     raw = json.loads(path.read_text())
     n = len(res["points"])
+    dtypes = " and ".join(d for d in ("int8", "bf16") if any(x["draft_dtype"] == d for x in res["points"]))
     src = (f"python analysis/fit_draft_device.py: least squares on log time of the per-cycle draft of the shipped "
-           f"draft in {', '.join('analysis/results/' + r for r in RUNS)} ({n} configurations, int8 and bf16 "
+           f"draft in {', '.join('analysis/results/' + r for r in runs)} ({n} configurations, {dtypes} "
            f"weights; median |error| {res['median_abs_error']:.1%}, max {res['max_abs_error']:.1%}) with the "
            f"simulator's own draft formula (schedules.cycle_costs)")
     p = res["params"]
@@ -148,10 +154,12 @@ def write_preset(res: dict[str, Any], preset: str = PRESET) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default=PRESET, help="host-device preset to refit (default: %(default)s)")
+    ap.add_argument("--machine", choices=sorted(MACHINES), default="intel-xeon-2core",
+                    help="whose preset to refit, from which of its runs (default: %(default)s)")
     ap.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
     args = ap.parse_args(argv)
-    res = fit(points(), args.preset)
+    preset, runs = MACHINES[args.machine]
+    res = fit(points(runs), preset)
     p = res["params"]
     print(f"launch {p['launch_s'] * 1e3:.3f} ms  peak {p['peak_flops'] / 1e9:.1f} GFLOP/s  n_half {p['n_half']:.2f}  "
           f"link latency {res['link_latency_s'] * 1e3:.3f} ms; draft ms/cycle |error| median "
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {x['run'][:28]:<28} {x['dataset'][:9]:<9} {x['config'][:36]:<36} {x['draft_dtype']:<4} "
               f"rows {x['rows']:.2f}  {x['draft_ms']:.2f} vs {x['predicted_draft_ms']:.2f} ms")
     if not args.dry_run:
-        print("wrote", write_preset(res, args.preset))
+        print("wrote", write_preset(res, preset, runs))
     return 0
 
 
