@@ -115,6 +115,7 @@ def _check_draft_config(cfg: Any, target: Target) -> None:
     if cfg.num_layers > target.cfg.num_layers:
         raise ConfigError(f"a draft of {cfg.num_layers} decoder layers is deeper than the target itself "
                           f"({target.cfg.num_layers} layers): use 1..{target.cfg.num_layers}")
+    cfg.check_target(target.cfg)
 
 
 HEAD_DTYPES = ("float32", "bfloat16", "int8")  # a draft's shared LM head: as the target's, bf16, or int8 per row

@@ -34,6 +34,21 @@ def nonneg_int(s: str) -> int:
     return v
 
 
+def feature_layers(s: str) -> tuple[int, ...] | str:
+    """`--feature-layers`: "eagle3" (EAGLE-3's low, middle and high blocks of the target, resolved once it is
+    loaded), "none" (the final-norm feature), or 2+ distinct 0-based block indices, comma-separated."""
+    if s.strip().lower() in ("eagle3", "none"):
+        return s.strip().lower()
+    try:
+        v = tuple(int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'eagle3', 'none' or block indices like 2,15,27; got {s!r}") \
+            from None
+    if len(v) < 2 or len(set(v)) != len(v) or min(v) < 0:
+        raise argparse.ArgumentTypeError(f"must name 2 or more distinct blocks >= 0, got {s!r}")
+    return v
+
+
 def int_range(lo: int, hi: int) -> Callable[[str], int]:
     """An argparse type for an integer in lo..hi (the help of the flag should say the same range)."""
 

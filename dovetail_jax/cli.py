@@ -20,6 +20,7 @@ from dovetail_jax.argtypes import (
     RANDOM_FLAGS,
     TREE_FLAGS,
     DraftFlags,
+    feature_layers,
     flag,
     input_file,
     input_path,
@@ -271,6 +272,12 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
 
     target = api.load_target(args.model, layout=fast_layout(2), tokenizer=args.tokenizer, placement=placement)
     _check_layers("--layers", args.layers, target)
+    if args.feature_layers != "none":
+        from dovetail_jax.config import eagle3_feature_layers
+
+        fl = args.feature_layers
+        dcfg = dcfg.replace(feature_layers=eagle3_feature_layers(target.cfg.num_layers) if fl == "eagle3" else fl)
+        dcfg.check_target(target.cfg)
     opts = pipeline.PipelineOptions(
         work=Path(args.work) if args.work else pipeline.default_work_dir(target),
         run_dir=Path(args.run) if args.run else None, out=out, force=args.force,
@@ -399,6 +406,11 @@ def _add_train_draft(sub: Any) -> None:
                    help="decoder layers of the draft, 1 up to the target's own layer count (1)")
     t.add_argument("--draft-vocab", type=nonneg_int, default=8192, metavar="V",
                    help="reduced draft vocabulary: the V most frequent tokens of the answers (8192; 0 = full)")
+    t.add_argument("--feature-layers", type=feature_layers, default="none", metavar="L",
+                   help="what the draft reads of the target: 'none' (default: its final-norm feature, as EAGLE-1/2 "
+                        "and Dovetail), 'eagle3' (the outputs of a low, a middle and a high block side by side, "
+                        "for SmolLM2 blocks 2,15,27; EAGLE-3) or 0-based block indices like 2,15,27. Their features "
+                        "are added to the data's shards before training (one more pass; resumes)")
     _add_training_schedule_args(t)
     t.add_argument("--run", metavar="DIR", type=output_dir, default=None,
                    help="run folder (default: <work>/runs/<architecture>)")

@@ -167,11 +167,16 @@ class DraftConfig:
     (EAGLE's one linear layer over [embedding; feature], with bias) or "none" (a standalone LM draft that
     reads only tokens: every block has its input norm and the output goes through a final norm).
     draft_vocab_size: score only the V' most frequent tokens in the draft's head (None: the full vocabulary).
+    feature_layers: the target blocks (0-based) whose outputs the draft reads side by side, through its own
+    `len(feature_layers) * H -> H` projection, as EAGLE-3 does (`eagle3_feature_layers` picks its low, middle
+    and high blocks); () (the default): the target's final-norm feature, as EAGLE-1/2 and Dovetail do. During
+    tree expansion and training-time test the draft reads its own `H` outputs either way.
     """
 
     num_layers: int = 1
     fusion: Fusion = "dgf"
     draft_vocab_size: int | None = None
+    feature_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # types first, so a "2", 1.5 or True meets one ConfigError naming the field here, not a TypeError (or a
@@ -185,9 +190,35 @@ class DraftConfig:
             _check_int("DraftConfig", "draft_vocab_size", self.draft_vocab_size)
             if self.draft_vocab_size < 1:
                 raise ConfigError(f"draft_vocab_size must be positive, got {self.draft_vocab_size}")
+        if not isinstance(self.feature_layers, tuple):
+            raise ConfigError(f"feature_layers must be a tuple of block indices, got {self.feature_layers!r}")
+        for i in self.feature_layers:
+            _check_int("DraftConfig", "feature_layers", i)
+            if i < 0:
+                raise ConfigError(f"feature_layers must be block indices >= 0, got {self.feature_layers}")
+        # two or more: the draft tells the target's features (k * H wide) from its own outputs (H) by their width
+        if len(set(self.feature_layers)) != len(self.feature_layers) or len(self.feature_layers) == 1:
+            raise ConfigError(f"feature_layers must name 2 or more distinct blocks (or none), got "
+                              f"{self.feature_layers}")
+        if self.feature_layers and self.fusion == "none":
+            raise ConfigError("a standalone LM draft (fusion 'none') reads no target features: no feature_layers")
+
+    def check_target(self, cfg: ModelConfig) -> None:
+        """Refuse feature layers the target does not have."""
+        bad = [i for i in self.feature_layers if i >= cfg.num_layers]
+        if bad:
+            raise ConfigError(f"feature_layers {bad} out of range: {cfg.name} has blocks 0..{cfg.num_layers - 1}")
 
     def replace(self, **kw) -> DraftConfig:
         return dataclasses.replace(self, **kw)
+
+
+def eagle3_feature_layers(num_layers: int) -> tuple[int, ...]:
+    """EAGLE-3's low, middle and high target blocks for a `num_layers`-block target: (2, L // 2, L - 3), the
+    outputs its reference code reads as HF `hidden_states[3]`, `[L // 2 + 1]` and `[L - 2]`."""
+    if num_layers < 6:
+        raise ConfigError(f"EAGLE-3's feature layers need a target of 6 or more blocks, got {num_layers}")
+    return (2, num_layers // 2, num_layers - 3)
 
 
 @dataclass(frozen=True)

@@ -341,8 +341,10 @@ class ScaledCosts:
 
 
 def feature_bytes(wl: Workload, rows: int) -> float:
-    """Accepted target features (fp32) + their ids sent to the draft."""
-    return rows * wl.model.hidden_size * 4 + (rows + 1) * ID_BYTES
+    """Accepted target features (fp32; k of them per row for a draft with k feature layers) + their ids sent to
+    the draft."""
+    k = max(1, len(wl.draft.feature_layers))
+    return rows * k * wl.model.hidden_size * 4 + (rows + 1) * ID_BYTES
 
 
 def tree_bytes(wl: Workload) -> float:

@@ -101,8 +101,12 @@ class Workload:
     # ---- parameter counts -------------------------------------------------------------------------------
     @property
     def fusion_params(self) -> int:
-        h = self.model.hidden_size
-        return {"dgf": 4 * h * h, "eagle": 2 * h * h + h, "none": 0}[self.draft.fusion]
+        """The fusion's weights, plus a multi-layer-feature draft's projection of its k target features (k H x H
+        and a norm). That projection runs only on the accepted rows' pass; pricing it on every pass overcounts
+        k H^2 weights per expansion (for SmolLM2 with 3 features: 1.0M of a 1-layer draft pass's ~12M)."""
+        h, k = self.model.hidden_size, len(self.draft.feature_layers)
+        fc = k * h * h + h if k else 0
+        return {"dgf": 4 * h * h, "eagle": 2 * h * h + h, "none": 0}[self.draft.fusion] + fc
 
     @property
     def draft_layers(self) -> int:

@@ -76,6 +76,7 @@ CASES: list[tuple[list[str], str]] = [
     (TRAIN + ["--out", "{tmp}/draft", "--steps", "3", "--lr", "1e-2"], "--force"),
     (TRAIN + ["--out", "{tmp}/results.json", "--force"], "not a folder"),
     (TRAIN + ["--new-vocab"], "--init"),  # a new vocabulary only makes sense for a warm start
+    *[(TRAIN + ["--feature-layers", v], "--feature-layers") for v in ("3", "2,2", "-1,3", "a,b", "")],
     # generate / bench: seeds JAX cannot take, non-finite temperatures
     (["generate", "--prompt", "hi", "--seed", str(2**63)], "--seed"),
     (["generate", "--prompt", "hi", "--seed", "-1"], "--seed"),
@@ -316,6 +317,8 @@ MODEL_CASES: list[tuple[list[str], str]] = [
     (GEN + ["--tokenizer", "{tmp}/draft"], "tokenizer"),
     (["train-draft", "--layers", "3", "--work", "{tmp}/work"], "--layers"),
     (["train-draft", "--draft-vocab", "321", "--work", "{tmp}/work"], "vocabulary"),
+    (["train-draft", "--feature-layers", "0,5", "--work", "{tmp}/work"], "out of range"),  # 2 blocks: 0, 1
+    (["train-draft", "--feature-layers", "eagle3", "--work", "{tmp}/work"], "6 or more blocks"),
     (GEN + ["--chat", "--template", "type"], "chat template"),
     (GEN + ["--chat", "--template", "raise"], "no user role here"),
 ]

@@ -57,12 +57,13 @@ log = logging.getLogger(__name__)
 
 
 def _target_prefill(params: TargetParams, cache: KVCache, tokens: jax.Array, n_real: jax.Array, key: jax.Array,
-                    s: Scalars, *, cfg: ModelConfig, greedy: bool, filtered: bool):
-    """Prompt `[1, P]` (right-padded) -> first token, the features and next ids the draft reads, K/V."""
+                    s: Scalars, *, cfg: ModelConfig, greedy: bool, filtered: bool, taps: tuple[int, ...] = ()):
+    """Prompt `[1, P]` (right-padded) -> first token, the features and next ids the draft reads, K/V. `taps`: the
+    draft's feature layers (its features are those blocks' outputs side by side; () = the final norm)."""
     p = tokens.shape[1]
     positions = jnp.arange(p, dtype=jnp.int32)[None]
     logits, hidden, update = forward(params, cfg, tokens, positions, causal_mask(p), cache, "last", n_real - 1,
-                                     empty_cache=True)
+                                     empty_cache=True, taps=taps)
     tok, key = programs.pick(logits, key, s, greedy, filtered)  # [1]
     ids = jnp.roll(tokens, -1, axis=1).at[0, n_real - 1].set(tok[0])  # pair (f_i, t_{i+1}); the last is the root
     return tok, hidden, ids, update, key
@@ -78,14 +79,14 @@ def _draft(params: DraftParams, shared: DraftShared, cache: KVCache, feats: jax.
 
 
 def _verify(params: TargetParams, cache: KVCache, tree_ids: jax.Array, key: jax.Array, s: Scalars, *,
-            cfg: ModelConfig, tree: TreeConfig, greedy: bool, filtered: bool):
+            cfg: ModelConfig, tree: TreeConfig, greedy: bool, filtered: bool, taps: tuple[int, ...] = ()):
     """One target forward over the tree (`tree_ids [2, T]`: tokens, parents); accept; return what the commit
-    and the draft need."""
+    and the draft need (the accepted path's features: the draft's `taps`, as `_target_prefill`)."""
     tokens, parents = tree_ids[0], tree_ids[1]
     w = tree.width
     arrays = tree_lib.tree_arrays(parents, w)
     positions = (cache.length + arrays.depth)[None]
-    logits, hidden, update = forward(params, cfg, tokens[None], positions, arrays.mask, cache, "all")
+    logits, hidden, update = forward(params, cfg, tokens[None], positions, arrays.mask, cache, "all", taps=taps)
     if greedy:
         acc = accept_lib.accept_greedy(tokens, parents, logits[0], w)
     else:
@@ -127,12 +128,13 @@ class DovetailCycle:
 
     @functools.cached_property
     def target_prefill(self) -> Callable:
-        return jax.jit(functools.partial(_target_prefill, cfg=self.cfg, greedy=self.greedy, filtered=self.filtered))
+        return jax.jit(functools.partial(_target_prefill, cfg=self.cfg, greedy=self.greedy, filtered=self.filtered,
+                                         taps=self.draft_cfg.feature_layers))
 
     @functools.cached_property
     def verify(self) -> Callable:
         return jax.jit(functools.partial(_verify, cfg=self.cfg, tree=self.tree, greedy=self.greedy,
-                                         filtered=self.filtered))
+                                         filtered=self.filtered, taps=self.draft_cfg.feature_layers))
 
     @functools.cached_property
     def commit(self) -> Callable:

@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from dovetail_jax.config import DraftConfig, ModelConfig
-from dovetail_jax.errors import ModelFormatError
+from dovetail_jax.errors import ConfigError, ModelFormatError
 from dovetail_jax.io.hf import read_safetensors, write_safetensors
 from dovetail_jax.model.draft import DraftParams, draft_params_from_tensors, draft_tensors
 
@@ -67,7 +67,8 @@ def save_draft(folder: str | Path, cfg: ModelConfig, dcfg: DraftConfig, params: 
         "target": {"name": cfg.name, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
                    "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
                    "intermediate_size": cfg.intermediate_size, "sha256": target_sha256},
-        "draft": {"num_layers": dcfg.num_layers, "fusion": dcfg.fusion, "draft_vocab_size": dcfg.draft_vocab_size},
+        "draft": {"num_layers": dcfg.num_layers, "fusion": dcfg.fusion, "draft_vocab_size": dcfg.draft_vocab_size,
+                  **({"feature_layers": list(dcfg.feature_layers)} if dcfg.feature_layers else {})},
         "dtype": dtype,
         **(card_extra or {}),
     }
@@ -100,8 +101,9 @@ def draft_config_from_card(card: dict[str, Any], where: str) -> DraftConfig:
         raise ModelFormatError(f"{where}: the card has no 'draft' section")
     try:
         return DraftConfig(num_layers=int(d["num_layers"]), fusion=d["fusion"],
-                           draft_vocab_size=None if d.get("draft_vocab_size") is None else int(d["draft_vocab_size"]))
-    except (KeyError, TypeError, ValueError) as e:
+                           draft_vocab_size=None if d.get("draft_vocab_size") is None else int(d["draft_vocab_size"]),
+                           feature_layers=tuple(int(i) for i in d.get("feature_layers", ())))
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
         raise ModelFormatError(f"{where}: bad 'draft' section in the card ({e})") from None
 
 
@@ -137,6 +139,10 @@ def load_draft(folder: str | Path, cfg: ModelConfig, device: jax.Device | None =
     card = read_card(folder)
     check_card_target(card, cfg, where, target_sha256)
     dcfg = draft_config_from_card(card, where)
+    try:
+        dcfg.check_target(cfg)
+    except ConfigError as e:
+        raise ModelFormatError(f"{where}: {e}") from None
     wpath = folder / WEIGHTS
     if not wpath.is_file():
         raise ModelFormatError(f"{where}: {WEIGHTS} is missing")

@@ -57,12 +57,14 @@ def run_layers(
     empty_cache: bool = False,
     lead: KVUpdate | None = None,  # per layer [B, P, K, D] uncommitted keys/values before the new tokens
     kv_start: jax.Array | None = None,  # [B]: cache slots before it are hidden from that row
-) -> tuple[jax.Array, KVUpdate]:
+    taps: tuple[int, ...] = (),  # static: also return the outputs of these blocks (0-based)
+) -> tuple[jax.Array, KVUpdate, tuple[jax.Array, ...]]:
     """Run the stack (unrolled in Python: on XLA CPU faster than a `lax.scan` over stacked layers); returns the
-    last block's output `[B, T, H]` (no final norm) and the new tokens' K/V per layer, for the caller to write.
-    `empty_cache=True` (static) promises an empty cache, so attention skips it."""
+    last block's output `[B, T, H]` (no final norm), the new tokens' K/V per layer, for the caller to write, and
+    the outputs `[B, T, H]` of the blocks `taps` names, in that order (the residual stream after each: EAGLE-3's
+    multi-layer features). `empty_cache=True` (static) promises an empty cache, so attention skips it."""
     cos, sin = L.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    ks, vs = [], []
+    ks, vs, outs = [], [], {}
     for i, (p, k_cache, v_cache) in enumerate(zip(layers, cache.k, cache.v, strict=True)):
         if empty_cache:
             k_cache = v_cache = None
@@ -70,4 +72,6 @@ def run_layers(
                                 None if lead is None else lead.k[i], None if lead is None else lead.v[i], kv_start)
         ks.append(k)
         vs.append(v)
-    return x, KVUpdate(k=tuple(ks), v=tuple(vs))
+        if i in taps:
+            outs[i] = x
+    return x, KVUpdate(k=tuple(ks), v=tuple(vs)), tuple(outs[i] for i in taps)

@@ -118,18 +118,29 @@ class DraftParams:
     layers: tuple[LayerParams, ...]  # layers[0].attn_norm is None unless fusion == "none"
     final_norm: jax.Array | None  # only for fusion "none"
     layout: Layout = struct.field(pytree_node=False, default="in_out")
+    # multi-layer features (`DraftConfig.feature_layers`): the target blocks read, their `[k * H, H]` (in, out)
+    # projection to one feature and its RMSNorm weight `[H]`; None / () for a final-norm-feature draft
+    feature_fc: jax.Array | None = None
+    feature_norm: jax.Array | None = None
+    feature_layers: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
     @classmethod
     def spec(cls, cfg: ModelConfig, dcfg: DraftConfig, layout: Layout = "in_out") -> DraftParams:
         """A draft checkpoint: the fusion's tensors (`norm.weight`, the final norm, for fusion "none"), then the
-        blocks, named `layers.{i}.` + HF LLaMA's names."""
+        blocks, named `layers.{i}.` + HF LLaMA's names; with feature layers, EAGLE-3's `fc` over them, stored as
+        a torch Linear (`[out, in]`) under `feature_fc.weight`, and the RMSNorm after it (`feature_norm.weight`:
+        the blocks' outputs carry SmolLM2's |x| ~ 2e4 activations, the fusion expects a final-norm-sized feature)."""
         kind = FUSIONS[dcfg.fusion]
+        h, k = cfg.hidden_size, len(dcfg.feature_layers)
         return cls(
             fusion=None if kind.params is None else kind.params.spec(cfg),
             layers=tuple(LayerParams.spec(cfg, f"layers.{i}.", layout, input_norm=i > 0 or kind.first_input_norm)
                          for i in range(dcfg.num_layers)),
             final_norm=tensor("norm.weight", (cfg.hidden_size,), "ones") if kind.final_norm else None,
             layout=layout,
+            feature_fc=tensor("feature_fc.weight", (h, k * h), "xavier", transpose=True) if k else None,
+            feature_norm=tensor("feature_norm.weight", (h,), "ones") if k else None,
+            feature_layers=dcfg.feature_layers,
         )
 
     @property
@@ -158,7 +169,11 @@ def draft_model_config(cfg: ModelConfig, dcfg: DraftConfig) -> ModelConfig:
 
 
 def fuse(params: DraftParams, cfg: ModelConfig, feats: jax.Array, emb: jax.Array) -> jax.Array:
-    """Combine the feature `[B, T, H]` and the embedding `[B, T, H]` into the first block's input."""
+    """Combine the feature `[B, T, H]` and the embedding `[B, T, H]` into the first block's input. A
+    multi-layer-feature draft first projects the target's `[B, T, k * H]` features to `H` and normalises them;
+    its own outputs (`H` wide: tree expansion, training-time test) go in as they are."""
+    if params.feature_fc is not None and feats.shape[-1] != cfg.hidden_size:
+        feats = L.rms_norm(L.linear(feats, params.feature_fc, in_out=True), params.feature_norm, cfg.rms_norm_eps)
     return emb if params.fusion is None else params.fusion.fuse(cfg, feats, emb)
 
 
@@ -167,7 +182,7 @@ def forward(
     shared: DraftShared,
     cfg: ModelConfig,
     dcfg: DraftConfig,
-    feats: jax.Array,  # [B, T, H] target features (or the draft's own outputs during expansion)
+    feats: jax.Array,  # [B, T, H] target features ([B, T, k * H] with feature layers), or the draft's own outputs
     tokens: jax.Array,  # [B, T] int32 target ids of the following tokens
     positions: jax.Array,  # [B, T] int32
     mask: jax.Array,  # [T, P + T] bool over the lead keys and the new tokens
@@ -179,7 +194,7 @@ def forward(
     `empty_cache=True` (static) promises an empty cache, so attention skips it (a prompt's first tree).
     `dcfg` must be the config `params` were made for (the weights themselves say which fusion runs)."""
     x = fuse(params, cfg, feats, jnp.take(shared.embed, tokens, axis=0))
-    x, update = run_layers(params.layers, cfg, params.layout, x, positions, mask, cache, empty_cache, lead=lead)
+    x, update, _ = run_layers(params.layers, cfg, params.layout, x, positions, mask, cache, empty_cache, lead=lead)
     if params.final_norm is not None:
         x = L.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     return x, update
@@ -244,6 +259,8 @@ def quantize_matrices(params: DraftParams, device: jax.Device | None = None) -> 
         return w if isinstance(w, quant.Int8Weight) else quant.quantize(w, in_out, device)
 
     fusion = params.fusion
+    if params.feature_fc is not None:
+        params = params.replace(feature_fc=q(params.feature_fc, True))
     if isinstance(fusion, DGFParams):
         fusion = fusion.replace(w1=q(fusion.w1, True), w2=q(fusion.w2, True), wz=q(fusion.wz, True))
     elif isinstance(fusion, EagleFusionParams):
@@ -351,7 +368,7 @@ def upcast_params(params: DraftParams) -> DraftParams:
 
 def draft_tensors(params: DraftParams, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The inverse of `draft_params_from_tensors`: checkpoint names and layouts, float32 numpy."""
-    dcfg = DraftConfig(num_layers=len(params.layers), fusion=params.fusion_kind)
+    dcfg = DraftConfig(num_layers=len(params.layers), fusion=params.fusion_kind, feature_layers=params.feature_layers)
     return to_tensors(DraftParams.spec(cfg, dcfg, params.layout), params)
 
 

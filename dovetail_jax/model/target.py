@@ -34,25 +34,29 @@ def forward(
     last_index: jax.Array | int = -1,
     empty_cache: bool = False,
     kv_start: jax.Array | None = None,  # [B]: cache slots before it are hidden from that row
+    taps: tuple[int, ...] = (),  # static: the blocks whose outputs make the features (EAGLE-3); () = final norm
 ) -> tuple[jax.Array | None, jax.Array, KVUpdate]:
-    """Returns (logits, hidden, update); the cache is only read.
+    """Returns (logits, features, update); the cache is only read.
 
-    logits: `[B, T, V]` ("all"), `[B, V]` at `last_index` ("last") or None; hidden `[B, T, H]` after the
-    final norm; update: the T tokens' K/V, to be written by `cache.append` or `cache.commit_path`.
+    logits: `[B, T, V]` ("all"), `[B, V]` at `last_index` ("last") or None; features: what a draft reads,
+    `[B, T, H]` after the final norm, or with `taps` the outputs of those blocks (before any norm) side by side,
+    `[B, T, len(taps) * H]` (a multi-layer-feature draft's `DraftConfig.feature_layers`); update: the T tokens'
+    K/V, to be written by `cache.append` or `cache.commit_path`.
     `empty_cache=True` (static) promises `cache.length == 0`, so attention skips the cache entirely: a
     fresh prefill then costs O(T^2), not O(T * slots). A `[B, T, T]` mask with `kv_start` runs a batch of
     left-padded sequences (batched generation of training data).
     """
     x = jnp.take(params.embed, tokens, axis=0)
-    x, update = run_layers(params.layers, cfg, params.layout, x, positions, tree_mask, cache, empty_cache,
-                           kv_start=kv_start)
+    x, update, tapped = run_layers(params.layers, cfg, params.layout, x, positions, tree_mask, cache, empty_cache,
+                                   kv_start=kv_start, taps=taps)
     hidden = L.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    feats = jnp.concatenate(tapped, axis=-1) if taps else hidden
     if logits_mode == "none":
-        return None, hidden, update
+        return None, feats, update
     if logits_mode == "last":
         h_last = jnp.take(hidden, jnp.asarray(last_index), axis=1)  # [B, H]
-        return lm_head(h_last, params.head), hidden, update
-    return lm_head(hidden, params.head), hidden, update
+        return lm_head(h_last, params.head), feats, update
+    return lm_head(hidden, params.head), feats, update
 
 
 def lm_head(h: jax.Array, head: jax.Array) -> jax.Array:

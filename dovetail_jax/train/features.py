@@ -8,6 +8,11 @@ int64, each conversation's prompt index, which decides the held-out split), plus
 naming the target (name and weights sha256). Shards are written to a temporary folder and renamed, so a
 shard either exists whole or not at all, and an interrupted extraction resumes at the first missing one.
 The forwards are the target's fast prefill path (`empty_cache`), batched over sequences of similar length.
+
+Multi-layer features (a draft with `DraftConfig.feature_layers`, EAGLE-3) are added to existing shards by
+`extract_taps`: `taps-<i>-<j>-<k>.npy` (bfloat16 bits, `[N, k H]`, the blocks' outputs side by side), one more
+prefill over each shard's own token ids, written whole (temporary name, then rename) and skipped when present.
+`load_features(..., taps=...)` maps those files instead of reading them into memory (3 kB a token for SmolLM2).
 """
 
 from __future__ import annotations
@@ -54,6 +59,39 @@ def _jitted(cfg: ModelConfig):
     return jax.jit(functools.partial(_features, cfg=cfg))
 
 
+def _tapped(params: TargetParams, tokens: jax.Array, *, cfg: ModelConfig, taps: tuple[int, ...]) -> jax.Array:
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cache = init_cache(cfg, 1, batch=b)  # never read: empty_cache
+    _, feats, _ = forward(params, cfg, tokens, positions, causal_mask(t), cache, "none", empty_cache=True, taps=taps)
+    return feats.astype(jnp.bfloat16)
+
+
+@functools.cache
+def _jitted_taps(cfg: ModelConfig, taps: tuple[int, ...]):
+    return jax.jit(functools.partial(_tapped, cfg=cfg, taps=taps))
+
+
+def _batched(fn: Any, seqs: Sequence[list[int]], tokens_per_batch: int) -> list[list[np.ndarray]]:
+    """`fn(tokens [b, t])`'s per-position outputs for every sequence, in batches of similar length (sorted,
+    padded to a power of two: one compiled shape per length); per sequence, one array per output of `fn`."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out: list[list[np.ndarray]] = [[] for _ in seqs]
+    sorted_lengths = [len(seqs[i]) for i in order]
+    k = 0
+    while k < len(order):
+        t, b = feature_batch(sorted_lengths, k, tokens_per_batch)
+        rows = order[k:k + b]
+        tok = np.zeros((b, t), np.int32)  # rows past the end of `rows` stay padding
+        for j, i in enumerate(rows):
+            tok[j, : len(seqs[i])] = seqs[i]
+        res = [np.asarray(r) for r in fn(jnp.asarray(tok))]
+        for j, i in enumerate(rows):
+            out[i] = [r[j, : len(seqs[i])] for r in res]
+        k += len(rows)
+    return out
+
+
 def sequences(records: Sequence[dict[str, Any]], max_len: int = MAX_LEN) -> list[tuple[list[int], int]]:
     """(prompt + answer ids cut to `max_len`, prompt length) per record."""
     return [((r["prompt_ids"] + r["answer_ids"])[:max_len], len(r["prompt_ids"])) for r in records]
@@ -62,36 +100,50 @@ def sequences(records: Sequence[dict[str, Any]], max_len: int = MAX_LEN) -> list
 def extract_shard(params: TargetParams, cfg: ModelConfig, seqs: Sequence[tuple[list[int], int]],
                   tokens_per_batch: int = 4096) -> dict[str, np.ndarray]:
     """Arrays of one shard (see the module docstring), computed in batches of similar length."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    h = cfg.hidden_size
-    feats = [np.zeros((0, h), np.uint16)] * len(seqs)
-    argmax = [np.zeros(0, np.int32)] * len(seqs)
     fn = _jitted(cfg)
-    sorted_lengths = [len(seqs[i][0]) for i in order]
-    k = 0
-    while k < len(order):
-        # the smallest power-of-two length whose fixed batch (tokens_per_batch // t rows, sorted by length)
-        # holds its longest row: one compiled shape per length
-        t, b = feature_batch(sorted_lengths, k, tokens_per_batch)
-        rows = order[k:k + b]
-        tok = np.zeros((b, t), np.int32)  # rows past the end of `rows` stay padding
-        for j, i in enumerate(rows):
-            tok[j, : len(seqs[i][0])] = seqs[i][0]
-        hid, am = fn(params, jnp.asarray(tok))
-        hid = np.asarray(hid).view(np.uint16)
-        am = np.asarray(am)
-        for j, i in enumerate(rows):
-            n = len(seqs[i][0])
-            feats[i], argmax[i] = hid[j, :n], am[j, :n]
-        k += len(rows)
+    per_seq = _batched(lambda tok: fn(params, tok), [s[0] for s in seqs], tokens_per_batch)
     lengths = np.array([len(s[0]) for s in seqs], np.int64)
     return {
-        "feats": np.concatenate(feats),
+        "feats": np.concatenate([x[0].view(np.uint16) for x in per_seq]),
         "ids": np.concatenate([np.asarray(s[0], np.int32) for s in seqs]),
-        "argmax": np.concatenate(argmax),
+        "argmax": np.concatenate([x[1] for x in per_seq]),
         "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         "prompt_len": np.array([s[1] for s in seqs], np.int32),
     }
+
+
+def taps_file(layers: Sequence[int]) -> str:
+    return "taps-" + "-".join(str(i) for i in layers) + ".npy"
+
+
+def extract_taps(target: Any, folder: Path, layers: tuple[int, ...], progress: bool = True,
+                 tokens_per_batch: int = 4096) -> dict[str, Any]:
+    """Add the outputs of target blocks `layers` (`[N, len(layers) * H]` bfloat16 bits) to every shard of
+    `folder` that lacks them; each shard's own token ids are run again (the features of the distillation pass
+    are the final norm's only). Resumes: a shard's file is written whole or not at all."""
+    shards = sorted(p for p in folder.glob("shard-*") if p.is_dir())
+    name = taps_file(layers)
+    todo = [d for d in shards if not (d / name).is_file()]
+    bar = tqdm(total=len(shards), initial=len(shards) - len(todo), unit="shard", desc=f"taps {layers}",
+               disable=not progress)
+    fn = _jitted_taps(target.cfg, tuple(layers))
+    t0, tokens = time.perf_counter(), 0
+    for d in todo:
+        check_shard(d, target.sha256, target.cfg.hidden_size)
+        ids, offsets = np.load(d / "ids.npy"), np.load(d / "offsets.npy")
+        seqs = [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(offsets.size - 1)]
+        per_seq = _batched(lambda tok: (fn(target.params, tok),), seqs, tokens_per_batch)
+        arr = np.concatenate([x[0].view(np.uint16) for x in per_seq])
+        tmp = d / (name + ".tmp")
+        with tmp.open("wb") as fh:
+            np.save(fh, arr)
+        tmp.replace(d / name)
+        tokens += int(ids.size)
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    return {"layers": list(layers), "shards": len(shards), "extracted": len(todo), "tokens": tokens,
+            "seconds": time.perf_counter() - t0}
 
 
 def _meta(target_name: str, sha256: str, cfg: ModelConfig, first: int, count: int, n_tokens: int) -> dict:
@@ -165,6 +217,25 @@ def check_shard(shard: Path, sha256: str | None, hidden_size: int) -> dict[str, 
 
 
 @dataclass
+class Taps:
+    """Multi-layer features of a feature set, mapped from the shards' files (not read into memory)."""
+
+    layers: tuple[int, ...]
+    parts: list[np.ndarray]  # per shard [n, width] bfloat16 (memory-mapped)
+    starts: np.ndarray  # [shards + 1] int64: each shard's first row in the feature set
+
+    @property
+    def width(self) -> int:
+        return int(self.parts[0].shape[1])
+
+    def rows(self, a: int, n: int) -> np.ndarray:
+        """Rows `a .. a + n` (one conversation: never across shards)."""
+        k = int(np.searchsorted(self.starts, a, side="right")) - 1
+        lo = a - int(self.starts[k])
+        return self.parts[k][lo:lo + n]
+
+
+@dataclass
 class FeatureSet:
     """All shards of a folder in memory (bfloat16 features: ~1.2 kB per token for SmolLM2)."""
 
@@ -175,17 +246,20 @@ class FeatureSet:
     prompt_len: np.ndarray  # [S] int32
     record_index: np.ndarray  # [S] int64: prompt index of each conversation (decides the held-out split)
     meta: dict[str, Any]
+    taps: Taps | None = None  # with `load_features(taps=...)`: the multi-layer features
 
     @property
     def num_sequences(self) -> int:
         return int(self.prompt_len.size)
 
 
-def load_features(folder: Path, sha256: str | None, hidden_size: int) -> FeatureSet:
+def load_features(folder: Path, sha256: str | None, hidden_size: int, taps: tuple[int, ...] = ()) -> FeatureSet:
+    """Every shard of `folder` (and, with `taps`, their multi-layer features of those blocks, memory-mapped)."""
     shards = sorted(p for p in folder.glob("shard-*") if p.is_dir())
     if not shards:
         raise ModelFormatError(f"{folder}: no feature shards; run `dovetail train-draft` data preparation first")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("feats", "ids", "argmax", "prompt_len", "lengths", "rec")}
+    tap_parts: list[np.ndarray] = []
     meta = {}
     for shard in shards:
         meta = check_shard(shard, sha256, hidden_size)
@@ -200,6 +274,16 @@ def load_features(folder: Path, sha256: str | None, hidden_size: int) -> Feature
         if not ok:
             raise ModelFormatError(f"{shard}: array shapes disagree with each other or with meta.json; "
                                    "delete the shard folder to re-extract it")
+        if taps:
+            try:
+                tp = np.load(shard / taps_file(taps), mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise ModelFormatError(f"{shard}: no readable {taps_file(taps)} ({e}); extract the features of "
+                                       f"blocks {taps} first (features.extract_taps)") from None
+            if tp.shape != (n, len(taps) * hidden_size):
+                raise ModelFormatError(f"{shard}: {taps_file(taps)} has shape {tp.shape}, expected "
+                                       f"{(n, len(taps) * hidden_size)}; delete it to extract it again")
+            tap_parts.append(tp.view(ml_dtypes.bfloat16))
         parts["feats"].append(arr["feats"])
         parts["ids"].append(arr["ids"])
         parts["argmax"].append(arr["argmax"])
@@ -215,4 +299,6 @@ def load_features(folder: Path, sha256: str | None, hidden_size: int) -> Feature
         prompt_len=np.concatenate(parts["prompt_len"]),
         record_index=np.concatenate(parts["rec"]).astype(np.int64),
         meta=meta,
+        taps=Taps(taps, tap_parts, np.concatenate([[0], np.cumsum([p.shape[0] for p in tap_parts])]).astype(np.int64))
+        if taps else None,
     )

@@ -31,10 +31,11 @@ from dovetail_jax.model.target import causal_mask
 
 @struct.dataclass
 class Batch:
-    feats: jax.Array  # [B, T+1, H] target features (f32)
+    feats: jax.Array  # [B, T+1, H] target features (f32): the regression targets, and the inputs by default
     ids: jax.Array  # [B, T+1] int32 token ids
     argmax: jax.Array  # [B, T+1] int32 the target's greedy next token after each position
     mask: jax.Array  # [B, T] f32: 1 where position i's prediction is trained
+    taps: jax.Array | None = None  # [B, T+1, k H] multi-layer features: the inputs of a `feature_layers` draft
 
 
 def smooth_l1(x: jax.Array, y: jax.Array, beta: float = 1.0) -> jax.Array:
@@ -64,7 +65,8 @@ def _concat(a: KVUpdate | None, b: KVUpdate) -> KVUpdate:
 
 def unroll(params: D.DraftParams, shared: D.DraftShared, feats: jax.Array, tokens: jax.Array, steps: int, *,
            cfg: ModelConfig, dcfg: DraftConfig) -> list[jax.Array]:
-    """The draft's outputs `[B, T, H]` at steps 1..`steps` over `feats [B, T, H]` and `tokens [B, T]`."""
+    """The draft's outputs `[B, T, H]` at steps 1..`steps` over `feats [B, T, H]` (`[B, T, k H]` for a draft with
+    feature layers: step 1 reads them, later steps the draft's own `H`-wide outputs) and `tokens [B, T]`."""
     b, t, _ = feats.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cache = _empty_cache(cfg, dcfg, b)
@@ -76,7 +78,10 @@ def unroll(params: D.DraftParams, shared: D.DraftShared, feats: jax.Array, token
         pred, upd = D.forward(params, shared, cfg, dcfg, x, tokens, positions, mask, cache, lead, empty_cache=True)
         outs.append(pred)
         lead = _concat(lead, upd)
-        x = jnp.concatenate([feats[:, :1], pred[:, :-1]], axis=1)  # position i reads step k's guess at i-1
+        # position i reads step k's guess at i-1; position 0 (out of every later step's loss, and seen only by
+        # positions out of it) keeps its target feature, or zeros when that is wider than an output
+        first = feats[:, :1] if feats.shape[-1] == pred.shape[-1] else jnp.zeros_like(pred[:, :1])
+        x = jnp.concatenate([first, pred[:, :-1]], axis=1)
     return outs
 
 
@@ -87,7 +92,8 @@ def losses(params: D.DraftParams, shared: D.DraftShared, batch: Batch, key: jax.
     """(total loss over `steps` unrolled steps, metrics); `key=None` or `noise=0` trains on clean features.
     Metrics without a suffix are step 1's (the plain next-token guess); `top1_k` is step k's top-1 for
     k >= 2, up to `max(steps, report_steps)` (steps beyond `steps` are measured, not in the loss)."""
-    f_in, f_next = batch.feats[:, :-1], batch.feats[:, 1:]
+    f_in = (batch.feats if batch.taps is None else batch.taps)[:, :-1]
+    f_next = batch.feats[:, 1:]
     b, t, _ = f_in.shape
     if key is not None and noise > 0:
         f_in = f_in + noise * (jax.random.uniform(key, f_in.shape) - 0.5)  # EAGLE's uniform feature noise

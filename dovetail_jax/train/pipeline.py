@@ -27,7 +27,7 @@ from dovetail_jax.config import TREE_PRESETS, DraftConfig, SamplingConfig, TreeC
 from dovetail_jax.errors import ConfigError, TrainingDivergedError
 from dovetail_jax.stats import Acceptance
 from dovetail_jax.train.answers import read_answers
-from dovetail_jax.train.features import load_features
+from dovetail_jax.train.features import extract_taps, load_features
 from dovetail_jax.train.sources import Mix
 from dovetail_jax.train.trainer import TrainConfig, check_run, choose_vocab, run_record, split, train
 
@@ -77,7 +77,8 @@ def check_draft_vocab(dcfg: DraftConfig, vocab_size: int) -> None:
 
 def arch_name(dcfg: DraftConfig) -> str:
     vocab = "full" if dcfg.draft_vocab_size is None else f"v{dcfg.draft_vocab_size}"
-    return f"{dcfg.fusion}{dcfg.num_layers}-{vocab}"
+    taps = "-taps" + ".".join(str(i) for i in dcfg.feature_layers) if dcfg.feature_layers else ""
+    return f"{dcfg.fusion}{dcfg.num_layers}-{vocab}{taps}"
 
 
 def heldout_tau(target: Any, draft: Any, records: list[dict[str, Any]], tree: TreeConfig, n: int,
@@ -160,7 +161,8 @@ def _warm_start(target: Any, dcfg: DraftConfig, init: Path | None, new_vocab: bo
     fresh start. The draft must have the asked architecture and be trained for this target. With `new_vocab`
     its vocabulary is dropped (None: the run chooses one from its data, of any size): the trained weights do not
     depend on it, since the draft's head is the target's own, restricted to the vocabulary's rows. A draft with
-    fewer layers than asked is grown (`draft.deepen`; the new blocks are drawn from `seed`)."""
+    fewer layers than asked is grown (`draft.deepen`; the new blocks are drawn from `seed`), and a final-norm
+    draft asked to read target blocks gets a fresh projection for them (`seed`; its fusion and blocks kept)."""
     if init is None:
         return None, None, {}
     from dovetail_jax.io.checkpoint import WEIGHTS, file_sha256, load_draft
@@ -168,23 +170,31 @@ def _warm_start(target: Any, dcfg: DraftConfig, init: Path | None, new_vocab: bo
     got, params, vocab_map, card = load_draft(init, target.cfg, target_sha256=target.sha256, keep_bf16=False)
     deeper = got.num_layers < dcfg.num_layers
     same_vocab = new_vocab or got.draft_vocab_size == dcfg.draft_vocab_size
-    if got.fusion != dcfg.fusion or got.num_layers > dcfg.num_layers or not same_vocab:
+    add_taps = not got.feature_layers and bool(dcfg.feature_layers)
+    same_taps = got.feature_layers == dcfg.feature_layers or add_taps
+    if got.fusion != dcfg.fusion or got.num_layers > dcfg.num_layers or not same_vocab or not same_taps:
         raise ConfigError(f"--init {init} is a {arch_name(got)} draft, not {arch_name(dcfg)}; pass matching "
                           "--fusion" + ("" if new_vocab else "/--draft-vocab (or --new-vocab)")
-                          + f" and --layers {got.num_layers} or more")
-    if deeper:  # the extra blocks start as the identity: the grown draft begins exactly where `init` ends
+                          + f", --feature-layers and --layers {got.num_layers} or more")
+    if deeper or add_taps:
         import jax
 
         from dovetail_jax.model import draft as D
 
         fresh = D.init_draft(jax.random.key(seed), target.cfg, dcfg, layout=params.layout)
-        params = D.deepen(params, fresh)
+        if add_taps:  # a new projection of the target blocks' features; the fusion and blocks stay trained
+            params = params.replace(feature_fc=fresh.feature_fc, feature_norm=fresh.feature_norm,
+                                    feature_layers=dcfg.feature_layers)
+        if deeper:  # the extra blocks start as the identity: the grown draft begins exactly where `init` ends
+            params = D.deepen(params, fresh)
     record = {"name": card.get("name"), "weights_sha256": file_sha256(Path(init) / WEIGHTS),
               "steps": card.get("training", {}).get("steps")}
     if new_vocab:
         record["new_vocab"] = True
     if deeper:
         record["grown_from_layers"] = got.num_layers
+    if add_taps:
+        record["feature_layers_added"] = list(dcfg.feature_layers)
     return params, None if new_vocab else vocab_map, {"init": record}
 
 
@@ -198,6 +208,7 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
     """
     say = (lambda m: print(f"dovetail: {m}", file=sys.stderr)) if opts.progress else (lambda m: None)
     check_draft_vocab(dcfg, target.cfg.vocab_size)
+    dcfg.check_target(target.cfg)
     if opts.new_vocab and opts.init is None:
         raise ConfigError("--new-vocab only applies to a warm start: pass --init DIR too")
     run_dir = opts.run_dir or opts.work / "runs" / arch_name(dcfg)
@@ -210,7 +221,10 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
     if opts.stages == "data":
         return summary
     features = opts.work / "features"
-    fs = load_features(features, target.sha256, target.cfg.hidden_size)
+    if dcfg.feature_layers:  # a multi-layer-feature draft: its blocks' outputs beside each shard (resumes)
+        say(f"features of target blocks {dcfg.feature_layers} for every shard that lacks them")
+        summary["taps"] = extract_taps(target, features, dcfg.feature_layers, opts.progress)
+    fs = load_features(features, target.sha256, target.cfg.hidden_size, taps=dcfg.feature_layers)
     run_dir.mkdir(parents=True, exist_ok=True)
     init_params, init_vm, init_record = _warm_start(target, dcfg, opts.init, opts.new_vocab, tc.seed)
     record = run_record(target.cfg, dcfg, tc, target.sha256, {"folder": str(features),

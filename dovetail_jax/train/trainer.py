@@ -128,13 +128,17 @@ def make_batch(fs: FeatureSet, seqs: np.ndarray) -> Batch:
     ids = np.zeros((b, t + 1), np.int32)
     am = np.zeros((b, t + 1), np.int32)
     mask = np.zeros((b, t), np.float32)
+    taps = None if fs.taps is None else np.zeros((b, t + 1, fs.taps.width), np.float32)
     for j, s in enumerate(seqs):
         a, n, p = int(fs.offsets[s]), int(lengths[j]), int(fs.prompt_len[s])
         feats[j, :n] = fs.feats[a:a + n]
         ids[j, :n] = fs.ids[a:a + n]
         am[j, :n] = fs.argmax[a:a + n]
         mask[j, max(0, p - 1): n - 1] = 1.0  # predictions from the last prompt token to the last answer one
-    return Batch(feats=jnp.asarray(feats), ids=jnp.asarray(ids), argmax=jnp.asarray(am), mask=jnp.asarray(mask))
+        if taps is not None:
+            taps[j, :n] = fs.taps.rows(a, n)
+    return Batch(feats=jnp.asarray(feats), ids=jnp.asarray(ids), argmax=jnp.asarray(am), mask=jnp.asarray(mask),
+                 taps=None if taps is None else jnp.asarray(taps))
 
 
 def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
@@ -217,7 +221,12 @@ def _diverged(what: str, step: int, mngr: Any, run: Path, tc: TrainConfig) -> Tr
 
 def run_record(cfg: ModelConfig, dcfg: DraftConfig, tc: TrainConfig, target_sha256: str | None,
                features: dict[str, Any]) -> dict[str, Any]:
-    return {"target": {"name": cfg.name, "sha256": target_sha256}, "draft": dataclasses.asdict(dcfg),
+    draft = dataclasses.asdict(dcfg)
+    if not dcfg.feature_layers:  # as the records of runs from before multi-layer features say it
+        draft.pop("feature_layers")
+    else:
+        draft["feature_layers"] = list(dcfg.feature_layers)  # as JSON reads it back
+    return {"target": {"name": cfg.name, "sha256": target_sha256}, "draft": draft,
             "train": dataclasses.asdict(tc), "features": features}
 
 
@@ -258,6 +267,9 @@ def train(target: TargetParams, cfg: ModelConfig, dcfg: DraftConfig, tc: TrainCo
     `stop_at` ends this sitting early (with a checkpoint) without changing the schedule, which spans
     `tc.steps`; the next call resumes from there. Ctrl-C saves a checkpoint and returns at once.
     """
+    if dcfg.feature_layers and (fs.taps is None or fs.taps.layers != dcfg.feature_layers):
+        raise ConfigError(f"a draft reading target blocks {dcfg.feature_layers} needs their features in the shards "
+                          f"(features.extract_taps); loaded: {None if fs.taps is None else fs.taps.layers}")
     train_seqs, held_seqs = split(fs, tc.heldout_every)
     if train_seqs.size == 0 or held_seqs.size == 0:
         raise ConfigError(f"need both training and held-out conversations; have {train_seqs.size} and "
