@@ -118,13 +118,15 @@ class DraftInfo:
     vocab: int
     source: str  # for people: a path, "random (seed 0)", "self (the target itself)"
     kind: str  # for code: the `Draft.kind` ("trained", "random", "standalone" or "self"); not in the JSON
+    feature_layers: tuple[int, ...] = ()  # target blocks read (EAGLE-3); () = the final-norm feature
 
     @property
     def is_random(self) -> bool:
         return self.kind == "random"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n_layers": self.n_layers, "fusion": self.fusion, "vocab": self.vocab, "source": self.source}
+        d = {"n_layers": self.n_layers, "fusion": self.fusion, "vocab": self.vocab, "source": self.source}
+        return d | ({"feature_layers": list(self.feature_layers)} if self.feature_layers else {})
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,7 @@ def test_a_multi_layer_feature_draft_is_lossless_and_sends_its_features(target) 
         out = api.generate(target, prompt, chat=True, max_new_tokens=n, draft=draft)
         assert out.token_ids == ref.token_ids, name
         stats[name], info[name] = out.stats.dovetail.transfers, out.stats
+        assert out.stats.dovetail.draft.to_dict().get("feature_layers") == (list(taps) if name == "eagle3" else None)
     f, e = stats["final"], stats["eagle3"]
     extra = 2 * target.cfg.hidden_size * 4  # two more f32 features per position
     assert e.prefill_bytes_to_draft - f.prefill_bytes_to_draft == extra * info["final"].prompt_bucket

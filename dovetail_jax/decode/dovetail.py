@@ -285,7 +285,7 @@ def generate(
         hist[n - 1] += 1
     t2 = time.perf_counter()
     info = DraftInfo(draft.cfg.num_layers, draft.cfg.fusion, int(draft.shared.head.shape[0]), draft.source,
-                     draft.kind)
+                     draft.kind, draft.cfg.feature_layers)
     return out.tokens, GenerationStats(
         mode="dovetail", prompt_tokens=len(prompt_ids), new_tokens=len(out.tokens), stop_reason=out.stop,
         compile_s=compile_s, prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=len(out.tokens) - 1,
