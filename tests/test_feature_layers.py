@@ -14,7 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from dovetail_jax import api, devices  # noqa: E402
-from dovetail_jax.config import DraftConfig, ModelConfig, eagle3_feature_layers  # noqa: E402
+from dovetail_jax.config import DraftConfig, ModelConfig, TreeConfig, eagle3_feature_layers  # noqa: E402
 from dovetail_jax.errors import ConfigError, ModelFormatError  # noqa: E402
 from dovetail_jax.io import checkpoint  # noqa: E402
 from dovetail_jax.model import draft as D  # noqa: E402
@@ -119,29 +119,32 @@ def test_checkpoint_round_trip_keeps_the_feature_layers(tmp_path) -> None:
         checkpoint.load_draft(folder, TINY)
 
 
-def test_a_multi_layer_feature_draft_is_lossless_and_sends_its_features(target) -> None:
-    """A random EAGLE-3-style draft on the real model: greedy output identical to target-only; the target sends
-    3 features per accepted token (3x the bytes of a final-norm draft's)."""
-    prompt, n = "Write a Python function that checks whether a number is prime.", 24
-    ref = api.generate(target, prompt, chat=True, max_new_tokens=n)
-    taps = eagle3_feature_layers(target.cfg.num_layers)
-    stats, info = {}, {}
-    for name, cfg in (("final", DraftConfig(draft_vocab_size=2048)),
-                      ("eagle3", DraftConfig(draft_vocab_size=2048, feature_layers=taps))):
-        draft = api.random_draft(target, cfg, seed=0)
-        out = api.generate(target, prompt, chat=True, max_new_tokens=n, draft=draft)
-        assert out.token_ids == ref.token_ids, name
-        stats[name], info[name] = out.stats.dovetail.transfers, out.stats
-        assert out.stats.dovetail.draft.to_dict().get("feature_layers") == (list(taps) if name == "eagle3" else None)
-    f, e = stats["final"], stats["eagle3"]
-    extra = 2 * target.cfg.hidden_size * 4  # two more f32 features per position
-    assert e.prefill_bytes_to_draft - f.prefill_bytes_to_draft == extra * info["final"].prompt_bucket
-    w = info["final"].dovetail.tree.width  # each cycle sends the features of `width` path slots
+@pytest.mark.parametrize("tree", [TreeConfig(4, 3, 6), TreeConfig(10, 7, 16)], ids=["4-3-6", "10-7-16"])
+def test_a_multi_layer_feature_draft_is_lossless_and_sends_its_features(tree) -> None:
+    """Random drafts reading the final norm or blocks (0, 2) of a tiny 3-block target: greedy output identical to
+    target-only; the prompt's and every cycle's features are 2 blocks wide (2x the bytes, counted)."""
+    from dovetail_helpers import random_draft, tiny_target
+
+    from dovetail_jax.decode import dovetail as DV
+    from dovetail_jax.decode import target_only
+
+    cfg, params = tiny_target(vocab=96, seed=3, scale=0.5, layers=3)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 11).tolist()
+    ref, _ = target_only.generate(params, cfg, prompt, 40, ignore_eos=True)
+    stats = {}
+    for name, dcfg in (("final", DraftConfig(1)), ("taps", DraftConfig(1, feature_layers=(0, 2)))):
+        out, st = DV.generate(params, cfg, random_draft(cfg, params, dcfg), prompt, 40, tree, ignore_eos=True)
+        assert out == ref, name
+        assert st.dovetail.draft.to_dict().get("feature_layers") == ([0, 2] if name == "taps" else None)
+        stats[name] = st
+    f, e = (stats[k].dovetail.transfers for k in ("final", "taps"))
+    extra = cfg.hidden_size * 4  # one more f32 feature per position
+    assert e.prefill_bytes_to_draft - f.prefill_bytes_to_draft == extra * stats["final"].prompt_bucket
 
     def per_cycle(t) -> float:  # noqa: ANN001
         return (t.bytes_to_draft - t.prefill_bytes_to_draft) / (t.transfers_to_draft - 1)
 
-    assert per_cycle(e) - per_cycle(f) == pytest.approx(extra * w)
+    assert per_cycle(e) - per_cycle(f) == pytest.approx(extra * tree.width)
 
 
 # --------------------------------------------------------------------------------------------- training data
