@@ -188,8 +188,9 @@ def test_taps_in_the_shards_equal_a_lone_forward_and_resume(tmp_path, monkeypatc
                              init_cache(cfg, 1), "none", empty_cache=True, taps=layers)
         got = np.asarray(fs.taps.rows(a, n), np.float32)
         np.testing.assert_allclose(got, np.asarray(want[0]), rtol=1e-2, atol=1e-2)  # stored in bfloat16
-    batch = T.make_batch(fs, np.array([3, 20]))
+    batch = T.make_batch(fs, np.array([3, 20]), taps=True)
     assert batch.taps.shape[2] == 2 * cfg.hidden_size and batch.taps.shape[:2] == batch.feats.shape[:2]
+    assert T.make_batch(fs, np.array([3, 20])).taps is None  # a final-norm draft's batch
     # another set of blocks is another file; a shard without it, or with a wrong one, is named
     with pytest.raises(ModelFormatError, match=r"shard-00000: no readable taps-0-1\.npy"):
         F.load_features(tmp_path, tgt.sha256, cfg.hidden_size, taps=(0, 1))
@@ -268,3 +269,31 @@ def test_warm_start_adds_the_feature_projection(tmp_path) -> None:
     for other in (plain, plain.replace(feature_layers=(1, 3))):
         with pytest.raises(ConfigError, match="--feature-layers"):
             _warm_start(target, other, folder2)
+
+
+def test_the_fitted_projection_starts_where_the_final_norm_draft_was(tmp_path, monkeypatch) -> None:
+    """Warm start of a trained final-norm draft with feature layers: the least-squares projection (fitted to the
+    final-norm feature) keeps the draft near its held-out loss; a random projection throws it far off."""
+    from dovetail_jax.train import features as F
+    from dovetail_jax.train import trainer as T
+
+    tgt, _ = _tiny_shards(tmp_path / "f", monkeypatch)
+    cfg, params, layers = tgt.cfg, tgt.params, (0, 2)
+    F.extract_taps(tgt, tmp_path / "f", layers, progress=False)
+    fs = F.load_features(tmp_path / "f", tgt.sha256, cfg.hidden_size, taps=layers)
+    plain = DraftConfig(num_layers=1, draft_vocab_size=32)
+    tc = T.TrainConfig(steps=40, batch_tokens=256, lr=1e-2, warmup=5, save_every=40, eval_every=40, heldout_every=5)
+    train_seqs, held = T.split(fs, 5)
+    vm = T.choose_vocab(fs, train_seqs, 32, (7,))
+    base = T.train(params, cfg, plain, tc, fs, vm, tmp_path / "run", tgt.sha256, progress=False).params
+    shared = D.make_shared(params, cfg, vm)
+    e3 = plain.replace(feature_layers=layers)
+    fresh = D.init_draft(jax.random.key(1), cfg, e3, layout=base.layout)
+    random_fc = base.replace(feature_fc=fresh.feature_fc, feature_norm=fresh.feature_norm, feature_layers=layers)
+    w, g, fit = T.fit_feature_projection(fs, train_seqs, rows=2048)
+    assert w.shape == (2 * cfg.hidden_size, cfg.hidden_size) and fit["r2"] > 0.5
+    fitted = random_fc.replace(feature_fc=jnp.asarray(w), feature_norm=jnp.asarray(g))
+    loss = {name: T.evaluate(p, shared, fs, held, c, c_d, tc)["loss"]
+            for name, p, c, c_d in (("base", base, cfg, plain), ("random", random_fc, cfg, e3),
+                                    ("fitted", fitted, cfg, e3))}
+    assert loss["fitted"] < loss["random"] and loss["fitted"] < 1.5 * loss["base"], loss

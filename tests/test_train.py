@@ -318,11 +318,11 @@ def test_ctrl_c_saves_and_returns_without_a_heldout_pass(tiny, tiny_features, tm
     vm = T.choose_vocab(fs, T.split(fs, 5)[0], 32, (7,))
     real, calls = T.make_batch, []
 
-    def make_batch(fs_, seqs):
+    def make_batch(fs_, seqs, taps=False):
         calls.append(len(seqs))
         if len(calls) == 7:  # the 7th training batch: steps 1-6 are done
             raise KeyboardInterrupt
-        return real(fs_, seqs)
+        return real(fs_, seqs, taps)
 
     monkeypatch.setattr(T, "make_batch", make_batch)
     out = T.train(params, cfg, dcfg, tc, fs, vm, tmp_path / "r", "a" * 64, progress=False)

@@ -92,7 +92,7 @@ def losses(params: D.DraftParams, shared: D.DraftShared, batch: Batch, key: jax.
     """(total loss over `steps` unrolled steps, metrics); `key=None` or `noise=0` trains on clean features.
     Metrics without a suffix are step 1's (the plain next-token guess); `top1_k` is step k's top-1 for
     k >= 2, up to `max(steps, report_steps)` (steps beyond `steps` are measured, not in the loss)."""
-    f_in = (batch.feats if batch.taps is None else batch.taps)[:, :-1]
+    f_in = (batch.taps if dcfg.feature_layers else batch.feats)[:, :-1]  # a feature-layers draft reads the taps
     f_next = batch.feats[:, 1:]
     b, t, _ = f_in.shape
     if key is not None and noise > 0:

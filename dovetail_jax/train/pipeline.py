@@ -29,7 +29,15 @@ from dovetail_jax.stats import Acceptance
 from dovetail_jax.train.answers import read_answers
 from dovetail_jax.train.features import extract_taps, load_features
 from dovetail_jax.train.sources import Mix
-from dovetail_jax.train.trainer import TrainConfig, check_run, choose_vocab, run_record, split, train
+from dovetail_jax.train.trainer import (
+    TrainConfig,
+    check_run,
+    choose_vocab,
+    fit_feature_projection,
+    run_record,
+    split,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -227,6 +235,12 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
     fs = load_features(features, target.sha256, target.cfg.hidden_size, taps=dcfg.feature_layers)
     run_dir.mkdir(parents=True, exist_ok=True)
     init_params, init_vm, init_record = _warm_start(target, dcfg, opts.init, opts.new_vocab, tc.seed)
+    if init_record.get("init", {}).get("feature_layers_added"):  # a fitted projection, not a random one
+        w, g, fit = fit_feature_projection(fs, split(fs, tc.heldout_every)[0], seed=tc.seed)
+        init_params = init_params.replace(feature_fc=init_params.feature_fc.at[:].set(w),
+                                          feature_norm=init_params.feature_norm.at[:].set(g))
+        init_record["init"]["feature_fc"] = f"least squares to the final-norm feature on {fit['rows']} positions"
+        say(f"feature projection: least squares on {fit['rows']} training positions, R^2 {fit['r2']:.3f}")
     record = run_record(target.cfg, dcfg, tc, target.sha256, {"folder": str(features),
                                                               "conversations": fs.num_sequences}) | init_record
     check_run(run_dir, record)

@@ -78,6 +78,29 @@ def split(fs: FeatureSet, every: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
+def fit_feature_projection(fs: FeatureSet, seqs: np.ndarray, rows: int = 32768, seed: int = 0
+                           ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """A warm start for a draft's multi-layer-feature projection (`DraftParams.feature_fc`, `feature_norm`): the
+    least-squares linear map from the target blocks' features to the final-norm feature at the same position,
+    over `rows` positions drawn from `seqs`, and a norm weight restoring the final feature's typical scale (the
+    norm after the map removes it). A final-norm draft given this projection starts close to where it was,
+    instead of reading noise through a random one. Returns (W `[k H, H]` in-out, norm weight `[H]`, fit stats)."""
+    if fs.taps is None:
+        raise ConfigError("no multi-layer features loaded to fit the projection on")
+    rng = np.random.default_rng(seed)
+    starts, ends = fs.offsets[seqs], fs.offsets[seqs + 1]
+    picks = rng.choice(seqs.size, size=rows, p=(ends - starts) / (ends - starts).sum())
+    pos = [int(starts[j]) + int(rng.integers(0, ends[j] - starts[j])) for j in picks]
+    x = np.stack([np.asarray(fs.taps.rows(p, 1)[0], np.float64) for p in pos])  # [rows, k H]
+    y = np.asarray(fs.feats[pos], np.float64)  # [rows, H]
+    w, *_ = np.linalg.lstsq(x, y, rcond=None)
+    resid = y - x @ w
+    scale = float(np.median(np.sqrt((y ** 2).mean(-1))))
+    stats = {"rows": rows, "r2": float(1.0 - (resid ** 2).sum() / ((y - y.mean(0)) ** 2).sum()),
+             "final_feature_rms": scale}
+    return w.astype(np.float32), np.full(y.shape[1], scale, np.float32), stats
+
+
 def choose_vocab(fs: FeatureSet, seqs: np.ndarray, size: int, always: tuple[int, ...] = (),
                  vocab_size: int | None = None) -> np.ndarray:
     """The `size` target ids most frequent among the answers' tokens and the target's greedy choices of the
@@ -119,8 +142,9 @@ def batch_plan(lengths: np.ndarray, seqs: np.ndarray, batch_tokens: int, seed: i
     return [batches[i] for i in order2]
 
 
-def make_batch(fs: FeatureSet, seqs: np.ndarray) -> Batch:
-    """Pad the sequences to a power-of-two length T (+1 row for the shifted targets)."""
+def make_batch(fs: FeatureSet, seqs: np.ndarray, taps: bool = False) -> Batch:
+    """Pad the sequences to a power-of-two length T (+1 row for the shifted targets); with `taps`, also their
+    multi-layer features (the inputs of a draft with feature layers)."""
     lengths = (fs.offsets[seqs + 1] - fs.offsets[seqs]).astype(np.int64)
     t = _bucket(int(lengths.max()) - 1)
     b, h = seqs.size, fs.feats.shape[1]
@@ -128,7 +152,9 @@ def make_batch(fs: FeatureSet, seqs: np.ndarray) -> Batch:
     ids = np.zeros((b, t + 1), np.int32)
     am = np.zeros((b, t + 1), np.int32)
     mask = np.zeros((b, t), np.float32)
-    taps = None if fs.taps is None else np.zeros((b, t + 1, fs.taps.width), np.float32)
+    if taps and fs.taps is None:
+        raise ConfigError("the batch needs multi-layer features, and none are loaded")
+    taps = np.zeros((b, t + 1, fs.taps.width), np.float32) if taps else None
     for j, s in enumerate(seqs):
         a, n, p = int(fs.offsets[s]), int(lengths[j]), int(fs.prompt_len[s])
         feats[j, :n] = fs.feats[a:a + n]
@@ -184,7 +210,7 @@ def evaluate(params: D.DraftParams, shared: D.DraftShared, fs: FeatureSet, seqs:
     tot: dict[str, float] = {}
     n = 0.0
     for chunk in batch_plan(lengths, seqs, tc.batch_tokens, seed=12345, epoch=0):
-        _, m = fn(params, shared, make_batch(fs, chunk))
+        _, m = fn(params, shared, make_batch(fs, chunk, bool(dcfg.feature_layers)))
         w = float(m["positions"])
         for k in ("loss", "vloss", "ploss", "top1", *(f"top1_{i}" for i in range(2, EVAL_STEPS + 1))):
             tot[k] = tot.get(k, 0.0) + float(m[k]) * w
@@ -307,7 +333,7 @@ def train(target: TargetParams, cfg: ModelConfig, dcfg: DraftConfig, tc: TrainCo
         end = tc.steps if stop_at is None else min(tc.steps, stop_at)
         while step < end:
             chunk = next(batches)
-            params, opt_state, m = step_fn(params, opt_state, shared, make_batch(fs, chunk),
+            params, opt_state, m = step_fn(params, opt_state, shared, make_batch(fs, chunk, bool(dcfg.feature_layers)),
                                            jax.random.fold_in(key, step))
             step += 1
             if not math.isfinite(float(m["loss"])):
