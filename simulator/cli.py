@@ -17,6 +17,7 @@ from typing import Any
 
 from dovetail_jax.argtypes import (
     INT_LIMIT,
+    feature_layers,
     input_file,
     input_path,
     int_range,
@@ -125,7 +126,14 @@ def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
     if args.top_k > (args.draft_vocab or model.vocab_size):
         raise ConfigError(f"--top-k {args.top_k} exceeds the draft's vocabulary of "
                           f"{args.draft_vocab or model.vocab_size} tokens")
-    draft = DraftConfig(num_layers=args.draft_layers, fusion=args.draft_kind, draft_vocab_size=args.draft_vocab)
+    fl = getattr(args, "feature_layers", "none")
+    if fl == "eagle3":
+        from dovetail_jax.config import eagle3_feature_layers
+
+        fl = eagle3_feature_layers(model.num_layers)
+    draft = DraftConfig(num_layers=args.draft_layers, fusion=args.draft_kind, draft_vocab_size=args.draft_vocab,
+                        feature_layers=() if fl == "none" else fl)
+    draft.check_target(model)
     if args.draft_dtype is None:  # a calibration's runs drafted in f32: its factors are relative to that cost
         args.draft_dtype = "f32" if getattr(args, "calibrated_by", None) else "f16"
     engine = default_engine(hw) if args.cpu_engine == "auto" else args.cpu_engine
@@ -330,6 +338,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-vocab", type=positive_int, default=None, help="reduced draft-head vocabulary V'")
     g.add_argument("--draft-kind", default="dgf", choices=("dgf", "eagle", "none"),
                    help="draft fusion: dgf (Dovetail), eagle (EAGLE's fc), none (a standalone LLaMA draft)")
+    g.add_argument("--feature-layers", type=feature_layers, default="none", metavar="L",
+                   help="target features the draft reads: none (the final-norm feature, default), eagle3 (3 blocks: "
+                        "3x the feature bytes to the draft, and their projection) or block indices like 2,15,27")
     g.add_argument("--top-k", type=positive_int, default=PAPER_TREE.top_k)
     g.add_argument("--depth", type=positive_int, default=PAPER_TREE.depth)
     g.add_argument("--total-tokens", type=positive_int, default=PAPER_TREE.total_tokens)

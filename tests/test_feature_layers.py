@@ -5,6 +5,8 @@ a numpy fusion, the checkpoint round trip, and greedy losslessness of such a dra
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -297,3 +299,23 @@ def test_the_fitted_projection_starts_where_the_final_norm_draft_was(tmp_path, m
             for name, p, c, c_d in (("base", base, cfg, plain), ("random", random_fc, cfg, e3),
                                     ("fitted", fitted, cfg, e3))}
     assert loss["fitted"] < loss["random"] and loss["fitted"] < 1.5 * loss["base"], loss
+
+
+def test_simulate_prices_feature_layers(tmp_path, capsys) -> None:
+    """`dovetail simulate --feature-layers eagle3`: at the same acceptance the draft costs a little more (the
+    projection) and 3x the feature bytes cross; blocks the model lacks are one clear error."""
+    from simulator import cli
+
+    base = ["simulate", "--profile", "host-2core-amd-epyc-2", "--model", "smollm2-135m", "--draft-dtype", "int8",
+            "--draft-vocab", "8192", "--top-k", "4", "--depth", "3", "--total-tokens", "6", "--acceptance-profile",
+            "smollm2-dgf1-humaneval", "--schedule", "dovetail", "--json"]
+    res = {}
+    for fl in ("none", "eagle3"):
+        out = tmp_path / f"{fl}.json"
+        assert cli.main([*base, "--feature-layers", fl, "--out", str(out)]) == 0
+        res[fl] = json.loads(out.read_text())
+    capsys.readouterr()
+    one = {fl: r["results"][0] if "results" in r else r for fl, r in res.items()}
+    assert one["eagle3"]["tokens_per_s"] < one["none"]["tokens_per_s"]
+    assert cli.main([*base, "--feature-layers", "2,30"]) == 2
+    assert "feature_layers [30] out of range" in capsys.readouterr().err
