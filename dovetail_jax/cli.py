@@ -272,12 +272,9 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
 
     target = api.load_target(args.model, layout=fast_layout(2), tokenizer=args.tokenizer, placement=placement)
     _check_layers("--layers", args.layers, target)
-    if args.feature_layers != "none":
-        from dovetail_jax.config import eagle3_feature_layers
+    from dovetail_jax.config import resolve_feature_layers
 
-        fl = args.feature_layers
-        dcfg = dcfg.replace(feature_layers=eagle3_feature_layers(target.cfg.num_layers) if fl == "eagle3" else fl)
-        dcfg.check_target(target.cfg)
+    dcfg = dcfg.replace(feature_layers=resolve_feature_layers(args.feature_layers, target.cfg.num_layers))
     opts = pipeline.PipelineOptions(
         work=Path(args.work) if args.work else pipeline.default_work_dir(target),
         run_dir=Path(args.run) if args.run else None, out=out, force=args.force,

@@ -221,6 +221,14 @@ def eagle3_feature_layers(num_layers: int) -> tuple[int, ...]:
     return (2, num_layers // 2, num_layers - 3)
 
 
+def resolve_feature_layers(spec: str | tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """A `--feature-layers` value for a target of `num_layers` blocks: "none" -> (), "eagle3" -> EAGLE-3's
+    blocks, block indices as they are."""
+    if spec == "none":
+        return ()
+    return eagle3_feature_layers(num_layers) if spec == "eagle3" else tuple(spec)
+
+
 @dataclass(frozen=True)
 class TreeConfig:
     """The EAGLE-2 dynamic tree: `depth` draft expansion passes keeping the `top_k` best frontier nodes, then

@@ -99,7 +99,7 @@ def check_combinations(args: argparse.Namespace) -> None:
 
 def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
     """(hardware, workload, acceptance, measured table, options) from parsed arguments."""
-    from dovetail_jax.config import DraftConfig, TreeConfig
+    from dovetail_jax.config import DraftConfig, TreeConfig, resolve_feature_layers
     from simulator.engines import PROFILE_ENGINE
     from simulator.hardware import default_engine, load_profile
     from simulator.schedules import SimOptions
@@ -126,13 +126,9 @@ def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
     if args.top_k > (args.draft_vocab or model.vocab_size):
         raise ConfigError(f"--top-k {args.top_k} exceeds the draft's vocabulary of "
                           f"{args.draft_vocab or model.vocab_size} tokens")
-    fl = getattr(args, "feature_layers", "none")
-    if fl == "eagle3":
-        from dovetail_jax.config import eagle3_feature_layers
-
-        fl = eagle3_feature_layers(model.num_layers)
+    fl = resolve_feature_layers(getattr(args, "feature_layers", "none"), model.num_layers)
     draft = DraftConfig(num_layers=args.draft_layers, fusion=args.draft_kind, draft_vocab_size=args.draft_vocab,
-                        feature_layers=() if fl == "none" else fl)
+                        feature_layers=fl)
     draft.check_target(model)
     if args.draft_dtype is None:  # a calibration's runs drafted in f32: its factors are relative to that cost
         args.draft_dtype = "f32" if getattr(args, "calibrated_by", None) else "f16"

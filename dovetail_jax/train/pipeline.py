@@ -235,8 +235,9 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
     fs = load_features(features, target.sha256, target.cfg.hidden_size, taps=dcfg.feature_layers)
     run_dir.mkdir(parents=True, exist_ok=True)
     init_params, init_vm, init_record = _warm_start(target, dcfg, opts.init, opts.new_vocab, tc.seed)
+    train_seqs, held_seqs = split(fs, tc.heldout_every)
     if init_record.get("init", {}).get("feature_layers_added"):  # a fitted projection, not a random one
-        w, g, fit = fit_feature_projection(fs, split(fs, tc.heldout_every)[0], seed=tc.seed)
+        w, g, fit = fit_feature_projection(fs, train_seqs, seed=tc.seed)
         init_params = init_params.replace(feature_fc=init_params.feature_fc.at[:].set(w),
                                           feature_norm=init_params.feature_norm.at[:].set(g))
         init_record["init"]["feature_fc"] = f"least squares to the final-norm feature on {fit['rows']} positions"
@@ -245,7 +246,6 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
                                                               "conversations": fs.num_sequences}) | init_record
     check_run(run_dir, record)
     (run_dir / "run.json").write_text(json.dumps(record, indent=1))
-    train_seqs, held_seqs = split(fs, tc.heldout_every)
     if init_vm is not None:
         np.save(run_dir / "vocab_map.npy", init_vm)
     vocab_map = _vocab_map(fs, train_seqs, dcfg, run_dir, tuple(target.eos_ids), target.cfg.vocab_size)
