@@ -275,6 +275,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
     from dovetail_jax.config import resolve_feature_layers
 
     dcfg = dcfg.replace(feature_layers=resolve_feature_layers(args.feature_layers, target.cfg.num_layers))
+    dcfg.check_target(target.cfg)  # before the vocabulary check in `pipeline.run`: the flag given is named first
     opts = pipeline.PipelineOptions(
         work=Path(args.work) if args.work else pipeline.default_work_dir(target),
         run_dir=Path(args.run) if args.run else None, out=out, force=args.force,
