@@ -9,6 +9,11 @@ first draft step and of unrolled steps 2 and 3 (the draft on its own guesses, as
 the coverage of the draft's vocabulary on the target's greedy tokens there (a ceiling on its top-1). The result is
 JSON (`--out`, written atomically) so README tables can be rebuilt from it.
 
+`--widen-vocab 16384 full` also scores each reduced-vocabulary draft with its vocabulary widened, *same weights*:
+its own ids first, then the ids most frequent in the training split's answers and greedy tokens (`full`: every
+target id). The draft's head is the target's own, restricted to the vocabulary's rows, so a wider vocabulary
+needs no training; it lifts the coverage ceiling at the price of a larger head on the draft's device.
+
 The split is by a conversation's index in the answers file, so a folder that grew keeps every earlier held-out
 conversation held out: a draft trained on an earlier state of the folder never saw any of them.
 """
@@ -16,16 +21,44 @@ conversation held out: a draft trained on an earlier state of the folder never s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def evaluate_drafts(drafts: list[Path], work: Path | None, heldout_every: int, batch_tokens: int) -> dict[str, Any]:
+def widen(vocab_map: np.ndarray, counts: np.ndarray, size: int | None) -> np.ndarray | None:
+    """`vocab_map` followed by the most counted other ids up to `size` ids (None: the full vocabulary)."""
+    if size is None:
+        return None
+    if size < vocab_map.size:
+        raise ValueError(f"cannot widen a vocabulary of {vocab_map.size} to {size}")
+    member = np.zeros(counts.size, bool)
+    member[vocab_map] = True
+    order = np.argsort(-counts, kind="stable")
+    extra = order[~member[order]][: size - vocab_map.size]
+    return np.concatenate([vocab_map, extra.astype(np.int32)])
+
+
+def token_counts(fs: Any, seqs: np.ndarray, vocab_size: int) -> np.ndarray:
+    """How often each id is an answer token or a greedy choice of the target in the conversations `seqs` (the
+    statistic `choose_vocab` ranks by)."""
+    counts = np.zeros(vocab_size, np.int64)
+    for s in seqs:
+        a, b = int(fs.offsets[s]) + int(fs.prompt_len[s]), int(fs.offsets[s + 1])
+        counts += np.bincount(fs.ids[a:b], minlength=vocab_size)[:vocab_size]
+        counts += np.bincount(fs.argmax[a:b], minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def evaluate_drafts(drafts: list[Path], work: Path | None, heldout_every: int, batch_tokens: int,
+                    widen_to: list[int | None] = ()) -> dict[str, Any]:
     from dovetail_jax import api
     from dovetail_jax.io.checkpoint import load_draft
     from dovetail_jax.model import draft as D
@@ -37,23 +70,30 @@ def evaluate_drafts(drafts: list[Path], work: Path | None, heldout_every: int, b
     target = api.load_target()
     work = work or default_work_dir(target)
     fs = load_features(work / "features", target.sha256, target.cfg.hidden_size)
-    _, held = split(fs, heldout_every)
+    train_seqs, held = split(fs, heldout_every)
+    counts = token_counts(fs, train_seqs, target.cfg.vocab_size) if widen_to else None
     greedy = greedy_answer_tokens(fs, held)
     tc = TrainConfig(batch_tokens=batch_tokens, heldout_every=heldout_every)
     rows = []
     for folder in drafts:
         t0 = time.perf_counter()
         dcfg, params, vocab_map, card = load_draft(folder, target.cfg, target_sha256=target.sha256)
-        shared = D.make_shared(target.params, target.cfg, vocab_map)
-        m = evaluate(params, shared, fs, held, target.cfg, dcfg, tc)
-        rows.append({"draft": str(folder), "name": card.get("name"), "layers": dcfg.num_layers,
-                     "fusion": dcfg.fusion, "draft_vocab": dcfg.draft_vocab_size,
-                     "trained_on_conversations": card.get("training", {}).get("conversations"),
-                     **{k: round(float(v), 4) for k, v in m.items()},
-                     "vocab_coverage": round(vocab_coverage(vocab_map, greedy), 4),
-                     "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"{folder}: " + ", ".join(f"{k} {rows[-1][k]}" for k in ("top1", "top1_2", "top1_3", "vocab_coverage")),
-              file=sys.stderr)
+        variants = [vocab_map] + ([widen(vocab_map, counts, n) for n in widen_to] if vocab_map is not None else [])
+        for vm in variants:
+            shared = D.make_shared(target.params, target.cfg, vm)
+            d = dataclasses.replace(dcfg, draft_vocab_size=None if vm is None else int(vm.size))
+            m = evaluate(params, shared, fs, held, target.cfg, d, tc)
+            rows.append({"draft": str(folder), "name": card.get("name"), "layers": dcfg.num_layers,
+                         "fusion": dcfg.fusion, "draft_vocab": d.draft_vocab_size,
+                         **({"trained_vocab": dcfg.draft_vocab_size} if vm is not vocab_map else {}),
+                         "trained_on_conversations": card.get("training", {}).get("conversations"),
+                         **{k: round(float(v), 4) for k, v in m.items()},
+                         "vocab_coverage": round(vocab_coverage(vm, greedy), 4),
+                         "seconds": round(time.perf_counter() - t0, 1)})
+            t0 = time.perf_counter()
+            print(f"{folder} (vocabulary {d.draft_vocab_size or 'full'}): "
+                  + ", ".join(f"{k} {rows[-1][k]}" for k in ("top1", "top1_2", "top1_3", "vocab_coverage")),
+                  file=sys.stderr)
     return {"command": "python analysis/eval_drafts_heldout.py " + " ".join(sys.argv[1:]),
             "work": str(work), "heldout_every": heldout_every,
             "heldout": {"conversations": int(held.size), "positions": int(greedy.size)}, "drafts": rows}
@@ -66,14 +106,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="train-draft work folder whose feature shards to split (default: the default target's)")
     ap.add_argument("--heldout-every", type=int, default=20, help="every Nth conversation is held out (20)")
     ap.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per evaluation batch (4096)")
+    ap.add_argument("--widen-vocab", nargs="+", default=[], metavar="N|full",
+                    help="also score each reduced-vocabulary draft with its vocabulary widened to N ids (same "
+                         "weights; `full`: every target id)")
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = ap.parse_args(argv)
+    widen_to: list[int | None] = []
+    for w in args.widen_vocab:
+        if w != "full" and not (w.isdigit() and int(w) > 0):
+            ap.error(f"--widen-vocab takes positive sizes or 'full', not {w!r}")
+        widen_to.append(None if w == "full" else int(w))
     for d in args.drafts:
         if not (d / "card.json").is_file():
             ap.error(f"{d} is not a draft checkpoint folder (no card.json)")
     from dovetail_jax.bench.results import write_atomic
 
-    result = evaluate_drafts(args.drafts, args.work, args.heldout_every, args.batch_tokens)
+    result = evaluate_drafts(args.drafts, args.work, args.heldout_every, args.batch_tokens, widen_to)
     write_atomic(args.out, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
     return 0
 

@@ -452,3 +452,34 @@ def test_train_draft_end_to_end_on_smollm2(run_cli, smollm2_path, tmp_path):
     code, _, err = run_cli(*base, "--steps", "4")
     assert code == 2 and "features of another model" in err and "Traceback" not in err
     assert (out / "weights.safetensors").read_bytes() == weights
+
+
+def _analysis_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "analysis"
+                                                  / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_widened_vocabulary_keeps_the_drafts_ids_first_then_the_most_counted() -> None:
+    ev = _analysis_module("eval_drafts_heldout")
+    # two conversations: prompt tokens never count, answers and greedy choices do
+    fs = SimpleNamespace(offsets=np.array([0, 5, 9]), prompt_len=np.array([2, 1]),
+                         ids=np.array([9, 9, 1, 2, 2, 9, 3, 3, 3]), argmax=np.array([0, 0, 2, 2, 4, 0, 3, 5, 5]))
+    counts = ev.token_counts(fs, np.array([0, 1]), 10)
+    want = np.zeros(10, np.int64)
+    for s in (0, 1):
+        a, b = fs.offsets[s] + fs.prompt_len[s], fs.offsets[s + 1]
+        for t in [*fs.ids[a:b], *fs.argmax[a:b]]:
+            want[t] += 1
+    np.testing.assert_array_equal(counts, want)  # 2: 4, 3: 4, 5: 2, 1: 1, 4: 1
+    vm = np.array([1, 7], np.int32)
+    np.testing.assert_array_equal(ev.widen(vm, counts, 5), [1, 7, 2, 3, 5])
+    np.testing.assert_array_equal(ev.widen(vm, counts, 2), vm)
+    assert ev.widen(vm, counts, None) is None
+    with pytest.raises(ValueError, match="cannot widen"):
+        ev.widen(vm, counts, 1)
