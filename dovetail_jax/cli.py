@@ -407,8 +407,9 @@ def _add_train_draft(sub: Any) -> None:
     t.add_argument("--feature-layers", type=feature_layers, default="none", metavar="L",
                    help="what the draft reads of the target: 'none' (default: its final-norm feature, as EAGLE-1/2 "
                         "and Dovetail), 'eagle3' (the outputs of a low, a middle and a high block side by side, "
-                        "for SmolLM2 blocks 2,15,27; EAGLE-3) or 0-based block indices like 2,15,27. Their features "
-                        "are added to the data's shards before training (one more pass; resumes)")
+                        "for SmolLM2 blocks 2,15,27; EAGLE-3) or 0-based block indices like 2,15,27. The data stage "
+                        "keeps their features as it generates; older shards get them in one more pass before "
+                        "training (resumes)")
     _add_training_schedule_args(t)
     t.add_argument("--run", metavar="DIR", type=output_dir, default=None,
                    help="run folder (default: <work>/runs/<architecture>)")

@@ -126,6 +126,38 @@ def test_distill_writes_loadable_shards_resumes_and_refuses(tiny, tmp_path, monk
     assert meta["records"] == 2 and meta["distill"]["skipped_long_prompts"] == 1
 
 
+def test_distill_keeps_multi_layer_features_equal_to_the_extra_pass(tmp_path, monkeypatch):
+    """With `feature_layers` the generating forwards also give those blocks' outputs: the same (to bf16
+    rounding) as `extract_taps`' extra prefill pass, which then finds every shard done; answers, final-norm
+    features and greedy tokens stay bit for bit those of a run without them."""
+    cfg, params = tiny_target(vocab=64, seed=5, scale=0.4, layers=4)
+    monkeypatch.setattr(F, "SHARD_RECORDS", 4)
+    prompts = _prompts(2, 7)
+    layers = (0, 2, 3)
+    plain, tapped = tmp_path / "plain", tmp_path / "tapped"
+    kw = dict(max_new_tokens=10, batch_size=3, refill_rows=2, max_prompt_tokens=32, progress=False)
+    DI.distill(_target(cfg, params), prompts, plain, **kw)
+    DI.distill(_target(cfg, params), prompts, tapped, feature_layers=layers, **kw)
+    name = F.taps_file(layers)
+    for k in (0, 1):
+        a, b = F.shard_dir(plain / "features", k), F.shard_dir(tapped / "features", k)
+        for n in ("feats", "ids", "argmax", "offsets", "prompt_len", "index"):
+            np.testing.assert_array_equal(np.load(b / f"{n}.npy"), np.load(a / f"{n}.npy"))
+        assert not (a / name).exists()
+    assert F.extract_taps(_target(cfg, params), plain / "features", layers, progress=False)["extracted"] == 2
+    assert F.extract_taps(_target(cfg, params), tapped / "features", layers, progress=False)["extracted"] == 0
+    for k in (0, 1):
+        got = np.load(F.shard_dir(tapped / "features", k) / name)
+        ref = np.load(F.shard_dir(plain / "features", k) / name)
+        assert got.shape == ref.shape == (np.load(F.shard_dir(plain / "features", k) / "ids.npy").size, 3 * 32)
+        np.testing.assert_allclose(got.view(jnp.bfloat16).astype(np.float32),
+                                   ref.view(jnp.bfloat16).astype(np.float32), rtol=2e-2, atol=2e-2)
+    fs = F.load_features(tapped / "features", "a" * 64, cfg.hidden_size, taps=layers)
+    assert fs.taps is not None and fs.taps.width == 3 * 32
+    with pytest.raises(ConfigError, match="not a block"):
+        list(DI.run_batch(params, cfg, [(0, [9])], max_new_tokens=2, eos_ids=(), feature_layers=(4,)))
+
+
 def test_distill_matches_one_at_a_time_on_smollm2(smollm2_path, tmp_path):
     from dovetail_jax import api
 

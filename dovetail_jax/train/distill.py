@@ -16,6 +16,9 @@ extract features. Here:
 - **Features on the way.** The prefill returns the final-norm features and greedy next tokens of the prompt
   positions; each decode step returns those of the token it fed. The last answer token is fed once more
   (one extra step per conversation) so that every position has its feature, as `features.py`'s prefill gives.
+- **Multi-layer features on the way too** (`feature_layers`, EAGLE-3): the same forwards return those blocks'
+  outputs (and the last block's, whose final norm is the usual feature), written as the shard's
+  `taps-<i>-<j>-<k>.npy` — what `features.extract_taps` would add in one more prefill pass per shard.
 - **The same files.** Shards in `features.py`'s format (`load_features` and the trainer read them unchanged;
   shard k holds the prompts k*SHARD_RECORDS.. in prompt order) and the answers JSONL of `answers.py`. A shard
   is written to a temporary folder and renamed after its answers are appended, so a run resumes at the first
@@ -44,6 +47,7 @@ from tqdm import tqdm
 
 from dovetail_jax.config import ModelConfig
 from dovetail_jax.errors import ConfigError, ModelFormatError
+from dovetail_jax.model import layers as L
 from dovetail_jax.model.cache import KVCache, KVUpdate, init_cache
 from dovetail_jax.model.params import TargetParams
 from dovetail_jax.model.target import causal_mask, forward, lm_head
@@ -74,35 +78,52 @@ def _row_keys(seed: int, conv: jax.Array, pos: jax.Array) -> jax.Array:
     return jax.vmap(lambda c, p: jax.random.fold_in(jax.random.fold_in(base, c), p))(conv, pos)
 
 
+def _features_and_taps(params: TargetParams, cfg: ModelConfig, out: jax.Array, taps: tuple[int, ...]
+                       ) -> tuple[jax.Array, jax.Array | None]:
+    """Split what `forward(..., taps=(*taps, L - 1))` returned into the final-norm feature `[..., H]` (the last
+    block's output, normed exactly as `forward` norms it) and the asked blocks' outputs `[..., k H]`; without
+    `taps`, `out` is already the final-norm feature."""
+    if not taps:
+        return out, None
+    h = cfg.hidden_size
+    return L.rms_norm(out[..., -h:], params.final_norm, cfg.rms_norm_eps), out[..., :-h]
+
+
 def _prefill(params: TargetParams, tokens: jax.Array, start: jax.Array, conv: jax.Array, *, cfg: ModelConfig,
-             sample: tuple[int, float, float] | None):
+             sample: tuple[int, float, float] | None, taps: tuple[int, ...] = ()):
     """Left-padded prompts `tokens [R, P]` (row r's first real token at `start[r]`) from an empty cache:
-    features `[R, P, H]` (bf16), greedy next tokens `[R, P]`, the first answer token `[R]` and the K/V."""
+    features `[R, P, H]` (bf16), greedy next tokens `[R, P]`, the first answer token `[R]`, the K/V and, with
+    `taps`, those blocks' outputs `[R, P, k H]` (bf16; else None)."""
     r, p = tokens.shape
     idx = jnp.arange(p, dtype=jnp.int32)
     positions = jnp.maximum(idx[None, :] - start[:, None], 0)
     mask = causal_mask(p)[None] & (idx[None, None, :] >= start[:, None, None])  # [R, P, P]
-    _, hidden, update = forward(params, cfg, tokens, positions, mask, init_cache(cfg, 1, batch=r), "none",
-                                empty_cache=True)
+    _, out, update = forward(params, cfg, tokens, positions, mask, init_cache(cfg, 1, batch=r), "none",
+                             empty_cache=True, taps=(*taps, cfg.num_layers - 1) if taps else ())
+    hidden, tapped = _features_and_taps(params, cfg, out, taps)
     logits = lm_head(hidden, params.head)  # [R, P, V]
     greedy = jnp.argmax(logits, -1).astype(jnp.int32)
     if sample is None:
         first = greedy[:, -1]
     else:
         first = _next_token(logits[:, -1], _row_keys(sample[0], conv, p - start), sample[1], sample[2])
-    return hidden.astype(jnp.bfloat16), greedy, first, update
+    return (hidden.astype(jnp.bfloat16), greedy, first, update,
+            None if tapped is None else tapped.astype(jnp.bfloat16))
 
 
 def _step(params: TargetParams, cache: KVCache, tok: jax.Array, pos: jax.Array, kv_start: jax.Array,
-          conv: jax.Array, *, cfg: ModelConfig, sample: tuple[int, float, float] | None):
+          conv: jax.Array, *, cfg: ModelConfig, sample: tuple[int, float, float] | None, taps: tuple[int, ...] = ()):
     """One token per row (`tok [B]` at RoPE position `pos [B]`, seeing cache slots `[kv_start, S)`): its feature
-    `[B, H]` (bf16), greedy next token `[B]`, the token to emit `[B]` and its K/V."""
-    logits, hidden, update = forward(params, cfg, tok[:, None], pos[:, None], jnp.ones((1, 1), bool), cache,
-                                     "last", 0, kv_start=kv_start)
+    `[B, H]` (bf16), greedy next token `[B]`, the token to emit `[B]`, its K/V and, with `taps`, those blocks'
+    outputs `[B, k H]` (bf16; else None)."""
+    logits, out, update = forward(params, cfg, tok[:, None], pos[:, None], jnp.ones((1, 1), bool), cache,
+                                  "last", 0, kv_start=kv_start, taps=(*taps, cfg.num_layers - 1) if taps else ())
+    hidden, tapped = _features_and_taps(params, cfg, out[:, 0], taps)
     greedy = jnp.argmax(logits, -1).astype(jnp.int32)
     nxt = greedy if sample is None else _next_token(logits, _row_keys(sample[0], conv, pos + 1), sample[1],
                                                     sample[2])
-    return hidden[:, 0].astype(jnp.bfloat16), greedy, nxt, update
+    return (hidden.astype(jnp.bfloat16), greedy, nxt, update,
+            None if tapped is None else tapped.astype(jnp.bfloat16))
 
 
 def _write_step(cache: KVCache, update: KVUpdate, slot: jax.Array) -> KVCache:
@@ -126,9 +147,9 @@ def _write_prefill(cache: KVCache, update: KVUpdate, rows: jax.Array) -> KVCache
 
 
 @functools.cache
-def _programs(cfg: ModelConfig, sample: tuple[int, float, float] | None):
-    return (jax.jit(functools.partial(_prefill, cfg=cfg, sample=sample)),
-            jax.jit(functools.partial(_step, cfg=cfg, sample=sample)),
+def _programs(cfg: ModelConfig, sample: tuple[int, float, float] | None, taps: tuple[int, ...] = ()):
+    return (jax.jit(functools.partial(_prefill, cfg=cfg, sample=sample, taps=taps)),
+            jax.jit(functools.partial(_step, cfg=cfg, sample=sample, taps=taps)),
             jax.jit(_write_prefill, donate_argnums=0), jax.jit(_write_step, donate_argnums=0))
 
 
@@ -145,6 +166,7 @@ class Finished:
     answer_ids: list[int]
     feats: np.ndarray | None  # [P + A, H] uint16 (bfloat16 bits)
     greedy: np.ndarray | None  # [P + A] int32
+    taps: np.ndarray | None = None  # [P + A, k H] uint16 (bfloat16 bits): with `feature_layers`
 
 
 @dataclass
@@ -155,32 +177,40 @@ class _Row:
     kv_start: int  # the row's conversation holds cache slots [kv_start, S)
     feats: list[np.ndarray] = field(default_factory=list)
     greedy: list[np.ndarray] = field(default_factory=list)
+    taps: list[np.ndarray] = field(default_factory=list)
     complete: bool = False  # the answer ended; with features its last token still has to be fed
 
 
 def run_batch(params: TargetParams, cfg: ModelConfig, work: Sequence[tuple[int, list[int]]], *,
               max_new_tokens: int, eos_ids: Sequence[int], batch_size: int = 48, refill_rows: int = 8,
               max_prompt_tokens: int = 256, with_features: bool = True,
-              sample: tuple[int, float, float] | None = None,
+              sample: tuple[int, float, float] | None = None, feature_layers: tuple[int, ...] = (),
               on_step: Callable[[int], None] | None = None) -> Any:
     """Answer every `(key, prompt_ids)` of `work`, yielding `Finished` conversations as they end (not in order).
 
     Greedy unless `sample = (seed, temperature, top_p)`. A row that finished is refilled with the next prompts
     of `work`, `refill_rows` at a time (fewer when the queue runs out; the first prefills fill the batch). Each
     answer is cut after its first EOS (kept) or at `max_new_tokens`. `on_step(rows_busy)` is called per decode
-    step. Prompts longer than `max_prompt_tokens` are refused (filter them first)."""
+    step. Prompts longer than `max_prompt_tokens` are refused (filter them first). With `feature_layers` (and
+    features) each conversation also carries those target blocks' outputs (`Finished.taps`)."""
     if batch_size <= 0 or refill_rows <= 0 or max_new_tokens <= 0:
         raise ConfigError("batch size, refill rows and max_new_tokens must be positive")
     for key, ids in work:
         if not 0 < len(ids) <= max_prompt_tokens:
             raise ConfigError(f"prompt {key} has {len(ids)} tokens; allowed 1..{max_prompt_tokens}")
+    if feature_layers and not with_features:
+        raise ConfigError("feature_layers needs with_features")
+    for i in feature_layers:
+        if not 0 <= i < cfg.num_layers:
+            raise ConfigError(f"feature layer {i} is not a block of this {cfg.num_layers}-block target")
+    taps = tuple(int(i) for i in feature_layers)
     refill_rows = min(refill_rows, batch_size)
     bucket_max = pow2_at_least(max_prompt_tokens, MIN_BUCKET)
     slots = bucket_max + max_new_tokens  # prompt + every answer token (the last one is fed too)
     if max_prompt_tokens + max_new_tokens > cfg.max_position_embeddings:
         raise ConfigError(f"{max_prompt_tokens} prompt + {max_new_tokens} new tokens exceed the context "
                           f"({cfg.max_position_embeddings})")
-    prefill, step, write_prefill, write_step = _programs(cfg, sample)
+    prefill, step, write_prefill, write_step = _programs(cfg, sample, taps)
     cache = init_cache(cfg, slots, batch=batch_size)
     cache = cache.replace(length=jnp.asarray(slots, jnp.int32))  # every slot >= a row's kv_start is visible
     eos = set(int(e) for e in eos_ids)
@@ -192,7 +222,8 @@ def run_batch(params: TargetParams, cfg: ModelConfig, work: Sequence[tuple[int, 
         rows[b] = None
         feats = np.concatenate(r.feats) if with_features else None
         greedy = np.concatenate(r.greedy) if with_features else None
-        return Finished(r.key, r.prompt_ids, r.answer, feats, greedy)
+        tapped = np.concatenate(r.taps) if taps else None
+        return Finished(r.key, r.prompt_ids, r.answer, feats, greedy, tapped)
 
     def ended(r: _Row) -> bool:
         return r.answer[-1] in eos or len(r.answer) >= max_new_tokens
@@ -216,17 +247,22 @@ def run_batch(params: TargetParams, cfg: ModelConfig, work: Sequence[tuple[int, 
                 start[j] = p - len(ids)
                 target_rows[j] = free[j]
                 conv[j] = key
-            hid, greedy, first, update = prefill(params, jnp.asarray(tokens), jnp.asarray(start), jnp.asarray(conv))
+            hid, greedy, first, update, tapped = prefill(params, jnp.asarray(tokens), jnp.asarray(start),
+                                                         jnp.asarray(conv))
             cache = write_prefill(cache, update, jnp.asarray(target_rows))
             first = np.asarray(first)
             if with_features:
                 hid, greedy = np.asarray(hid).view(np.uint16), np.asarray(greedy)
+            if taps:
+                tapped = np.asarray(tapped).view(np.uint16)
             for j, (key, ids) in enumerate(batch):
                 b = free[j]
                 r = _Row(key, list(ids), [int(first[j])], slots - len(ids))
                 if with_features:
                     r.feats.append(hid[j, p - len(ids):])
                     r.greedy.append(greedy[j, p - len(ids):])
+                if taps:
+                    r.taps.append(tapped[j, p - len(ids):])
                 rows[b] = r
                 if ended(r):
                     r.complete = True
@@ -245,12 +281,14 @@ def run_batch(params: TargetParams, cfg: ModelConfig, work: Sequence[tuple[int, 
         for b in busy:
             r = rows[b]
             tok[b], pos[b], kv_start[b], conv[b] = r.answer[-1], slots - r.kv_start, r.kv_start, r.key
-        hid, greedy, nxt, update = step(params, cache, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(kv_start),
-                                        jnp.asarray(conv))
+        hid, greedy, nxt, update, tapped = step(params, cache, jnp.asarray(tok), jnp.asarray(pos),
+                                                jnp.asarray(kv_start), jnp.asarray(conv))
         cache = write_step(cache, update, jnp.asarray(np.maximum(kv_start - 1, 0)))  # idle rows: a hidden slot
         nxt = np.asarray(nxt)
         if with_features:
             hid, greedy = np.asarray(hid).view(np.uint16), np.asarray(greedy)
+        if taps:
+            tapped = np.asarray(tapped).view(np.uint16)
         if on_step is not None:
             on_step(len(busy))
         for b in busy:
@@ -259,6 +297,8 @@ def run_batch(params: TargetParams, cfg: ModelConfig, work: Sequence[tuple[int, 
             if with_features:
                 r.feats.append(hid[b:b + 1])
                 r.greedy.append(greedy[b:b + 1])
+            if taps:
+                r.taps.append(tapped[b:b + 1])
             if r.complete:  # its last token was just fed: every position has its feature
                 yield finish(b)
                 continue
@@ -287,13 +327,15 @@ def _rewrite_answers(path: Path, records: list[dict[str, Any]]) -> None:
 
 def distill(target: Any, prompts: Sequence[Prompt], work: Path, *, max_new_tokens: int = 256,
             batch_size: int = 48, refill_rows: int = 8, max_prompt_tokens: int = 256,
-            progress: bool = True) -> dict[str, Any]:
+            feature_layers: tuple[int, ...] = (), progress: bool = True) -> dict[str, Any]:
     """Answers (`work/answers.jsonl`) and feature shards (`work/features/`) for `prompts`, in one pass.
 
     `target` needs `cfg`, `params`, `sha256`, `eos_ids` and `tokenizer.encode_prompt` (an `api.Target`). Shard
     k covers prompts `[k*SHARD_RECORDS, (k+1)*SHARD_RECORDS)` (indices into `prompts`); prompts longer than
     `max_prompt_tokens` are skipped (counted in the summary). Existing shards are kept if they belong to this
-    target, prompt list and `max_new_tokens`, else refused. Returns a summary with the labelled tokens/s.
+    target, prompt list and `max_new_tokens`, else refused. With `feature_layers` every new shard also gets
+    those target blocks' outputs (`features.taps_file`), taken from the generating forwards; shards written
+    before without them get them from `features.extract_taps`. Returns a summary with the labelled tokens/s.
     """
     folder = work / "features"
     answers_path = work / "answers.jsonl"
@@ -366,6 +408,9 @@ def distill(target: Any, prompts: Sequence[Prompt], work: Path, *, max_new_token
             "prompt_len": np.array([len(c.prompt_ids) for c in convs], np.int32),
             "index": np.array([c.key for c in convs], np.int64),
         }
+        if feature_layers:  # features.py's name, so that extract_taps finds the shard done
+            arrays[F.taps_file(feature_layers)[:-len(".npy")]] = (
+                np.concatenate([c.taps for c in convs]) if convs else np.zeros((0, len(feature_layers) * h), np.uint16))
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", arr)
         meta = {"format": F.FORMAT, "target": {"name": target.cfg.name, "sha256": sha}, "hidden_size": h,
@@ -385,7 +430,8 @@ def distill(target: Any, prompts: Sequence[Prompt], work: Path, *, max_new_token
     k_wait = next(next_shard, None)
     for conv in run_batch(target.params, target.cfg, work_items, max_new_tokens=max_new_tokens,
                           eos_ids=target.eos_ids, batch_size=batch_size, refill_rows=refill_rows,
-                          max_prompt_tokens=max_prompt_tokens, on_step=on_step):
+                          max_prompt_tokens=max_prompt_tokens, feature_layers=tuple(feature_layers),
+                          on_step=on_step):
         pending[conv.key] = conv
         stats["conversations"] += 1
         stats["answer_tokens"] += len(conv.answer_ids)

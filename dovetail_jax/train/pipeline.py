@@ -130,10 +130,11 @@ def _prompt_list(opts: PipelineOptions, say: Callable[[str], None]) -> list[Any]
     return prompts
 
 
-def _data(target: Any, opts: PipelineOptions, say: Callable[[str], None],
-          summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The data stage (answers and feature shards in one distillation pass) unless only training runs; returns
-    the answers' records. Ctrl-C during it keeps every complete shard: the next run resumes after them."""
+def _data(target: Any, opts: PipelineOptions, say: Callable[[str], None], summary: dict[str, Any],
+          feature_layers: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    """The data stage (answers and feature shards in one distillation pass, with `feature_layers` those blocks'
+    outputs too) unless only training runs; returns the answers' records. Ctrl-C during it keeps every complete
+    shard: the next run resumes after them."""
     from dovetail_jax.train.distill import distill
     from dovetail_jax.train.sources import mix_record
 
@@ -143,7 +144,8 @@ def _data(target: Any, opts: PipelineOptions, say: Callable[[str], None],
         summary["prompts"] = mix_record(opts.mix, prompts)
         say(f"distillation: {len(prompts)} training prompts {summary['prompts']['counts']} -> {opts.work}")
         summary["distill"] = distill(target, prompts, opts.work, max_new_tokens=opts.max_new_tokens,
-                                     batch_size=opts.gen_batch, progress=opts.progress)
+                                     batch_size=opts.gen_batch, feature_layers=feature_layers,
+                                     progress=opts.progress)
     records = read_answers(answers, target.sha256)  # file order: shards stay valid as the file grows
     if not records:
         raise ConfigError(f"{answers}: no answers yet; run with --stage all or --stage data first")
@@ -225,7 +227,7 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
         check_out(opts.out or run_dir / "export", opts.force)
     opts.work.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"work": str(opts.work)}
-    records = _data(target, opts, say, summary)
+    records = _data(target, opts, say, summary, dcfg.feature_layers)
     if opts.stages == "data":
         return summary
     features = opts.work / "features"
