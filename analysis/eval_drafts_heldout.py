@@ -46,17 +46,6 @@ def widen(vocab_map: np.ndarray, counts: np.ndarray, size: int | None) -> np.nda
     return np.concatenate([vocab_map, extra.astype(np.int32)])
 
 
-def token_counts(fs: Any, seqs: np.ndarray, vocab_size: int) -> np.ndarray:
-    """How often each id is an answer token or a greedy choice of the target in the conversations `seqs` (the
-    statistic `choose_vocab` ranks by)."""
-    counts = np.zeros(vocab_size, np.int64)
-    for s in seqs:
-        a, b = int(fs.offsets[s]) + int(fs.prompt_len[s]), int(fs.offsets[s + 1])
-        counts += np.bincount(fs.ids[a:b], minlength=vocab_size)[:vocab_size]
-        counts += np.bincount(fs.argmax[a:b], minlength=vocab_size)[:vocab_size]
-    return counts
-
-
 def evaluate_drafts(drafts: list[Path], work: Path | None, heldout_every: int, batch_tokens: int,
                     widen_to: list[int | None] = ()) -> dict[str, Any]:
     from dovetail_jax import api
@@ -65,7 +54,7 @@ def evaluate_drafts(drafts: list[Path], work: Path | None, heldout_every: int, b
     from dovetail_jax.train.diagnostics import greedy_answer_tokens, vocab_coverage
     from dovetail_jax.train.features import load_features
     from dovetail_jax.train.pipeline import default_work_dir
-    from dovetail_jax.train.trainer import TrainConfig, evaluate, split
+    from dovetail_jax.train.trainer import TrainConfig, evaluate, split, token_counts
 
     target = api.load_target()
     work = work or default_work_dir(target)

@@ -470,7 +470,7 @@ def test_widened_vocabulary_keeps_the_drafts_ids_first_then_the_most_counted() -
     # two conversations: prompt tokens never count, answers and greedy choices do
     fs = SimpleNamespace(offsets=np.array([0, 5, 9]), prompt_len=np.array([2, 1]),
                          ids=np.array([9, 9, 1, 2, 2, 9, 3, 3, 3]), argmax=np.array([0, 0, 2, 2, 4, 0, 3, 5, 5]))
-    counts = ev.token_counts(fs, np.array([0, 1]), 10)
+    counts = T.token_counts(fs, np.array([0, 1]), 10)
     want = np.zeros(10, np.int64)
     for s in (0, 1):
         a, b = fs.offsets[s] + fs.prompt_len[s], fs.offsets[s + 1]

@@ -101,16 +101,23 @@ def fit_feature_projection(fs: FeatureSet, seqs: np.ndarray, rows: int = 32768, 
     return w.astype(np.float32), np.full(y.shape[1], scale, np.float32), stats
 
 
+def token_counts(fs: FeatureSet, seqs: np.ndarray, size: int) -> np.ndarray:
+    """How often each id below `size` is an answer token or a greedy choice of the target in the conversations
+    `seqs` (prompt positions do not count): what the reduced vocabulary is ranked by."""
+    counts = np.zeros(size, np.int64)
+    for s in seqs:
+        a, b = int(fs.offsets[s]) + int(fs.prompt_len[s]), int(fs.offsets[s + 1])
+        counts += np.bincount(fs.ids[a:b], minlength=size)[:size]
+        counts += np.bincount(fs.argmax[a:b], minlength=size)[:size]
+    return counts
+
+
 def choose_vocab(fs: FeatureSet, seqs: np.ndarray, size: int, always: tuple[int, ...] = (),
                  vocab_size: int | None = None) -> np.ndarray:
     """The `size` target ids most frequent among the answers' tokens and the target's greedy choices of the
     training split (EOS ids always kept): the reduced draft vocabulary. With the target's `vocab_size`, ids
     never seen fill it up to `size` (else the map could come out shorter than the draft's head)."""
-    counts = np.zeros(max(int(max(fs.ids.max(), fs.argmax.max())) + 1, vocab_size or 0), np.int64)
-    for s in seqs:
-        a, b = int(fs.offsets[s]) + int(fs.prompt_len[s]), int(fs.offsets[s + 1])
-        counts += np.bincount(fs.ids[a:b], minlength=counts.size)[: counts.size]
-        counts += np.bincount(fs.argmax[a:b], minlength=counts.size)[: counts.size]
+    counts = token_counts(fs, seqs, max(int(max(fs.ids.max(), fs.argmax.max())) + 1, vocab_size or 0))
     order = np.argsort(-counts, kind="stable")
     keep = list(dict.fromkeys(int(i) for i in always))
     for i in order:
