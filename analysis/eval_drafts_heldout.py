@@ -6,7 +6,8 @@ A draft's card reports top-1 on the held-out split of the data *it* was trained 
 data (or data that grew since) are not comparable that way. This script scores every given draft on the held-out
 split (every 20th conversation, as `train-draft` splits it) of one work folder's feature shards: top-1 of the
 first draft step and of unrolled steps 2 and 3 (the draft on its own guesses, as deeper in a tree), the losses, and
-the coverage of the draft's vocabulary on the target's greedy tokens there (a ceiling on its top-1). The result is
+the coverage of the draft's vocabulary on the target's greedy tokens there (a ceiling on its top-1). A draft that
+reads several target blocks (EAGLE-3) is fed their features from the shards' `taps-*.npy`. The result is
 JSON (`--out`, written atomically) so README tables can be rebuilt from it.
 
 `--widen-vocab 16384 full` also scores each reduced-vocabulary draft with its vocabulary widened, *same weights*:
@@ -59,6 +60,7 @@ def evaluate_drafts(drafts: list[Path], work: Path | None, heldout_every: int, b
     target = api.load_target()
     work = work or default_work_dir(target)
     fs = load_features(work / "features", target.sha256, target.cfg.hidden_size)
+    tapped = {(): fs}  # feature layers -> the same shards with those blocks' features mapped (EAGLE-3 drafts)
     train_seqs, held = split(fs, heldout_every)
     counts = token_counts(fs, train_seqs, target.cfg.vocab_size) if widen_to else None
     greedy = greedy_answer_tokens(fs, held)
@@ -67,13 +69,16 @@ def evaluate_drafts(drafts: list[Path], work: Path | None, heldout_every: int, b
     for folder in drafts:
         t0 = time.perf_counter()
         dcfg, params, vocab_map, card = load_draft(folder, target.cfg, target_sha256=target.sha256)
+        layers = tuple(dcfg.feature_layers)
+        if layers not in tapped:
+            tapped[layers] = load_features(work / "features", target.sha256, target.cfg.hidden_size, taps=layers)
         variants = [vocab_map] + ([widen(vocab_map, counts, n) for n in widen_to] if vocab_map is not None else [])
         for vm in variants:
             shared = D.make_shared(target.params, target.cfg, vm)
             d = dataclasses.replace(dcfg, draft_vocab_size=None if vm is None else int(vm.size))
-            m = evaluate(params, shared, fs, held, target.cfg, d, tc)
+            m = evaluate(params, shared, tapped[layers], held, target.cfg, d, tc)
             rows.append({"draft": str(folder), "name": card.get("name"), "layers": dcfg.num_layers,
-                         "fusion": dcfg.fusion, "draft_vocab": d.draft_vocab_size,
+                         "fusion": dcfg.fusion, "feature_layers": list(layers), "draft_vocab": d.draft_vocab_size,
                          **({"trained_vocab": dcfg.draft_vocab_size} if vm is not vocab_map else {}),
                          "trained_on_conversations": card.get("training", {}).get("conversations"),
                          **{k: round(float(v), 4) for k, v in m.items()},
