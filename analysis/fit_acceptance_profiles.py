@@ -6,7 +6,7 @@ A profile is a mix of context classes, each a Sequoia-style positional model (P(
 candidate) = p1 * rho^(r-1), times decay^(d-1) at depth d; `simulator.acceptance.MixtureAcceptance`), so it prices
 any tree shape, which a tau cannot. Sources:
 - the shipped drafts' measured runs (analysis/results/bench_dovetail.json and, for the default draft,
-  bench_dovetail_full_r8_amd.json: accept histograms per tree, HumanEval and MT-bench, SmolLM2-135M
+  bench_dovetail_full_r9_amd.json: accept histograms per tree, HumanEval and MT-bench, SmolLM2-135M
   target): maximum likelihood over every tree measured for that draft (two context classes when several trees
   were measured, one when a single tree was);
 - published taus of EAGLE-class drafts on LLaMA-2-chat / Vicuna targets, which fix only one number: those profiles
@@ -35,9 +35,9 @@ from simulator.acceptance import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCH = RESULTS / "bench_dovetail.json"
-# the default draft's full-set run (164 HumanEval + 80 MT-bench prompts, int8 draft; round 8 ran beside the previous
-# default, round 7, on the AMD EPYC VM, without llama.cpp; the fit reads its 4/3/6 configuration)
-BENCH_FULL = RESULTS / "bench_dovetail_full_r8_amd.json"
+# the default draft's full-set run (164 HumanEval + 80 MT-bench prompts, int8 draft; round 9 ran beside the previous
+# default, round 8, on the AMD EPYC VM, without llama.cpp; the fit reads its 4/3/6 configuration)
+BENCH_FULL = RESULTS / "bench_dovetail_full_r9_amd.json"
 # profile stem -> (bench file, its configuration names, description); trees are read from the bench file.
 # `smollm2-dgf1` always names the default draft (`default_profile("smollm2-135m")`, see DEFAULT_DRAFT); the previous
 # default keeps its fit under `smollm2-dgf1-v8192` (four trees measured: the EAGLE profiles take their shape from it)
@@ -58,9 +58,9 @@ DRAFTS = {
 # draft's own seven-tree sweep, bench_tree_sweep_r4.json, came out flat in width on MT-bench, tau 1.80-1.82 for
 # trees measured at 1.63-1.93, where this shape follows the measured growth with width: +20% vs +18% measured.)
 DEFAULT_DRAFT = {
-    "bench": BENCH_FULL, "config": "r8 eagle3 int8, tree 4/3/6", "shape": "dgf1-v8192",
-    "description": "the default DGF draft (1 layer, V' 8192, EAGLE-3 features from blocks 2/15/27, round 8: "
-                   "checkpoints/smollm2-135m-dgf1-v8192-r8-eagle3)"}
+    "bench": BENCH_FULL, "config": "r9 eagle3 int8, tree 4/3/6", "shape": "dgf1-v8192",
+    "description": "the default DGF draft (1 layer, V' 8192, EAGLE-3 features from blocks 2/15/27, round 9: "
+                   "checkpoints/smollm2-135m-dgf1-v8192-r9-eagle3)"}
 # published (model, tau, tree, where): tau includes the bonus token
 PUBLISHED = {
     "eagle1-llama2-chat-7b-mtbench": {
