@@ -7,7 +7,8 @@ target alone (greedy, the bench's settings, outputs cached under ~/.cache so a r
 each output as a lookup-only speculative decoder: at each cycle the longest suffix of the context (n = 3, 2, 1
 tokens) that occurred earlier proposes the L tokens that followed its latest occurrence; the target accepts the
 matching prefix plus one token. It reports τ (tokens per cycle) per chain length L and how many tokens come in
-cycles that accept more than the default tree's maximum of 4.
+cycles that accept more than the default tree's maximum of 4, and (for L = 8) how many tokens a chain gives by
+the length of the suffix that matched.
 
     python analysis/estimate_prompt_lookup.py --out analysis/results/prompt_lookup_estimate.json
 """
@@ -28,30 +29,33 @@ from dovetail_jax.io.eval_prompts import load_dataset
 CACHE = Path.home() / ".cache" / "dovetail_jax" / "prompt_lookup"
 CHAINS = (1, 2, 3, 4, 6, 8, 12, 16)
 TREE_MAX = 4  # tokens a 4/3/6 tree can give in a cycle: depth 3 + the bonus token
+MATCH_CHAIN = 8  # the chain length of the per-match-length breakdown
 
 
-def lookup(context: list[int], max_n: int, length: int) -> list[int]:
-    """The `length` tokens after the latest earlier occurrence of the longest suffix (≤ max_n) of `context`."""
+def lookup(context: list[int], max_n: int, length: int) -> tuple[int, list[int]]:
+    """The matched suffix length n (0: none) and the `length` tokens after the latest earlier occurrence of the
+    longest suffix (n ≤ max_n) of `context`."""
     for n in range(min(max_n, len(context) - 1), 0, -1):
         suffix = context[-n:]
         for start in range(len(context) - n - 1, -1, -1):
             if context[start:start + n] == suffix:
-                return context[start + n:start + n + length]
-    return []
+                return n, context[start + n:start + n + length]
+    return 0, []
 
 
-def replay(prompt: list[int], output: list[int], max_n: int, length: int) -> list[int]:
-    """Tokens accepted per cycle by a lookup-only decoder that produces exactly `output` after `prompt`."""
+def replay(prompt: list[int], output: list[int], max_n: int, length: int) -> list[tuple[int, int]]:
+    """(tokens accepted, matched suffix length) per cycle of a lookup-only decoder that produces exactly `output`
+    after `prompt`."""
     context, pos, per_cycle = list(prompt), 0, []
     while pos < len(output):
-        guess = lookup(context, max_n, length)
+        n, guess = lookup(context, max_n, length)
         accepted = 0
         while accepted < len(guess) and pos + accepted < len(output) and guess[accepted] == output[pos + accepted]:
             accepted += 1
         step = min(accepted + 1, len(output) - pos)  # the matched prefix, then the target's own next token
         context.extend(output[pos:pos + step])
         pos += step
-        per_cycle.append(step)
+        per_cycle.append((step, n))
     return per_cycle
 
 
@@ -77,10 +81,25 @@ def target_outputs(dataset: str, limit: int, max_new_tokens: int) -> list[dict]:
     return done
 
 
+def by_match_length(records: list[dict], max_n: int, length: int) -> dict:
+    """Per matched suffix length n (0 = no match): how many chain tokens the target accepts. What decides the
+    shortest match worth verifying a chain for (`speculation.lookup.MIN_NGRAM`)."""
+    cycles = np.asarray([c for r in records for c in replay(r["prompt_ids"], r["new_ids"], max_n, length)])
+    drafted = cycles[:, 0] - 1  # the chain tokens accepted (the last token of a cycle is the target's own)
+    out = {}
+    for n in range(max_n + 1):
+        a = drafted[cycles[:, 1] == n]
+        out[str(n)] = {"cycles": int(a.size), "share_of_cycles": float(a.size / len(cycles)),
+                       "mean_accepted": float(a.mean()) if a.size else None,
+                       "share_accepting_1_or_more": float((a >= 1).mean()) if a.size else None,
+                       "share_accepting_4_or_more": float((a >= 4).mean()) if a.size else None}
+    return out
+
+
 def summarize(records: list[dict], max_n: int) -> dict:
     rows = {}
     for length in CHAINS:
-        cycles = [c for r in records for c in replay(r["prompt_ids"], r["new_ids"], max_n, length)]
+        cycles = [step for r in records for step, _ in replay(r["prompt_ids"], r["new_ids"], max_n, length)]
         arr = np.asarray(cycles)
         rows[str(length)] = {
             "tau": float(arr.mean()),
@@ -109,7 +128,9 @@ def main() -> None:
         records = target_outputs(ds, args.limit, args.max_new_tokens)
         result["datasets"][ds] = {"prompts": len(records),
                                   "tokens": sum(len(r["new_ids"]) for r in records),
-                                  "by_chain_length": summarize(records, args.max_n)}
+                                  "by_chain_length": summarize(records, args.max_n),
+                                  f"by_match_length_chain_{MATCH_CHAIN}": by_match_length(records, args.max_n,
+                                                                                          MATCH_CHAIN)}
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

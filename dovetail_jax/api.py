@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from dovetail_jax import devices, paths, progress
-from dovetail_jax.config import SEED_RANGE, DraftConfig, ModelConfig, SamplingConfig, TreeConfig
+from dovetail_jax.config import DEFAULT_TREE, SEED_RANGE, DraftConfig, ModelConfig, SamplingConfig, TreeConfig
 from dovetail_jax.decode import dovetail, target_only
 from dovetail_jax.devices import Placement
 from dovetail_jax.errors import ConfigError, ModelFormatError
@@ -41,8 +41,9 @@ from dovetail_jax.model.draft import Draft
 from dovetail_jax.model.params import Layout, TargetParams, params_from_tensors
 from dovetail_jax.stats import GenerationStats
 
-__all__ = ["HEAD_DTYPES", "Draft", "DraftConfig", "GenerationOutput", "Placement", "SamplingConfig", "Target",
-           "TreeConfig", "check_draft_path", "encode_prompt", "generate", "load_draft", "load_target", "random_draft"]
+__all__ = ["DEFAULT_TREE", "HEAD_DTYPES", "Draft", "DraftConfig", "GenerationOutput", "Placement", "SamplingConfig",
+           "Target", "TreeConfig", "check_draft_path", "encode_prompt", "generate", "load_draft", "load_target",
+           "random_draft"]
 
 
 @dataclass
@@ -364,7 +365,8 @@ def generate(
     draft: Draft | None = None,
     tree: TreeConfig | None = None,
 ) -> GenerationOutput:
-    """Dovetail generation with `draft` (tree shape `tree`), else target-only. `on_text` receives decoded
+    """Dovetail generation with `draft` (tree shape `tree`, default `DEFAULT_TREE`: 4/3/6 and a prompt-lookup
+    chain), else target-only. `on_text` receives decoded
     text pieces as tokens arrive (streaming). Greedy output is the target's own; sampling follows the target's
     distribution exactly. Bad arguments (as the CLI would refuse them) raise `ConfigError` before any work."""
     if not isinstance(target, Target):
@@ -391,7 +393,7 @@ def generate(
                                               on_token, ignore_eos, placement=target.placement)
     else:
         new_ids, stats = dovetail.generate(target.params, target.cfg, draft, prompt_ids, max_new_tokens,
-                                           tree or TreeConfig(), sampling, eos, on_token, ignore_eos,
+                                           tree or DEFAULT_TREE, sampling, eos, on_token, ignore_eos,
                                            placement=target.placement)
     if stream is not None and on_text is not None:
         rest = stream.flush()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dovetail_jax.config import TREE_PRESETS, DraftConfig, TreeConfig
+from dovetail_jax.config import DEFAULT_TREE, TREE_PRESETS, DraftConfig, TreeConfig
 
 INT_LIMIT = 2**31 - 1  # counts and sizes end up in int32 arrays and XLA shapes: larger ones would overflow there
 
@@ -199,7 +199,7 @@ def output_dir(s: str) -> Path:
 
 # --- the draft and tree flags, shared by `generate --mode dovetail` and `bench dovetail` -------------------------
 
-TREE_FLAGS = ("tree", "tree_top_k", "depth", "total_tokens")
+TREE_FLAGS = ("tree", "tree_top_k", "depth", "total_tokens", "lookup")
 RANDOM_FLAGS = ("draft_layers", "draft_fusion", "draft_vocab")
 
 
@@ -209,11 +209,13 @@ def flag(name: str) -> str:
 
 
 def tree_from_options(preset: str | None = None, top_k: int | None = None, depth: int | None = None,
-                      total_tokens: int | None = None) -> TreeConfig:
-    """A preset tree (None: the default one) with any of its sizes replaced; an impossible tree is a ConfigError."""
-    base = TREE_PRESETS[preset] if preset else TreeConfig()
+                      total_tokens: int | None = None, lookup: int | None = None) -> TreeConfig:
+    """A preset tree (None: the default one, `DEFAULT_TREE`) with any of its sizes replaced; an impossible tree is
+    a ConfigError."""
+    base = TREE_PRESETS[preset] if preset else DEFAULT_TREE
     return TreeConfig(top_k=top_k or base.top_k, depth=depth or base.depth,
-                      total_tokens=total_tokens or base.total_tokens)
+                      total_tokens=total_tokens or base.total_tokens,
+                      lookup=base.lookup if lookup is None else lookup)
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,7 @@ class DraftFlags:
     tree_top_k: int | None = None
     depth: int | None = None
     total_tokens: int | None = None
+    lookup: int | None = None
     draft_layers: int | None = None
     draft_fusion: str | None = None
     draft_vocab: int | None = None
@@ -237,7 +240,7 @@ class DraftFlags:
         return [n for n in names if getattr(self, n) is not None]
 
     def tree_config(self) -> TreeConfig:
-        return tree_from_options(self.tree, self.tree_top_k, self.depth, self.total_tokens)
+        return tree_from_options(self.tree, self.tree_top_k, self.depth, self.total_tokens, self.lookup)
 
     def random_config(self) -> DraftConfig:
         """The shape of the random draft used when no trained one is given."""

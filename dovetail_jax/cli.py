@@ -82,6 +82,10 @@ def add_dovetail_args(p: argparse.ArgumentParser) -> None:
                    help="draft expansion passes per cycle; the tree has up to D+1 levels below the root (default 3)")
     g.add_argument("--total-tokens", "--tree-total-tokens", dest="total_tokens", type=positive_int, default=None,
                    metavar="N", help="tokens the target verifies per cycle, the root included (default 6)")
+    g.add_argument("--lookup", type=nonneg_int, default=None, metavar="L",
+                   help="prompt lookup: when the context's last 2-3 tokens occurred earlier, graft the L tokens "
+                        "that followed onto the drafted tree (verified with it: T + L tokens, still lossless); "
+                        "0 = off (default 6 with the default tree, 0 with a --tree preset)")
     g.add_argument("--draft-layers", type=positive_int, default=None, metavar="L",
                    help="decoder layers of the random draft used when no trained one is given (1 up to the "
                         "target's own layer count, default 1)")
@@ -170,6 +174,9 @@ def _summary_line(stats: Any, placement: Any) -> str:
         t = s.dovetail.transfers
         line += (f"; tau {s.acceptance.tau or 0.0:.2f} tokens per target forward ({s.acceptance.cycles} cycles), "
                  f"{t.bytes_to_draft / 1024:.0f} KiB to the draft, {t.bytes_to_target / 1024:.1f} KiB back")
+        if s.dovetail.tree.lookup:
+            line += (f"; prompt lookup in {s.dovetail.lookup_cycles} cycles added {s.dovetail.lookup_tokens} "
+                     f"tokens")
     line += f"; target on {placement.target}" + (f", draft on {placement.draft}" if s.dovetail is not None else "")
     if s.decode_steps < 32:
         line += "; few tokens: --max-new-tokens 128 --ignore-eos measures speed"
@@ -352,7 +359,7 @@ def _add_bench_dovetail(bsub: Any) -> None:
                    help="new tokens per prompt at most; generation stops at EOS (default 128)")
     p.add_argument("--configs", metavar="FILE", type=input_file, default=None,
                    help='JSON list of {"name", "draft": path | "self" | "random" | null (the default draft), '
-                        '"tree": preset name | {"top_k", "depth", "total_tokens"}} (optional "draft_layers", '
+                        '"tree": preset name | {"top_k", "depth", "total_tokens", "lookup"}} (optional "draft_layers", '
                         '"draft_fusion", "draft_vocab" shape a random draft; "draft_head": "f32" | "bf16" | "int8" '
                         'as --draft-head; "draft_weights": "stored" | "int8" as --draft-weights); replaces '
                         '--draft, --draft-head, --draft-weights and the tree options')

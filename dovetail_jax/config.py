@@ -234,19 +234,28 @@ class TreeConfig:
     """The EAGLE-2 dynamic tree: `depth` draft expansion passes keeping the `top_k` best frontier nodes, then
     the best `total_tokens - 1` candidates plus the root are verified. As in EAGLE-2 and Dovetail, the root's
     own top-k is one more level, so a tree has up to `depth + 1` levels below the root and a cycle commits at
-    most `min(depth + 1, total_tokens - 1) + 1` tokens. `top_k == 1` is a chain."""
+    most `min(depth + 1, total_tokens - 1) + 1` tokens. `top_k == 1` is a chain.
+
+    `lookup` L > 0 adds prompt-lookup decoding (`speculation.lookup`): in a cycle where the context's last tokens
+    occurred earlier, the L tokens that followed are grafted onto the drafted tree below its deepest node that
+    agrees with them, so the verified tree has `total_tokens + L` nodes and a path of up to `max_accepted + L`
+    draft tokens. The draft's own tree and the simulator's acceptance models see only the first three fields."""
 
     # default: the fastest of the trees measured with the shipped SmolLM2 draft on this 2-core machine
     # (`dovetail bench dovetail`, analysis/results/bench_dovetail.json): 4/3/6
     top_k: int = 4
     depth: int = 3
     total_tokens: int = 6
+    lookup: int = 0
 
     def __post_init__(self) -> None:
         for f in ("top_k", "depth", "total_tokens"):
             _check_int("TreeConfig", f, getattr(self, f))
             if getattr(self, f) < 1:
                 raise ConfigError(f"tree {f} must be >= 1, got {getattr(self, f)}")
+        _check_int("TreeConfig", "lookup", self.lookup)
+        if self.lookup < 0:
+            raise ConfigError(f"tree lookup must be >= 0 (0 = no prompt lookup), got {self.lookup}")
         if self.total_tokens - 1 > self.pool_size:
             raise ConfigError(
                 f"total_tokens {self.total_tokens} exceeds 1 + the candidate pool of {self.pool_size} that top_k "
@@ -260,15 +269,25 @@ class TreeConfig:
 
     @property
     def max_accepted(self) -> int:
-        """Most draft tokens one cycle can accept."""
+        """Most draft tokens one cycle can accept from the drafted tree alone (no lookup chain)."""
         return min(self.depth + 1, self.total_tokens - 1)
 
     @property
     def width(self) -> int:
-        """Nodes on the longest root-to-node path (root included)."""
-        return self.max_accepted + 1
+        """Nodes on the longest root-to-node path of a verified tree (root and any lookup chain included)."""
+        return self.max_accepted + 1 + self.lookup
+
+    @property
+    def drafted(self) -> TreeConfig:
+        """The tree the draft itself makes (no lookup): what its compiled step depends on."""
+        return dataclasses.replace(self, lookup=0)
 
 
+# What `--mode dovetail` and `api.generate` use when no tree is given: the 4/3/6 tree and a lookup chain of 6
+# (`python analysis/tune_lookup.py`, analysis/results/lookup_tuning.json; full sets in README "Prompt lookup").
+DEFAULT_TREE = TreeConfig(lookup=6)
+
+# The paper's trees (no lookup: add it with `--lookup L`).
 TREE_PRESETS: dict[str, TreeConfig] = {
     "server": TreeConfig(top_k=10, depth=7, total_tokens=16),  # the paper's RTX 2080S / 3090 setting
     "laptop": TreeConfig(top_k=10, depth=4, total_tokens=7),  # the paper's GTX 1050 laptop setting

@@ -138,6 +138,8 @@ class DovetailStats:
     transfers: Transfers
     time_s: PhaseTimes
     prefill_time_s: PrefillTimes
+    lookup_cycles: int = 0  # cycles whose tree had a lookup chain grafted on
+    lookup_tokens: int = 0  # tokens accepted from the chain past what the drafted tree spelled
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,9 @@ class GenerationStats:
             x = self.dovetail
             d |= x.transfers.to_dict()
             d |= {"time_s": x.time_s.to_dict(), "prefill_time_s": x.prefill_time_s.to_dict(),
-                  "tree": {"top_k": x.tree.top_k, "depth": x.tree.depth, "total_tokens": x.tree.total_tokens},
+                  "tree": {"top_k": x.tree.top_k, "depth": x.tree.depth, "total_tokens": x.tree.total_tokens,
+                           "lookup": x.tree.lookup},
                   "draft": x.draft.to_dict()}
+            if x.tree.lookup:
+                d["lookup"] = {"cycles": x.lookup_cycles, "tokens": x.lookup_tokens}
         return d | {"cache_slots": self.cache_slots, "prompt_bucket": self.prompt_bucket}

@@ -8,6 +8,7 @@ measured accept histogram (the cost model alone is tested) and with the shipped 
 and dataset (what a user who runs `--tune` gets). Speedups are over the same profile's target-only decode, as the
 bench measures them (one run, round-robin). `--tune` over the measured trees with the profile must pick the
 bench's fastest configuration, or one measured within `TIE` of it (the bench's own noise between trees).
+Configurations with prompt lookup (`tree.lookup` > 0) are skipped: the simulator does not model its chains.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def check_trees(hw: HardwareProfile, model_key: str, bench: Path, profile: str |
         ds_rows = []
         for cname, r in res["configs"].items():
             cfg = cfgs[cname]
+            if cfg["tree"].get("lookup"):  # prompt lookup is not modelled: its chains are not the draft's tree
+                continue
             tree = TreeConfig(**cfg["tree"])
             wl = _workload(model, cfg, tree, prompt, new)
             target = _tps(hw, _workload(model, cfg, None, prompt, new), None, opts)
@@ -115,6 +118,8 @@ def check_trees(hw: HardwareProfile, model_key: str, bench: Path, profile: str |
             row["error_own_hist"] = row["predicted_speedup_own_hist"] / r["speedup"] - 1
             row["error_profile"] = row["predicted_speedup_profile"] / r["speedup"] - 1
             ds_rows.append(row)
+        if not ds_rows:  # only prompt-lookup configurations
+            continue
         # --tune ranks the trees of one draft: a bench that compares drafts has no tree pick to check
         one_draft = len({(x["draft"], x["draft_dtype"]) for x in ds_rows}) == 1
         best = max(ds_rows, key=lambda x: x["measured_speedup"])

@@ -15,7 +15,7 @@ import pytest
 
 from dovetail_jax.argtypes import DraftFlags
 from dovetail_jax.bench import dovetail as bd
-from dovetail_jax.config import TREE_PRESETS, DraftConfig, TreeConfig
+from dovetail_jax.config import DEFAULT_TREE, TREE_PRESETS, DraftConfig, TreeConfig
 from dovetail_jax.errors import ConfigError
 from dovetail_jax.io import eval_prompts
 from dovetail_jax.model.params import fast_layout
@@ -93,13 +93,16 @@ def test_parse_configs():
         {"name": "b", "draft": None, "tree": {"top_k": 1, "depth": 3, "total_tokens": 4}},
         {"name": "c", "draft": "random", "draft_vocab": 8192, "draft_layers": 2},
         {"name": "d", "draft": "self", "tree": {"depth": 2}},
+        {"name": "e", "tree": {"lookup": 4}},
     ], "f.json")
-    assert [c.name for c in cs] == ["a", "b", "c", "d"]
+    assert [c.name for c in cs] == ["a", "b", "c", "d", "e"]
     assert cs[0].tree == TREE_PRESETS["server"] and cs[0].draft == "self"
     assert cs[1].tree == TreeConfig(1, 3, 4) and cs[1].draft is None
-    assert cs[2].tree == TreeConfig() and cs[2].random_cfg == DraftConfig(num_layers=2, draft_vocab_size=8192)
+    assert cs[2].tree == DEFAULT_TREE and cs[2].random_cfg == DraftConfig(num_layers=2, draft_vocab_size=8192)
     assert cs[3].tree == TreeConfig(top_k=TreeConfig().top_k, depth=2, total_tokens=TreeConfig().total_tokens)
     assert cs[0].draft_key == cs[3].draft_key != cs[2].draft_key  # one "self" draft serves a and d
+    # no tree: the default one (with its lookup chain); a tree object's missing keys are TreeConfig's (no lookup)
+    assert DEFAULT_TREE.lookup > 0 and cs[4].tree == TreeConfig(lookup=4) and cs[3].tree.lookup == 0
 
 
 @pytest.mark.parametrize("data,needle", [
@@ -112,6 +115,7 @@ def test_parse_configs():
     ([{"name": "a", "tree": {"top_k": 1, "depth": 1, "total_tokens": 9}}], "total_tokens 9"),
     ([{"name": "a", "tree": {"top_k": "10"}}], "integer"),
     ([{"name": "a", "tree": {"width": 3}}], "unknown tree key"),
+    ([{"name": "a", "tree": {"lookup": -2}}], "lookup must be >= 0"),
     ([{"name": "a", "draft": 3}], "'draft'"),
     ([{"name": "a", "draft": "self", "draft_vocab": 100}], "random draft"),
     ([{"name": "a", "draft_fusion": "mlp"}], "draft_fusion"),
@@ -126,8 +130,14 @@ def test_bad_configs(data, needle):
 def test_single_config_from_flags():
     flags = DraftFlags(tree_top_k=1, depth=3, total_tokens=4, draft_vocab=8192)
     (c,) = bd.resolve_configs(None, flags)
-    assert c.draft == "random" and c.tree == TreeConfig(1, 3, 4) and c.name == "random-1-3-4"
-    assert c.random_cfg.draft_vocab_size == 8192
+    # the default tree's lookup stays unless --lookup says otherwise (a preset has none)
+    assert c.draft == "random" and c.tree == TreeConfig(1, 3, 4, lookup=DEFAULT_TREE.lookup)
+    assert c.name == f"random-1-3-4-lookup{DEFAULT_TREE.lookup}" and c.random_cfg.draft_vocab_size == 8192
+    (off,) = bd.resolve_configs(None, DraftFlags(tree_top_k=1, depth=3, total_tokens=4, lookup=0))
+    assert off.tree == TreeConfig(1, 3, 4) and off.name == "default-1-3-4"
+    (preset,) = bd.resolve_configs(None, DraftFlags(tree="laptop", lookup=3))
+    assert preset.tree == TreeConfig(10, 4, 7, lookup=3)
+    assert bd.resolve_configs(None, DraftFlags(tree="laptop"))[0].tree.lookup == 0
     with pytest.raises(ConfigError, match="--configs replaces --tree-top-k"):
         bd.resolve_configs(Path("x.json"), flags)
 

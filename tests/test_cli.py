@@ -148,7 +148,12 @@ def test_dovetail_mode_json_and_lossless(run_cli, tiny_gguf):
     for key in ("tau", "cycles", "accept_hist", "bytes_to_draft", "bytes_to_target", "time_s", "tree", "draft"):
         assert key in d, key
     assert set(d["time_s"]) == {"draft", "verify", "transfer", "host"}
-    assert d["tree"] == {"top_k": 10, "depth": 4, "total_tokens": 7} and d["draft"]["vocab"] == 64
+    assert d["tree"] == {"top_k": 10, "depth": 4, "total_tokens": 7, "lookup": 0} and d["draft"]["vocab"] == 64
+    assert "lookup" not in d  # no lookup counts without a lookup
+    # with prompt lookup on the preset tree: the same tokens, the chain's counts reported
+    k, _ = _gen(run_cli, path, "--mode", "dovetail", "--draft-vocab", "64", "--tree", "laptop", "--lookup", "4")
+    assert k["token_ids"] == ref["token_ids"] and k["tree"]["lookup"] == 4 and len(k["accept_hist"]) == 10
+    assert set(k["lookup"]) == {"cycles", "tokens"} and k["lookup"]["cycles"] <= k["cycles"]
     # the model itself as a standalone draft: same tokens, long accepted paths
     s, _ = _gen(run_cli, path, "--mode", "dovetail", "--draft", str(path), "--tree-top-k", "2", "--depth", "3",
                 "--total-tokens", "6")

@@ -115,7 +115,7 @@ def test_json_record_keys():
     assert d["tau"] == pytest.approx(10 / 4) and d["accept_hist"] == [1, 0, 3]
     assert d["depth_accept_rates"] == pytest.approx([0.75, 1.0])
     assert d["draft"] == {"n_layers": 1, "fusion": "dgf", "vocab": 32, "source": "random (seed 0)"}
-    assert d["tree"] == {"top_k": 2, "depth": 2, "total_tokens": 4}
+    assert d["tree"] == {"top_k": 2, "depth": 2, "total_tokens": 4, "lookup": 0}
     assert list(d["time_s"]) == ["verify", "draft", "transfer", "host"]
     assert x.draft.is_random
     empty = GenerationStats(mode="dovetail", **base, acceptance=Acceptance((0, 0, 0)), dovetail=x).to_dict()

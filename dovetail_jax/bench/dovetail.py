@@ -38,7 +38,7 @@ from dovetail_jax.argtypes import RANDOM_FLAGS, TREE_FLAGS, DraftFlags, flag
 from dovetail_jax.bench import report
 from dovetail_jax.bench.report import fmt, rate, ratio
 from dovetail_jax.bench.results import partial_path, write_json_atomic
-from dovetail_jax.config import TREE_PRESETS, DraftConfig, SamplingConfig, TreeConfig
+from dovetail_jax.config import DEFAULT_TREE, TREE_PRESETS, DraftConfig, SamplingConfig, TreeConfig
 from dovetail_jax.errors import ConfigError, DovetailError, ModelFormatError
 from dovetail_jax.io import eval_prompts
 from dovetail_jax.stats import Acceptance
@@ -67,7 +67,7 @@ DRAFT_WEIGHTS_HELP = ("the draft's own matrices (fusion, decoder blocks): 'store
                       "a draft step reads; like --draft-head it can change what the draft proposes, never the "
                       "output. Default: int8 for trained and random drafts (same tau, less time, measured on "
                       "HumanEval), stored for standalone and 'self' drafts")
-TREE_KEYS = ("top_k", "depth", "total_tokens")
+TREE_KEYS = ("top_k", "depth", "total_tokens", "lookup")
 RANDOM_KEYS = RANDOM_FLAGS  # the same names shape a random draft in a configs file and on the command line
 
 _say = report.sayer("bench dovetail")
@@ -97,7 +97,8 @@ class RunConfig:
         r = self.random_cfg
         return {"name": self.name, "draft": self.draft, "draft_head": self.draft_head,
                 "draft_weights": self.draft_weights,
-                "tree": {"top_k": self.tree.top_k, "depth": self.tree.depth, "total_tokens": self.tree.total_tokens},
+                "tree": {"top_k": self.tree.top_k, "depth": self.tree.depth, "total_tokens": self.tree.total_tokens,
+                         "lookup": self.tree.lookup},
                 "random_draft": {"num_layers": r.num_layers, "fusion": r.fusion, "draft_vocab_size": r.draft_vocab_size}
                 if self.draft in (None, "random") else None}
 
@@ -117,7 +118,7 @@ def _tree_from_spec(spec: Any, where: str, default: TreeConfig) -> TreeConfig:
     if isinstance(spec, str):
         if spec not in TREE_PRESETS:
             raise ConfigError(f"{where}: unknown tree preset {spec!r}; choose among {', '.join(sorted(TREE_PRESETS))} "
-                              f"or give {{\"top_k\", \"depth\", \"total_tokens\"}}")
+                              f"or give {{\"top_k\", \"depth\", \"total_tokens\", \"lookup\"}}")
         return TREE_PRESETS[spec]
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: 'tree' must be a preset name or an object with {', '.join(TREE_KEYS)}")
@@ -185,12 +186,13 @@ def configs_from_flags(flags: DraftFlags, draft_head: str | None = None,
     head = _draft_head(draft_head, draft, "--draft-head")
     weights = _draft_weights(draft_weights, "--draft-weights")
     name = f"{_draft_label(draft)}-{tree.top_k}-{tree.depth}-{tree.total_tokens}"
+    name += f"-lookup{tree.lookup}" if tree.lookup else ""
     name += "" if head is None else f"-{head}"
     name += "" if weights is None else f"-w{weights}"
     return [RunConfig(name, draft, tree, rcfg, head, weights)]
 
 
-def parse_configs(data: Any, where: str, default_tree: TreeConfig = TreeConfig()) -> list[RunConfig]:
+def parse_configs(data: Any, where: str, default_tree: TreeConfig = DEFAULT_TREE) -> list[RunConfig]:
     """Validate a configs list (the parsed JSON of --configs)."""
     if not isinstance(data, list) or not data:
         raise ConfigError(f"{where}: expected a non-empty JSON list of configurations")
@@ -290,6 +292,16 @@ def summarize_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "compile_s": sum(r.get("compile_s", 0.0) for r in runs)}
 
 
+def _lookup_summary(runs: Sequence[dict[str, Any]], cycles: int, tokens: int) -> dict[str, Any] | None:
+    """How often a lookup chain was verified, and the tokens it added past the drafted tree (None: no lookup)."""
+    looked = [r["lookup"] for r in runs if "lookup" in r]
+    if not looked:
+        return None
+    lk_cycles, lk_tokens = sum(x["cycles"] for x in looked), sum(x["tokens"] for x in looked)
+    return {"cycles": lk_cycles, "tokens": lk_tokens, "share_of_cycles": ratio(lk_cycles, cycles),
+            "share_of_tokens": ratio(lk_tokens, tokens)}
+
+
 def summarize_config(records: Sequence[dict[str, Any]], name: str, greedy: bool) -> dict[str, Any]:
     """One configuration over a dataset's prompt records, against the target-only and llama.cpp runs of the same
     prompts."""
@@ -345,6 +357,7 @@ def summarize_config(records: Sequence[dict[str, Any]], name: str, greedy: bool)
         # the differing prompts split: float ties of the target's own logits (bench/divergence.py), real mismatches
         "greedy_float_ties": ties,
         "greedy_mismatches": None if identical is None else len(runs) - identical - ties,
+        "lookup": _lookup_summary(runs, cycles, dt["tokens"]),
     }
 
 
@@ -384,6 +397,7 @@ def dovetail_record(out: Any, reference: list[int] | None,
         "prefill_bytes_to_draft": t.prefill_bytes_to_draft,
         "transfers_to_draft": t.transfers_to_draft, "transfers_to_target": t.transfers_to_target,
         "identical": None if reference is None else list(out.token_ids) == list(reference),
+        **({"lookup": {"cycles": x.lookup_cycles, "tokens": x.lookup_tokens}} if x.tree.lookup else {}),
         **({"divergence": divergence} if divergence is not None else {}),
     }
 

@@ -10,6 +10,11 @@ whose fields are what its jitted steps depend on, whose steps are named methods,
                    once per prompt, the prompt's features [1, P, H] instead
     to the target: the tree, tokens [T] and parents [T] (int32), stacked into one [2, T] array (one copy)
 
+With a lookup (`TreeConfig.lookup` L > 0), the host, which is the target's device, keeps the context and its
+n-gram index (`speculation.lookup`); when the context's last tokens occurred earlier, the tokens that followed
+are grafted onto the tree inside verification (T + L nodes, a second compiled verify), so nothing more crosses
+but wider accepted paths (W grows by L).
+
 Everything else stays where it is made: the target builds the ancestor mask, positions and paths from the
 parents; the draft keeps its cache of accepted context. Each step is compiled once per program and run once
 before timing (`programs.warmed`); the target's KV cache is written by separate calls with the cache donated
@@ -33,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from dovetail_jax.config import DraftConfig, ModelConfig, SamplingConfig, TreeConfig
+from dovetail_jax.config import DEFAULT_TREE, DraftConfig, ModelConfig, SamplingConfig, TreeConfig
 from dovetail_jax.decode import programs
 from dovetail_jax.decode.programs import Output, Scalars
 from dovetail_jax.decode.transfer import Counter
@@ -46,6 +51,7 @@ from dovetail_jax.model.params import TargetParams
 from dovetail_jax.model.target import causal_mask, forward
 from dovetail_jax.plan import Sizes, plan_dovetail
 from dovetail_jax.speculation import accept as accept_lib
+from dovetail_jax.speculation import lookup as lookup_lib
 from dovetail_jax.speculation import tree as tree_lib
 from dovetail_jax.speculation.drafting import draft_step
 from dovetail_jax.stats import Acceptance, DovetailStats, DraftInfo, GenerationStats, PrefillTimes
@@ -78,12 +84,17 @@ def _draft(params: DraftParams, shared: DraftShared, cache: KVCache, feats: jax.
     return jnp.stack([tokens, parents]), cache
 
 
-def _verify(params: TargetParams, cache: KVCache, tree_ids: jax.Array, key: jax.Array, s: Scalars, *,
-            cfg: ModelConfig, tree: TreeConfig, greedy: bool, filtered: bool, taps: tuple[int, ...] = ()):
-    """One target forward over the tree (`tree_ids [2, T]`: tokens, parents); accept; return what the commit
-    and the draft need (the accepted path's features: the draft's `taps`, as `_target_prefill`)."""
+def _verify(params: TargetParams, cache: KVCache, tree_ids: jax.Array, key: jax.Array, s: Scalars,
+            chain: jax.Array | None = None, *, cfg: ModelConfig, tree: TreeConfig, greedy: bool, filtered: bool,
+            taps: tuple[int, ...] = ()):
+    """One target forward over the tree (`tree_ids [2, T]`: tokens, parents), with the lookup `chain` grafted
+    on when there is one (a second compilation); accept; return what the commit and the draft need (the
+    accepted path's features: the draft's `taps`, as `_target_prefill`) and the tokens the chain added."""
     tokens, parents = tree_ids[0], tree_ids[1]
-    w = tree.width
+    drafted, w = tokens.shape[0], tree.width
+    at = jnp.int32(0)
+    if chain is not None:
+        tokens, parents, at = lookup_lib.graft(tokens, parents, chain, tree.drafted.width, tree.lookup)
     arrays = tree_lib.tree_arrays(parents, w)
     positions = (cache.length + arrays.depth)[None]
     logits, hidden, update = forward(params, cfg, tokens[None], positions, arrays.mask, cache, "all", taps=taps)
@@ -98,7 +109,8 @@ def _verify(params: TargetParams, cache: KVCache, tree_ids: jax.Array, key: jax.
     # the tokens this cycle emits = the ids the draft pairs with the path's features: accepted drafts, bonus
     ids = jnp.where(j < a, jnp.roll(path_tokens, -1), jnp.where(j == a, acc.bonus, 0)).astype(jnp.int32)
     feats = jnp.take(hidden[0], acc.path, axis=0)
-    return update, acc.path, (a + 1).astype(jnp.int32), ids[None], feats[None], key
+    gain = jnp.where(acc.node >= drafted, a - at, 0)  # accepted past the graft point: what the chain added
+    return update, acc.path, (a + 1).astype(jnp.int32), ids[None], feats[None], key, gain
 
 
 # --- the program ---------------------------------------------------------------------------------------------
@@ -112,6 +124,14 @@ class DovetailState:
     draft_cache: KVCache  # the draft's: its stable context, on the draft's device
     tree: jax.Array  # [2, T] int32, the pending tree (tokens, parents), on the target's device
     key: jax.Array  # [2] uint32 sampling key, on the target's device
+
+
+@dataclass
+class LookupCounts:
+    """How often the lookup chain was verified, and the tokens it added past the drafted tree."""
+
+    cycles: int = 0
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,12 +166,12 @@ class DovetailCycle:
 
     @functools.cached_property
     def draft_first(self) -> Callable:
-        return jax.jit(functools.partial(_draft, cfg=self.cfg, dcfg=self.draft_cfg, tree=self.tree,
+        return jax.jit(functools.partial(_draft, cfg=self.cfg, dcfg=self.draft_cfg, tree=self.tree.drafted,
                                          empty_cache=True), donate_argnames=("cache",))
 
     @functools.cached_property
     def draft_next(self) -> Callable:
-        return jax.jit(functools.partial(_draft, cfg=self.cfg, dcfg=self.draft_cfg, tree=self.tree),
+        return jax.jit(functools.partial(_draft, cfg=self.cfg, dcfg=self.draft_cfg, tree=self.tree.drafted),
                        donate_argnames=("cache",))
 
     def initial_state(self, key: jax.Array) -> DovetailState:
@@ -182,16 +202,26 @@ class DovetailCycle:
         return state, first, sent, times
 
     def cycle(self, params: TargetParams, draft: Draft, state: DovetailState, s: Scalars, c: Counter,
-              out: Output) -> tuple[DovetailState, int]:
-        """One cycle: verify the pending tree and commit its accepted path, emit the new tokens, then (unless
-        that ended the generation) draft the next tree. Returns the state and the tokens committed."""
+              out: Output, lookup: lookup_lib.NgramLookup | None = None,
+              counts: LookupCounts | None = None) -> tuple[DovetailState, int]:
+        """One cycle: verify the pending tree (with `lookup`'s chain grafted on when it proposes one) and commit
+        its accepted path, emit the new tokens (and extend `lookup`'s context by them), then (unless that ended
+        the generation) draft the next tree. Returns the state and the tokens committed."""
         ta = time.perf_counter()
-        update, path, n_acc, ids, feats, key = self.verify(params, state.cache, state.tree, state.key, s)
+        chain = None if lookup is None else lookup.chain
+        update, path, n_acc, ids, feats, key, gain = self.verify(params, state.cache, state.tree, state.key, s,
+                                                                 chain)
         cache = self.commit(state.cache, update, path, n_acc)
         n = int(np.asarray(n_acc))
         cache.length.block_until_ready()  # the commit belongs to verification (else the next transfer waits on it)
         tb = time.perf_counter()
-        out.emit(np.asarray(ids)[0, :n].tolist())
+        new = np.asarray(ids)[0, :n].tolist()
+        out.emit(new)
+        if lookup is not None:
+            lookup.extend(new)
+            if chain is not None and counts is not None:
+                counts.cycles += 1
+                counts.tokens += int(np.asarray(gain))
         c.verify += tb - ta
         c.host += time.perf_counter() - tb
         state = state.replace(cache=cache, key=key)
@@ -219,6 +249,10 @@ class DovetailCycle:
         state = self.initial_state(programs.seed_key(0, self.placement.target))
         state, *_ = self.prefill(params, draft, state, [0], s, c)
         state, _ = self.cycle(params, draft, state, s, c, Output(2 * self.tree.width, frozenset()))
+        if self.tree.lookup:  # the verification with a chain grafted on is a second program
+            forced = lookup_lib.NgramLookup([], lookup_lib.chain_size(self.tree))
+            forced.chain = np.zeros((forced.size,), np.int32)
+            state, _ = self.cycle(params, draft, state, s, c, Output(2 * self.tree.width, frozenset()), forced)
         jax.block_until_ready(state)
 
 
@@ -248,7 +282,7 @@ def generate(
     draft: Draft,
     prompt_ids: list[int],
     max_new_tokens: int,
-    tree: TreeConfig = TreeConfig(),
+    tree: TreeConfig = DEFAULT_TREE,
     sampling_cfg: SamplingConfig = SamplingConfig(),
     eos_ids: tuple[int, ...] = (),
     on_token: Callable[[int], None] | None = None,
@@ -279,9 +313,11 @@ def generate(
     state, first, prefill_bytes, prefill_times = prog.prefill(params, draft, state, prompt_ids, s, c)
     t1 = time.perf_counter()
     out.emit([first])
+    lookup = lookup_lib.NgramLookup([*prompt_ids, first], lookup_lib.chain_size(tree)) if tree.lookup else None
+    counts = LookupCounts()
     hist = [0] * tree.width
     while not out.done:
-        state, n = prog.cycle(params, draft, state, s, c, out)
+        state, n = prog.cycle(params, draft, state, s, c, out, lookup, counts)
         hist[n - 1] += 1
     t2 = time.perf_counter()
     info = DraftInfo(draft.cfg.num_layers, draft.cfg.fusion, int(draft.shared.head.shape[0]), draft.source,
@@ -290,4 +326,5 @@ def generate(
         mode="dovetail", prompt_tokens=len(prompt_ids), new_tokens=len(out.tokens), stop_reason=out.stop,
         compile_s=compile_s, prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=len(out.tokens) - 1,
         cache_slots=sizes.cache_slots, prompt_bucket=sizes.prompt_bucket, acceptance=Acceptance(tuple(hist)),
-        dovetail=DovetailStats(tree, info, c.transfers(prefill_bytes), c.phase_times(), prefill_times))
+        dovetail=DovetailStats(tree, info, c.transfers(prefill_bytes), c.phase_times(), prefill_times,
+                               counts.cycles, counts.tokens))
