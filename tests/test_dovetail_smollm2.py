@@ -19,7 +19,7 @@ import pytest
 
 from dovetail_jax import api, devices
 from dovetail_jax.bench.divergence import first_divergence
-from dovetail_jax.config import DraftConfig, TreeConfig
+from dovetail_jax.config import DEFAULT_TREE, DraftConfig, TreeConfig
 from dovetail_jax.model import draft as draft_lib
 from dovetail_jax.model.draft import Draft
 
@@ -47,7 +47,7 @@ PROMPTS = [
 ]
 NEW_TOKENS = 128
 TREES = {"chain": TreeConfig(1, 4, 5), "small": TreeConfig(3, 3, 8), "server": TreeConfig(10, 7, 16),
-         "laptop": TreeConfig(10, 4, 7)}
+         "laptop": TreeConfig(10, 4, 7), "default": DEFAULT_TREE}  # the default: 4/3/6 and a prompt-lookup chain
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_agreeing_draft_is_lossless_subset(target, reference, drafts):
     assert min(taus) > 2.0
 
 
-@pytest.mark.parametrize("tree", ["server", "laptop"])
+@pytest.mark.parametrize("tree", ["server", "laptop", "default"])
 def test_shipped_draft_is_lossless_and_trained_subset(target, reference, drafts, tree):
     taus = check(target, reference, drafts["shipped"], TREES[tree], SUBSET)
     assert sum(taus) / len(taus) > 2.0, taus  # an untrained draft gives ~1.0
