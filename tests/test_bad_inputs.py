@@ -76,6 +76,8 @@ CASES: list[tuple[list[str], str]] = [
     (TRAIN + ["--out", "{tmp}/draft", "--steps", "3", "--lr", "1e-2"], "--force"),
     (TRAIN + ["--out", "{tmp}/results.json", "--force"], "not a folder"),
     (TRAIN + ["--new-vocab"], "--init"),  # a new vocabulary only makes sense for a warm start
+    (TRAIN + ["--self-prompts", "100", "--stage", "train"], "--self-prompts"),  # it grows data: not a train flag
+    (TRAIN + ["--self-prompts", "-5"], "--self-prompts"),
     *[(TRAIN + ["--feature-layers", v], "--feature-layers") for v in ("3", "2,2", "-1,3", "a,b", "")],
     # generate / bench: seeds JAX cannot take, non-finite temperatures
     (["generate", "--prompt", "hi", "--seed", str(2**63)], "--seed"),

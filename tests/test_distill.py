@@ -230,6 +230,52 @@ def test_self_prompting_is_sampled_resumable_and_independent_of_the_batch(tiny, 
     assert all(json.loads(x)["text"] == _WordTok().decode(body) for x in c.read_text().splitlines())
 
 
+def test_self_prompts_grow_a_work_folders_prompt_list_after_what_it_has(tiny, tmp_path):
+    """`train-draft --self-prompts N`: the kept, new, decontaminated turns are appended in sample order; the list
+    before them, and every complete shard, stay; the partial last shard is remade; asking again is a no-op and a
+    larger N only appends."""
+    from dataclasses import asdict
+
+    from dovetail_jax.io.eval_prompts import evaluation_texts
+    from dovetail_jax.train import magpie as MP
+    from dovetail_jax.train import pipeline as PL
+    from dovetail_jax.train.sources import Mix
+
+    cfg, params = tiny
+    tgt = SimpleNamespace(cfg=cfg, params=params, sha256="a" * 64, eos_ids=(EOS,), tokenizer=_WordTok())
+    work = tmp_path / "work"
+    turns = work / "magpie.jsonl"
+    MP.generate_user_turns(tgt, 16, turns, batch_size=4, progress=False)  # the pipeline's settings
+    rows = [json.loads(x) for x in turns.read_text().splitlines()]
+    kept = list(dict.fromkeys(r["text"] for r in sorted(rows, key=lambda r: r["index"]) if r["keep"]))
+    assert len(kept) >= 3
+    # sample 16 (not yet drawn) is an MT-bench question the target "wrote": decontamination must drop it
+    leak = evaluation_texts()[-1]
+    with turns.open("a") as f:
+        f.write(json.dumps({**rows[0], "index": 16, "text": leak, "keep": True, "reason": ""}) + "\n")
+    base = [Prompt("code/x", f"prompt {i}") for i in range(F.SHARD_RECORDS + 2)] + [Prompt("chat", kept[0])]
+    (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"format": "dovetail-prompts/1", "mix": asdict(Mix())}, *map(asdict, base)]))
+    for k in (0, 1):  # shard 1 holds 3 of 128 prompts: partial
+        F.shard_dir(work / "features", k).mkdir(parents=True)
+    opts = PL.PipelineOptions(work=work, self_prompts=16, progress=False)
+    listed = PL._prompt_list(opts, print)
+    assert listed == base
+    grown = PL._grow_with_self_prompts(tgt, opts, listed, print)
+    assert grown[:len(base)] == base and [p.text for p in grown[len(base):]] == kept[1:]
+    assert {p.source for p in grown[len(base):]} == {"magpie"}
+    assert F.shard_dir(work / "features", 0).exists() and not F.shard_dir(work / "features", 1).exists()
+    assert PL._prompt_list(opts, print) == grown  # what the next sitting reads
+    before = (work / "prompts.jsonl").read_bytes()
+    assert PL._grow_with_self_prompts(tgt, opts, grown, print) == grown
+    assert (work / "prompts.jsonl").read_bytes() == before
+    more = PL._grow_with_self_prompts(tgt, PL.PipelineOptions(work=work, self_prompts=40, progress=False), grown,
+                                      print)
+    assert more[:len(grown)] == grown and leak not in [p.text for p in more]
+    assert len(more) > len(grown)  # samples 17..39 add turns
+    assert json.loads((work / "prompts.jsonl").read_text().splitlines()[0])["self_prompts"] == 40
+
+
 # --- vocabulary coverage (train/diagnostics.py) -----------------------------------------------------------------
 
 

@@ -57,6 +57,7 @@ class PipelineOptions:
     init: Path | None = None  # start from this draft checkpoint's weights and vocabulary (a warm start)
     new_vocab: bool = False  # with `init`: choose the reduced vocabulary again from this data (its size: dcfg's)
     stop_at: int | None = None  # end this sitting at this step with a checkpoint
+    self_prompts: int = 0  # grow the prompt list by the target's own user turns from this many samples (Magpie)
     progress: bool = True  # progress bars and lines on stderr
 
 
@@ -115,7 +116,7 @@ def _prompt_list(opts: PipelineOptions, say: Callable[[str], None]) -> list[Any]
     head = {"format": "dovetail-prompts/1", "mix": dataclasses.asdict(opts.mix)}
     if path.exists():
         lines = path.read_text(encoding="utf-8").splitlines()
-        if not lines or json.loads(lines[0]) != head:
+        if not lines or {k: json.loads(lines[0]).get(k) for k in head} != head:  # other keys: growth records
             got = json.loads(lines[0]).get("mix") if lines else None
             raise ConfigError(f"{path} holds the prompts of sources {got}, not {head['mix']}; use the same "
                               "--sources or another --work folder")
@@ -123,11 +124,49 @@ def _prompt_list(opts: PipelineOptions, say: Callable[[str], None]) -> list[Any]
     say("building the training prompt list (a pass over installed packages' sources, ~1-2 min; once per work "
         "folder)")
     prompts = training_prompts_mix(opts.mix)
+    _write_prompt_list(path, head, prompts)
+    return prompts
+
+
+def _write_prompt_list(path: Path, head: dict[str, Any], prompts: list[Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in [head, *map(dataclasses.asdict, prompts)]),
                    encoding="utf-8")
-    tmp.replace(path)
-    return prompts
+    tmp.replace(path)  # atomic: a crash leaves the old list or the new one
+
+
+def _grow_with_self_prompts(target: Any, opts: PipelineOptions, prompts: list[Any],
+                            say: Callable[[str], None]) -> list[Any]:
+    """Grow the work folder's prompt list by the user turns the target writes itself (Magpie, `train/magpie.py`)
+    from `opts.self_prompts` samples, appended after the prompts it has so their answers and shards stay valid.
+
+    The samples go to `<work>/magpie.jsonl` (resumes); kept turns not already in the list and clean of the
+    evaluation sets are appended in sample order, and the list's head records how many samples it has taken.
+    A partial last shard is remade (its slice of the list grows): its conversations come back the same."""
+    from dovetail_jax.train import features as F
+    from dovetail_jax.train import magpie
+    from dovetail_jax.train.sources import new_prompts, read_magpie
+
+    path = opts.work / "prompts.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    head = json.loads(lines[0])
+    taken = int(head.get("self_prompts", 0))
+    if opts.self_prompts <= taken:
+        say(f"the prompt list already holds the self-prompted turns of {taken} samples (asked {opts.self_prompts})")
+        return prompts
+    turns = opts.work / "magpie.jsonl"
+    say(f"self-prompting: the target writes {opts.self_prompts} user turns -> {turns} (resumes)")
+    magpie.generate_user_turns(target, opts.self_prompts, turns, progress=opts.progress)
+    fresh = new_prompts(prompts, read_magpie(turns, below=opts.self_prompts))
+    per = F.SHARD_RECORDS
+    partial = F.shard_dir(opts.work / "features", len(prompts) // per)
+    if fresh and len(prompts) % per and partial.exists():
+        say(f"remaking the last shard ({len(prompts) % per} of {per} prompts) with the first new ones")
+        shutil.rmtree(partial)
+    grown = prompts + fresh
+    _write_prompt_list(path, {**head, "self_prompts": opts.self_prompts}, grown)
+    say(f"prompt list: {len(prompts)} + {len(fresh)} self-prompted = {len(grown)}")
+    return grown
 
 
 def _data(target: Any, opts: PipelineOptions, say: Callable[[str], None], summary: dict[str, Any],
@@ -140,7 +179,10 @@ def _data(target: Any, opts: PipelineOptions, say: Callable[[str], None], summar
 
     answers = opts.work / "answers.jsonl"
     if opts.stages in ("all", "data"):
-        prompts = _prompt_list(opts, say)[:opts.num_prompts]
+        prompts = _prompt_list(opts, say)
+        if opts.self_prompts:
+            prompts = _grow_with_self_prompts(target, opts, prompts, say)
+        prompts = prompts[:opts.num_prompts]
         summary["prompts"] = mix_record(opts.mix, prompts)
         say(f"distillation: {len(prompts)} training prompts {summary['prompts']['counts']} -> {opts.work}")
         summary["distill"] = distill(target, prompts, opts.work, max_new_tokens=opts.max_new_tokens,

@@ -271,8 +271,9 @@ def _package_code_prompts(packages: tuple[str, ...]) -> tuple[Prompt, ...]:  # a
 # --- self-prompting -----------------------------------------------------------------------------------------
 
 
-def read_magpie(path: Path) -> list[Prompt]:
-    """The user turns in a `magpie.generate_user_turns` file, in index order (source "magpie")."""
+def read_magpie(path: Path, below: int | None = None) -> list[Prompt]:
+    """The kept user turns in a `magpie.generate_user_turns` file (those of samples `< below` if given), in
+    index order and without duplicates (source "magpie")."""
     if not path.exists():
         raise ConfigError(f"{path}: no self-prompting file; generate it with train.magpie.generate_user_turns")
     recs = []
@@ -284,6 +285,8 @@ def read_magpie(path: Path) -> list[Prompt]:
     seen: set[str] = set()
     out = []
     for r in sorted(recs, key=lambda r: r["index"]):
+        if below is not None and r["index"] >= below:
+            continue
         key = _norm(r["text"])
         if r.get("keep") and key not in seen:
             seen.add(key)
@@ -382,6 +385,21 @@ def training_prompts_mix(mix: Mix = Mix(), seed: int = 0, magpie_path: Path | No
     clean = decontaminate(unique, evaluation_texts())
     random.Random(seed).shuffle(clean)
     return clean
+
+
+def new_prompts(existing: Sequence[Prompt], candidates: Sequence[Prompt]) -> list[Prompt]:
+    """The `candidates`, in order, that a prompt list `existing` can grow by: not already in it (nor earlier
+    among the candidates) and decontaminated against HumanEval and MT-bench like the rest of the mix."""
+    from dovetail_jax.io.eval_prompts import evaluation_texts
+
+    seen = {_norm(p.text) for p in existing}
+    fresh = []
+    for p in candidates:
+        key = _norm(p.text)
+        if key not in seen:
+            seen.add(key)
+            fresh.append(p)
+    return decontaminate(fresh, evaluation_texts())
 
 
 def mix_record(mix: Mix, prompts: Sequence[Prompt]) -> dict[str, Any]:
