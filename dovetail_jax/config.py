@@ -126,6 +126,11 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def filtered(self) -> bool:
+        """Top-k or top-p in play: only then does sampling need a sort of the vocabulary (a static path)."""
+        return self.top_k > 0 or self.top_p < 1.0
+
 
 # Public configs of well-known models (shapes only), used by the simulator and for documentation.
 SMOLLM2_135M = ModelConfig(

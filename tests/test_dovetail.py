@@ -186,6 +186,23 @@ def test_sampling_matches_target_distribution(small_vocab, s):
     assert chi2_pvalue(counts, probs, 1500) > ALPHA
 
 
+@pytest.mark.parametrize("s", [SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_k=4, top_p=0.9)],
+                         ids=["t1-unfiltered", "t0.7-k4-p0.9"])
+def test_target_only_sampling_matches_target_distribution(small_vocab, s):
+    """The baseline samples the same distribution, on its static path without a vocabulary sort (no top-k/top-p)
+    as with one: speedups under sampling are over an honest target-only."""
+    cfg, params = small_vocab
+    prompt = [1, 4, 2, 0, 3]
+    assert s.filtered == (s.top_k > 0)
+    probs = exact_joint(cfg, params, prompt, s)
+    counts: dict[tuple[int, ...], int] = {}
+    for seed in range(1500):
+        out, _ = target_only.generate(params, cfg, prompt, N_FIRST,
+                                      SamplingConfig(s.temperature, s.top_p, s.top_k, seed=seed), ignore_eos=True)
+        counts[tuple(out)] = counts.get(tuple(out), 0) + 1
+    assert chi2_pvalue(counts, probs, 1500) > ALPHA
+
+
 def test_injected_verifier_bug_is_caught(small_vocab, monkeypatch):
     """The same test with the rejected token left in the residual (no zeroing) must fail."""
     cfg, params = small_vocab

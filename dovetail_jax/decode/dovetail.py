@@ -300,7 +300,7 @@ def generate(
     check_draft(cfg, draft, tree)
     _note_shared_device(placement)
     sizes = plan_dovetail(cfg, tree, len(prompt_ids), max_new_tokens)
-    filtered = sampling_cfg.top_k > 0 or sampling_cfg.top_p < 1.0
+    filtered = sampling_cfg.filtered
     s = programs.scalars(sampling_cfg, placement.target)
     prog, compile_s = programs.warmed(
         DovetailCycle(cfg, draft.cfg, tree, sizes, sampling_cfg.greedy, filtered, placement),

@@ -41,21 +41,21 @@ class DecodeState:
 
 
 def _prefill(params: TargetParams, cache: KVCache, tokens: jax.Array, n_real: jax.Array, key: jax.Array,
-             s: Scalars, *, cfg: ModelConfig, greedy: bool):
+             s: Scalars, *, cfg: ModelConfig, greedy: bool, filtered: bool):
     # tokens [1, P] right-padded; the causal mask keeps pads from touching real tokens
     p = tokens.shape[1]
     positions = (cache.length + jnp.arange(p, dtype=jnp.int32))[None, :]
     logits, _, update = forward(params, cfg, tokens, positions, causal_mask(p), cache, "last", n_real - 1,
                                 empty_cache=True)  # generation always starts from a fresh cache
-    tok, key = programs.pick(logits, key, s, greedy, filtered=True)
+    tok, key = programs.pick(logits, key, s, greedy, filtered)
     return tok, update, key
 
 
 def _decode_step(params: TargetParams, cache: KVCache, tok: jax.Array, key: jax.Array, s: Scalars, *,
-                 cfg: ModelConfig, greedy: bool):
+                 cfg: ModelConfig, greedy: bool, filtered: bool):
     positions = jnp.reshape(cache.length, (1, 1))
     logits, _, update = forward(params, cfg, tok[:, None], positions, jnp.ones((1, 1), bool), cache, "last", 0)
-    tok, key = programs.pick(logits, key, s, greedy, filtered=True)
+    tok, key = programs.pick(logits, key, s, greedy, filtered)
     return tok, update, key
 
 
@@ -67,14 +67,15 @@ class TargetOnly:
     sizes: Sizes
     greedy: bool
     placement: Placement
+    filtered: bool = True  # top-k / top-p in play (sampling only): without them no sort of the vocabulary
 
     @functools.cached_property
     def prefill_step(self) -> Callable:
-        return jax.jit(functools.partial(_prefill, cfg=self.cfg, greedy=self.greedy))
+        return jax.jit(functools.partial(_prefill, cfg=self.cfg, greedy=self.greedy, filtered=self.filtered))
 
     @functools.cached_property
     def decode_step(self) -> Callable:
-        return jax.jit(functools.partial(_decode_step, cfg=self.cfg, greedy=self.greedy))
+        return jax.jit(functools.partial(_decode_step, cfg=self.cfg, greedy=self.greedy, filtered=self.filtered))
 
     @functools.cached_property
     def append(self) -> Callable:
@@ -131,7 +132,8 @@ def generate(
     """
     placement = placement or Placement.of(params)
     sizes = plan_sizes(cfg, len(prompt_ids), max_new_tokens)
-    prog, compile_s = programs.warmed(TargetOnly(cfg, sizes, sampling_cfg.greedy, placement),
+    prog, compile_s = programs.warmed(TargetOnly(cfg, sizes, sampling_cfg.greedy, placement,
+                                                         sampling_cfg.filtered),
                                       programs.signature(params), lambda p: p.warm_up(params))
     s = programs.scalars(sampling_cfg, placement.target)
     key = programs.seed_key(sampling_cfg.seed, placement.target)
