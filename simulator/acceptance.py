@@ -32,12 +32,15 @@ class Outcomes:
 
     p_a[j] = P(a = j). Sampling classes (cls_*) refine it for the pipelined schedule: class c has probability
     cls_p[c], accepts cls_a[c] tokens and is covered by the speculative tree of rank cls_rank[c] (-1: by none).
+    With prompt lookup (`tree.lookup` = L), `chain_p` is the share of cycles whose verification carries the
+    chain (T + L tokens instead of T) and `p_a` runs up to max_accepted + L.
     """
 
     p_a: np.ndarray
     cls_p: np.ndarray
     cls_a: np.ndarray
     cls_rank: np.ndarray
+    chain_p: float = 0.0
 
     @property
     def tau(self) -> float:
@@ -65,7 +68,7 @@ class Outcomes:
         return self.cls_a[cls], self.cls_rank[cls]
 
 
-def _build_outcomes(p_a: np.ndarray, guesses: list[tuple[float, int]]) -> Outcomes:
+def _build_outcomes(p_a: np.ndarray, guesses: list[tuple[float, int]], chain_p: float = 0.0) -> Outcomes:
     p_a = np.clip(np.asarray(p_a, dtype=float), 0.0, None)
     p_a = p_a / p_a.sum()
     guesses = sorted((g for g in guesses if g[0] > 0), key=lambda g: -g[0])[:MAX_GUESSES]
@@ -77,7 +80,8 @@ def _build_outcomes(p_a: np.ndarray, guesses: list[tuple[float, int]]) -> Outcom
         cls_p.append(p), cls_a.append(a), cls_rank.append(r)
     for a, p in enumerate(rest):
         cls_p.append(max(p, 0.0)), cls_a.append(a), cls_rank.append(-1)
-    return Outcomes(p_a, np.array(cls_p), np.array(cls_a, dtype=np.int64), np.array(cls_rank, dtype=np.int64))
+    return Outcomes(p_a, np.array(cls_p), np.array(cls_a, dtype=np.int64), np.array(cls_rank, dtype=np.int64),
+                    chain_p)
 
 
 def _check_rates(name: str, rates: Sequence[float]) -> list[float]:
@@ -95,7 +99,13 @@ class AcceptanceModel(ABC):
     """Maps a tree shape to the distribution of its verification outcome (cached per tree)."""
 
     def outcomes(self, tree: TreeConfig) -> Outcomes:
+        if tree.lookup and not self.prices_lookup:
+            raise ConfigError(f"{self.describe()}: prompt lookup (a chain of {tree.lookup}) is priced only from "
+                              "measured runs of the same tree and chain length (--runs); the fitted models know "
+                              "the drafted tree alone")
         return self._cached(tree)
+
+    prices_lookup = False  # whether it knows how often a lookup chain is verified and what it adds
 
     @lru_cache(maxsize=512)  # noqa: B019 - models are few and long-lived
     def _cached(self, tree: TreeConfig) -> Outcomes:
@@ -246,27 +256,36 @@ class PositionalAcceptance(AcceptanceModel):
 class HistogramAcceptance(AcceptanceModel):
     """A measured distribution of a for one tree shape; other trees are refused (use a fitted model there)."""
 
-    def __init__(self, tree: TreeConfig, counts: Sequence[float]) -> None:
+    prices_lookup = True
+
+    def __init__(self, tree: TreeConfig, counts: Sequence[float], chain_share: float | None = None) -> None:
         c = np.asarray(counts, dtype=float)
         if c.ndim != 1 or len(c) == 0 or (c < 0).any() or c.sum() <= 0 or not np.isfinite(c).all():
             raise ConfigError("accept histogram must be a non-empty list of counts >= 0 with a positive sum")
-        self.tree, self.counts = tree, c
+        if tree.lookup and chain_share is None:
+            raise ConfigError(f"a histogram measured with prompt lookup ({tree.lookup}) needs its share of cycles "
+                              "that verified a chain")
+        q = float(chain_share or 0.0)
+        if not 0.0 <= q <= 1.0 or (q > 0 and not tree.lookup):
+            raise ConfigError(f"chain share must be in [0, 1] and needs a tree with lookup, got {q} for {tree}")
+        self.tree, self.counts, self.chain_share = tree, c, q
 
     def _outcomes(self, tree: TreeConfig) -> Outcomes:
         if tree != self.tree:
             raise ConfigError(f"the measured accept histogram is for {self.tree}, not {tree}")
-        p = np.zeros(tree.max_accepted + 1)
+        p = np.zeros(tree.max_accepted + tree.lookup + 1)
         n = min(len(self.counts), len(p))
         p[:n] = self.counts[:n]
         p[-1] += self.counts[n:].sum()
         # guess: the full-path outcome with the next-depth rate measured at the last depth
         ge = np.cumsum(p[::-1])[::-1]
         last_rate = ge[-1] / ge[-2] if len(ge) > 1 and ge[-2] > 0 else 0.0
-        return _build_outcomes(p, [(p[-1] / p.sum() * last_rate, len(p) - 1)])
+        return _build_outcomes(p, [(p[-1] / p.sum() * last_rate, len(p) - 1)], self.chain_share)
 
     def describe(self) -> str:
+        chain = f" lookup={self.tree.lookup} (chain in {self.chain_share:.0%} of cycles)" if self.tree.lookup else ""
         return f"measured histogram for top_k={self.tree.top_k} depth={self.tree.depth} " \
-               f"total_tokens={self.tree.total_tokens}"
+               f"total_tokens={self.tree.total_tokens}{chain}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,12 +296,13 @@ class HistogramAcceptance(AcceptanceModel):
 class RunStats:
     """What the simulator needs from one measured run."""
 
-    tree: TreeConfig | None
+    tree: TreeConfig | None  # with `lookup` when the run grafted prompt-lookup chains
     draft_layers: int | None
     hist: np.ndarray | None  # counts of a = 0, 1, ...
     depth_rates: list[float] | None
     tau: float | None
     raw: dict[str, Any]
+    chain_share: float | None = None  # with lookup: share of cycles that verified a chain
 
 
 def _get(d: dict[str, Any], *names: str) -> Any:
@@ -300,7 +320,14 @@ def parse_run(d: dict[str, Any], where: str = "run") -> RunStats:
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: a run must be a JSON object")
     k, depth, total = (_get(d, f"tree.{x}", x) for x in ("top_k", "depth", "total_tokens"))
-    tree = TreeConfig(int(k), int(depth), int(total)) if None not in (k, depth, total) else None
+    lookup = int(_get(d, "tree.lookup") or 0)
+    tree = TreeConfig(int(k), int(depth), int(total), lookup=lookup) if None not in (k, depth, total) else None
+    chain_share = None
+    if lookup:
+        chained, cycles = _get(d, "lookup.cycles"), _get(d, "cycles")
+        if chained is None or not cycles:
+            raise ConfigError(f"{where}: a run with prompt lookup needs its cycles and lookup.cycles")
+        chain_share = float(chained) / float(cycles)
     layers = _get(d, "draft.n_layers", "draft_layers", "draft.layers")
     tau = _get(d, "tau")
     hist = _get(d, "accept_hist")
@@ -322,7 +349,7 @@ def parse_run(d: dict[str, Any], where: str = "run") -> RunStats:
     if h is None and rates is None and tau is None:
         raise ConfigError(f"{where}: no accept_hist, per-depth acceptance rates or tau in this run")
     return RunStats(tree, int(layers) if layers is not None else None, h, rates,
-                    float(tau) if tau is not None else None, d)
+                    float(tau) if tau is not None else None, d, chain_share)
 
 
 def load_runs(path: str | Path) -> list[RunStats]:
@@ -344,6 +371,12 @@ def load_runs(path: str | Path) -> list[RunStats]:
     return [parse_run(r, f"{path}[{i}]") for i, r in enumerate(runs)]
 
 
+def _fittable(runs: Sequence[RunStats]) -> list[RunStats]:
+    """Runs a tree-shape model can be fitted to: histogram and tree known, and no lookup chain (its tokens are
+    not the drafted tree's)."""
+    return [r for r in runs if r.tree is not None and r.hist is not None and not r.tree.lookup]
+
+
 def _loglik(model: AcceptanceModel, runs: Sequence[RunStats]) -> float:
     ll = 0.0
     for r in runs:
@@ -362,10 +395,10 @@ def fit_positional(runs: Sequence[RunStats], k_max: int = 10) -> PositionalAccep
 
     Three parameters transfer measured acceptance to tree shapes that were not run (the tuner's question).
     """
-    usable = [r for r in runs if r.tree is not None and r.hist is not None]
+    usable = _fittable(runs)
     if not usable:
         raise ConfigError("fitting acceptance needs runs with accept_hist and their tree (top_k, depth, "
-                          "total_tokens)")
+                          "total_tokens), without prompt lookup")
     k_max = max([k_max] + [r.tree.top_k for r in usable if r.tree is not None])
 
     def model(p1: float, rho: float, dec: float) -> PositionalAcceptance:
@@ -444,9 +477,9 @@ def mixture_from(w: float, p_hi: float, p_lo: float, rho: float, decay: float, k
 
 def fit_mixture(runs: Sequence[RunStats], k_max: int = 10) -> MixtureAcceptance:
     """Maximum-likelihood fit of `mixture_from`'s five numbers to measured histograms (coordinate search)."""
-    usable = [r for r in runs if r.tree is not None and r.hist is not None]
+    usable = _fittable(runs)
     if not usable:
-        raise ConfigError("fitting acceptance needs runs with accept_hist and their tree")
+        raise ConfigError("fitting acceptance needs runs with accept_hist and their tree, without prompt lookup")
     k_max = max([k_max] + [r.tree.top_k for r in usable if r.tree is not None])
     lo_b, hi_b = [0.01, 0.2, 0.0, 0.01, 0.3], [0.99, 0.999, 0.6, 0.9, 1.0]
 
@@ -486,16 +519,24 @@ class RunsAcceptance(AcceptanceModel):
         self.runs = sel or list(runs)
         self._fit: AcceptanceModel | None = None
 
+    prices_lookup = True  # for the trees (and chain lengths) it measured
+
     def _fallback(self) -> AcceptanceModel:
+        """The model for trees that were not measured, from the runs without prompt lookup (a chain's tokens
+        say nothing about another drafted tree)."""
         if self._fit is None:
-            if any(r.hist is not None and r.tree is not None for r in self.runs):
-                self._fit = fit_positional(self.runs)
+            plain = [r for r in self.runs if r.tree is None or not r.tree.lookup]
+            if not plain:
+                raise ConfigError("every measured run used prompt lookup: only their own tree and chain length "
+                                  f"can be priced ({sorted({str(r.tree) for r in self.runs})})")
+            if _fittable(plain):
+                self._fit = fit_positional(plain)
             else:
-                rates = next((r.depth_rates for r in self.runs if r.depth_rates), None)
+                rates = next((r.depth_rates for r in plain if r.depth_rates), None)
                 if rates:
                     self._fit = ChainAcceptance(rates)
                 else:
-                    taus = [r.tau for r in self.runs if r.tau is not None]
+                    taus = [r.tau for r in plain if r.tau is not None]
                     self._fit = TauAcceptance(float(np.mean(taus)))
         return self._fit
 
@@ -507,15 +548,29 @@ class RunsAcceptance(AcceptanceModel):
             for r in same:
                 assert r.hist is not None
                 c[: len(r.hist)] += r.hist
-            return HistogramAcceptance(tree, c)._outcomes(tree)
+            shares = [r.chain_share or 0.0 for r in same]
+            weights = [float(r.hist.sum()) for r in same if r.hist is not None]
+            share = float(np.average(shares, weights=weights)) if tree.lookup else None
+            return HistogramAcceptance(tree, c, share)._outcomes(tree)
+        if tree.lookup:
+            measured = sorted({str(r.tree) for r in self.runs if r.tree is not None and r.tree.lookup})
+            raise ConfigError(f"prompt lookup ({tree}) is priced only from measured runs of the same tree and chain "
+                              f"length; these runs have {measured or 'no lookup'}")
         return self._fallback().outcomes(tree)
 
     def describe(self) -> str:
-        return f"{len(self.runs)} measured run(s); other trees: {self._fallback().describe()}"
+        try:
+            other = self._fallback().describe()
+        except ConfigError:
+            other = "none (every run used prompt lookup)"
+        return f"{len(self.runs)} measured run(s); other trees: {other}"
 
     @property
     def tree_aware(self) -> bool:
-        return self._fallback().tree_aware
+        try:
+            return self._fallback().tree_aware
+        except ConfigError:
+            return False
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from dovetail_jax.argtypes import (
     input_file,
     input_path,
     int_range,
+    nonneg_int,
     output_dir,
     output_file,
     positive_float,
@@ -133,7 +134,11 @@ def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
     if args.draft_dtype is None:  # a calibration's runs drafted in f32: its factors are relative to that cost
         args.draft_dtype = "f32" if getattr(args, "calibrated_by", None) else "f16"
     engine = default_engine(hw) if args.cpu_engine == "auto" else args.cpu_engine
-    wl = Workload(model, draft, TreeConfig(args.top_k, args.depth, args.total_tokens),
+    lookup = getattr(args, "lookup", 0)
+    if lookup and not getattr(args, "runs", None):
+        raise ConfigError("--lookup prices prompt-lookup chains from measured runs of that tree and chain length: "
+                          "pass --runs (e.g. `dovetail generate --mode dovetail --json` runs)")
+    wl = Workload(model, draft, TreeConfig(args.top_k, args.depth, args.total_tokens, lookup=lookup),
                   args.target_dtype, args.draft_dtype, args.prompt_len, args.new_tokens,
                   cpu_engine=None if engine == PROFILE_ENGINE else engine,
                   gpu_framework=None if args.gpu_framework == "profile" else args.gpu_framework)
@@ -256,7 +261,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"{hw.name}: {wl.model.name} ({wl.target_dtype}, engine {wl.cpu_engine or 'profile'}) on the CPU; "
               f"draft {wl.draft.fusion} "
               f"{wl.draft_layers} layer(s) ({wl.draft_dtype}); tree top_k={wl.tree.top_k} depth={wl.tree.depth} "
-              f"total_tokens={wl.tree.total_tokens}; prompt {wl.prompt_len}, {wl.new_tokens} new tokens")
+              f"total_tokens={wl.tree.total_tokens}"
+              + (f" + lookup {wl.tree.lookup}" if wl.tree.lookup else "")
+              + f"; prompt {wl.prompt_len}, {wl.new_tokens} new tokens")
         if acc is not None:
             print(f"acceptance: {acc.describe()}")
         for r in results:
@@ -340,6 +347,10 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=positive_int, default=PAPER_TREE.top_k)
     g.add_argument("--depth", type=positive_int, default=PAPER_TREE.depth)
     g.add_argument("--total-tokens", type=positive_int, default=PAPER_TREE.total_tokens)
+    g.add_argument("--lookup", type=nonneg_int, default=0, metavar="L",
+                   help="prompt-lookup chain of L tokens (the library's default tree has 6): priced only from "
+                        "--runs measured with that tree and chain (their share of cycles with a chain; a chain "
+                        "cycle verifies total_tokens + L)")
     g.add_argument("--prompt-len", type=positive_int, default=128)
     g.add_argument("--new-tokens", type=positive_int, default=256)
     g = p.add_argument_group("acceptance (one of)")

@@ -12,6 +12,7 @@ so draft work adds to verification time exactly as measured there.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -309,11 +310,12 @@ def partial(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel | None, cost
 
 @dataclass
 class CycleCosts:
-    """Durations of one Dovetail cycle, per context bin b and accepted length a."""
+    """Durations of one Dovetail cycle, per context bin b and accepted length a. The verification's are indexed
+    [chain][b] too: chain 1 is a cycle whose tree carries a prompt-lookup chain (T + L tokens, `tree.lookup`)."""
 
-    verify_gpu: list[float]  # [b]  target layers on the GPU (ngl > 0)
-    verify_link: float  # hidden states GPU -> CPU at layer ngl
-    verify_cpu: list[float]  # [b]
+    verify_gpu: list[list[float]]  # [chain][b]  target layers on the GPU (ngl > 0)
+    verify_link: list[float]  # [chain]  hidden states GPU -> CPU at layer ngl
+    verify_cpu: list[list[float]]  # [chain][b]
     accept: list[float]  # [a]
     h2d: list[float]  # [a]
     draft: list[list[float]]  # [b][a]  stable pass + D expansions + heads
@@ -326,12 +328,13 @@ class CycleCosts:
 def cycle_costs(wl: Workload, costs: CostModel, ctxs: list[int], cap: int, ngl: int) -> CycleCosts:
     tr, m = wl.tree, wl.model
     t, k, d = tr.total_tokens, tr.top_k, tr.depth
+    widths = (t, t + tr.lookup)  # the verified tokens without and with a lookup chain
     heads = costs.draft_head(1) + d * costs.draft_head(k)
     expand = [d * costs.draft_pass(k, c) + heads for c in ctxs]
     return CycleCosts(
-        verify_gpu=[costs.target_gpu(t, c, ngl) if ngl else 0.0 for c in ctxs],
-        verify_link=costs.d2h(t * m.hidden_size * 4) if ngl else 0.0,
-        verify_cpu=[costs.target_cpu(t, c, m.num_layers - ngl, head=True) for c in ctxs],
+        verify_gpu=[[costs.target_gpu(w, c, ngl) if ngl else 0.0 for c in ctxs] for w in widths],
+        verify_link=[costs.d2h(w * m.hidden_size * 4) if ngl else 0.0 for w in widths],
+        verify_cpu=[[costs.target_cpu(w, c, m.num_layers - ngl, head=True) for c in ctxs] for w in widths],
         accept=[costs.accept(t, a) for a in range(cap + 1)],
         h2d=[costs.h2d(feature_bytes(wl, a + 1)) for a in range(cap + 1)],
         draft=[[costs.draft_pass(a + 1, c) + e for a in range(cap + 1)] for c, e in zip(ctxs, expand, strict=True)],
@@ -372,11 +375,15 @@ def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
     n = opts.cycles
     a_arr, rank_arr = out.sample(n, opts.seed)
     a_list, rank_list = a_arr.tolist(), rank_arr.tolist()
+    # which cycles verify a lookup chain: drawn apart from a (the serial schedule's time is a sum, so its mean is
+    # exact for the measured share and histogram; a correlation between a chain and a long accept is ignored)
+    rng = random.Random(opts.seed * 7919 + 1)
+    ch_list = [int(rng.random() < out.chain_p) for _ in range(n)]
     b_list = _cycle_bins(a_list, wl.new_tokens, 1.0 / ctx.step, ctx.nb - 1)
     notes: list[str] = []
     if pipelined:
         mid = ctx.nb // 2
-        verify_mid = cc.verify_gpu[mid] + cc.verify_link + cc.verify_cpu[mid]
+        verify_mid = cc.verify_gpu[0][mid] + cc.verify_link[0] + cc.verify_cpu[0][mid]
         m_spec = opts.spec_trees or max(1, min(MAX_GUESSES, int(verify_mid / cc.spec_tree[mid])))
         if hw.gpu.shares_cpu:
             notes.append("shared cores: no speculative drafting can overlap verification (= serial)")
@@ -387,11 +394,11 @@ def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
         m_spec = 0
 
     def serial() -> Process:
-        for a, b in zip(a_list, b_list, strict=True):
+        for a, b, ch in zip(a_list, b_list, ch_list, strict=True):
             if ngl:
-                yield eng.use(gpu, cc.verify_gpu[b], "verify_gpu")
-                yield eng.use(link, cc.verify_link, "transfer")
-            yield eng.use(cpu, cc.verify_cpu[b], "verify")
+                yield eng.use(gpu, cc.verify_gpu[ch][b], "verify_gpu")
+                yield eng.use(link, cc.verify_link[ch], "transfer")
+            yield eng.use(cpu, cc.verify_cpu[ch][b], "verify")
             yield eng.use(cpu, cc.accept[a], "accept")
             yield eng.use(link, cc.h2d[a], "transfer")
             yield eng.use(gpu, cc.draft[b][a], "draft")
@@ -400,11 +407,11 @@ def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
 
     def pipe() -> Process:
         fix_a = -1  # accepted length whose true features still have to be folded into the draft KV
-        for a, rank, b in zip(a_list, rank_list, b_list, strict=True):
+        for a, rank, b, ch in zip(a_list, rank_list, b_list, ch_list, strict=True):
             if ngl:
-                yield eng.use(gpu, cc.verify_gpu[b], "verify_gpu")
-                yield eng.use(link, cc.verify_link, "transfer")
-            v = eng.use(cpu, cc.verify_cpu[b], "verify")
+                yield eng.use(gpu, cc.verify_gpu[ch][b], "verify_gpu")
+                yield eng.use(link, cc.verify_link[ch], "transfer")
+            v = eng.use(cpu, cc.verify_cpu[ch][b], "verify")
             if fix_a >= 0:
                 eng.use(gpu, cc.fix[b][fix_a], "draft")
             # guesses drafted back to back while the CPU verifies; drafting stops when the outcome is known,
@@ -435,6 +442,7 @@ def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
     prefill = (costs.target_cpu(wl.prompt_len, 0, m.num_layers - ngl) + costs.h2d(feature_bytes(wl, wl.prompt_len))
                + costs.draft_pass(wl.prompt_len, 0) + cc.draft[ctx.nb // 2][0] - costs.draft_pass(1, mid))
     config = {"top_k": wl.tree.top_k, "depth": wl.tree.depth, "total_tokens": wl.tree.total_tokens,
+              **({"lookup": wl.tree.lookup, "chain_share": out.chain_p} if wl.tree.lookup else {}),
               "draft_layers": wl.draft_layers, "draft_kind": wl.draft.fusion, "draft_vocab": wl.draft_vocab,
               "ngl": ngl, "acceptance": acc.describe()}
     if pipelined:

@@ -8,7 +8,8 @@ measured accept histogram (the cost model alone is tested) and with the shipped 
 and dataset (what a user who runs `--tune` gets). Speedups are over the same profile's target-only decode, as the
 bench measures them (one run, round-robin). `--tune` over the measured trees with the profile must pick the
 bench's fastest configuration, or one measured within `TIE` of it (the bench's own noise between trees).
-Configurations with prompt lookup (`tree.lookup` > 0) are skipped: the simulator does not model its chains.
+Configurations with prompt lookup (`tree.lookup` > 0) are priced from their own histogram and share of cycles
+with a chain only: the acceptance profiles and `--tune` know the drafted tree alone.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _workload(model: ModelConfig, cfg: dict[str, Any], tree: TreeConfig | None, 
     vocab = cfg.get("draft_vocab")
     draft = DraftConfig(int(cfg.get("draft_layers") or 1), fusion=cfg.get("draft_fusion") or "dgf",
                         draft_vocab_size=int(vocab) if vocab and int(vocab) != model.vocab_size else None)
-    t = 0 if tree is None else tree.total_tokens
+    t = 0 if tree is None else tree.total_tokens + tree.lookup
     slots = cache_slots(prompt + new + t, model.max_position_embeddings)  # our loop attends over all its slots
     return Workload(model, draft, tree or TreeConfig(), "f32", _draft_dtype(cfg), prompt, new, kv_slots=slots,
                     cpu_engine="dovetail-jax")
@@ -99,66 +100,80 @@ def check_trees(hw: HardwareProfile, model_key: str, bench: Path, profile: str |
         ds_rows = []
         for cname, r in res["configs"].items():
             cfg = cfgs[cname]
-            if cfg["tree"].get("lookup"):  # prompt lookup is not modelled: its chains are not the draft's tree
-                continue
             tree = TreeConfig(**cfg["tree"])
             wl = _workload(model, cfg, tree, prompt, new)
             target = _tps(hw, _workload(model, cfg, None, prompt, new), None, opts)
-            own = _tps(hw, wl, HistogramAcceptance(tree, r["accept_hist"]), opts)
-            prof_tps = _tps(hw, wl, prof, opts)
+            share = (r.get("lookup") or {}).get("share_of_cycles", 0.0) if tree.lookup else None
+            own = _tps(hw, wl, HistogramAcceptance(tree, r["accept_hist"], share), opts)
+            prof_tps = _tps(hw, wl, prof, opts) if not tree.lookup else None
             row = {"dataset": ds, "config": cname, "tree": cfg["tree"], "draft_dtype": _draft_dtype(cfg),
                    "draft": cfg.get("draft_source") or cfg.get("draft"),
                    "prompt_tokens": prompt, "new_tokens": new, "measured_tau": r["tau"],
                    "measured_speedup": r["speedup"], "measured_tokens_per_s": r["decode_tok_s"],
                    "measured_target_tokens_per_s": measured_target, "predicted_target_tokens_per_s": target,
-                   "predicted_speedup_own_hist": own / target, "predicted_speedup_profile": prof_tps / target,
-                   "profile": prof.name}
+                   "predicted_speedup_own_hist": own / target,
+                   "predicted_speedup_profile": prof_tps / target if prof_tps is not None else None,
+                   "profile": prof.name if prof_tps is not None else None}
             row["predicted_tokens_per_s_own_hist"] = own
             row["error_tokens_per_s_own_hist"] = own / r["decode_tok_s"] - 1  # absolute: the hour's speed too
             row["error_own_hist"] = row["predicted_speedup_own_hist"] / r["speedup"] - 1
-            row["error_profile"] = row["predicted_speedup_profile"] / r["speedup"] - 1
+            if tree.lookup:
+                row["chain_share"] = share
+            row["error_profile"] = (row["predicted_speedup_profile"] / r["speedup"] - 1 if prof_tps is not None
+                                    else None)
             ds_rows.append(row)
-        if not ds_rows:  # only prompt-lookup configurations
-            continue
-        # --tune ranks the trees of one draft: a bench that compares drafts has no tree pick to check
-        one_draft = len({(x["draft"], x["draft_dtype"]) for x in ds_rows}) == 1
-        best = max(ds_rows, key=lambda x: x["measured_speedup"])
-        tied = [x["config"] for x in ds_rows if x["measured_speedup"] >= best["measured_speedup"] * (1 - TIE)]
-        pick = max(ds_rows, key=lambda x: x["predicted_speedup_profile"])
-        pick_own = max(ds_rows, key=lambda x: x["predicted_speedup_own_hist"])
-        summary[ds] = {
-            "configs": len(ds_rows), "profile": ds_rows[0]["profile"], "one_draft": one_draft,
-            "measured_best": best["config"], "measured_within_tie": tied,
-            "tune_pick_profile": pick["config"] if one_draft else None,
-            "tune_pick_own_hist": pick_own["config"] if one_draft else None,
-            "pick_agrees": pick["config"] in tied if one_draft else None,
-            "pick_own_hist_agrees": pick_own["config"] in tied if one_draft else None,
-            "median_abs_error_own_hist": float(np.median([abs(x["error_own_hist"]) for x in ds_rows])),
-            "max_abs_error_own_hist": float(max(abs(x["error_own_hist"]) for x in ds_rows)),
-            "median_abs_error_profile": float(np.median([abs(x["error_profile"]) for x in ds_rows])),
-            "max_abs_error_profile": float(max(abs(x["error_profile"]) for x in ds_rows)),
-            "target_error": ds_rows[0]["predicted_target_tokens_per_s"] / measured_target - 1,
-        }
+        summary[ds] = _summary(ds_rows, measured_target)
         rows += ds_rows
     return {"bench": str(bench), "profile": hw.name, "model": model.name, "tie": TIE, "cycles": cycles,
             "summary": summary, "rows": rows}
 
 
+def _summary(ds_rows: list[dict[str, Any]], measured_target: float) -> dict[str, Any]:
+    """One dataset's errors, and whether `--tune` (with the profile, or with the own histograms) picks the
+    measured best tree. Lookup configurations have no profile prediction; with any in the bench the tune
+    questions are asked of the drafted trees alone, and not at all when every configuration has a chain."""
+    plain = [x for x in ds_rows if x["predicted_speedup_profile"] is not None]
+    # --tune ranks the trees of one draft: a bench that compares drafts has no tree pick to check
+    one_draft = bool(plain) and len({(x["draft"], x["draft_dtype"]) for x in plain}) == 1
+    best = max(plain or ds_rows, key=lambda x: x["measured_speedup"])
+    tied = [x["config"] for x in plain or ds_rows if x["measured_speedup"] >= best["measured_speedup"] * (1 - TIE)]
+    pick = max(plain, key=lambda x: x["predicted_speedup_profile"]) if plain else None
+    pick_own = max(plain, key=lambda x: x["predicted_speedup_own_hist"]) if plain else None
+    prof_err = [abs(x["error_profile"]) for x in plain]
+    return {
+        "configs": len(ds_rows), "profile": plain[0]["profile"] if plain else None, "one_draft": one_draft,
+        "measured_best": best["config"], "measured_within_tie": tied,
+        "tune_pick_profile": pick["config"] if one_draft and pick else None,
+        "tune_pick_own_hist": pick_own["config"] if one_draft and pick_own else None,
+        "pick_agrees": pick["config"] in tied if one_draft and pick else None,
+        "pick_own_hist_agrees": pick_own["config"] in tied if one_draft and pick_own else None,
+        "median_abs_error_own_hist": float(np.median([abs(x["error_own_hist"]) for x in ds_rows])),
+        "max_abs_error_own_hist": float(max(abs(x["error_own_hist"]) for x in ds_rows)),
+        "median_abs_error_profile": float(np.median(prof_err)) if prof_err else None,
+        "max_abs_error_profile": float(max(prof_err)) if prof_err else None,
+        "target_error": ds_rows[0]["predicted_target_tokens_per_s"] / measured_target - 1,
+    }
+
+
 def format_trees_report(rep: dict[str, Any]) -> str:
     lines = [f"{'dataset':<10} {'configuration':<36} {'measured':>8} {'own hist':>15} {'profile':>15}"]
     for r in rep["rows"]:
+        prof = (f"{r['predicted_speedup_profile']:>6.3f}x {r['error_profile']:>+6.1%}"
+                if r["predicted_speedup_profile"] is not None else f"{'(lookup)':>15}")
         lines.append(f"{r['dataset']:<10} {r['config'][:36]:<36} {r['measured_speedup']:>7.3f}x "
-                     f"{r['predicted_speedup_own_hist']:>6.3f}x {r['error_own_hist']:>+6.1%} "
-                     f"{r['predicted_speedup_profile']:>6.3f}x {r['error_profile']:>+6.1%}")
+                     f"{r['predicted_speedup_own_hist']:>6.3f}x {r['error_own_hist']:>+6.1%} {prof}")
     for ds, s in rep["summary"].items():
         if s["one_draft"]:
             pick = (f"--tune with {s['profile']} picks {s['tune_pick_profile']} "
                     f"({'agrees' if s['pick_agrees'] else 'does NOT agree'})")
+        elif s["profile"] is None:
+            pick = "no --tune check (every configuration has a lookup chain; --tune ranks drafted trees)"
         else:
             pick = "no --tune check (the configurations differ in draft; --tune ranks the trees of one draft)"
+        prof = (f", profile median {s['median_abs_error_profile']:.1%} max {s['max_abs_error_profile']:.1%}"
+                if s["median_abs_error_profile"] is not None else "")
         lines.append(f"{ds}: measured best {s['measured_best']} (tied within {rep['tie']:.1%}: "
                      f"{', '.join(s['measured_within_tie'])}); {pick}; speedup "
                      f"|error| own hist median {s['median_abs_error_own_hist']:.1%} max "
-                     f"{s['max_abs_error_own_hist']:.1%}, profile median {s['median_abs_error_profile']:.1%} max "
-                     f"{s['max_abs_error_profile']:.1%}; target-only {s['target_error']:+.1%}")
+                     f"{s['max_abs_error_own_hist']:.1%}{prof}; target-only {s['target_error']:+.1%}")
     return "\n".join(lines)

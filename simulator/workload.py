@@ -92,7 +92,7 @@ class Workload:
 
     @property
     def max_ctx(self) -> int:
-        return self.prompt_len + self.new_tokens + self.tree.total_tokens
+        return self.prompt_len + self.new_tokens + self.tree.total_tokens + self.tree.lookup
 
     @property
     def draft_vocab(self) -> int:

@@ -97,6 +97,8 @@ CASES: list[tuple[list[str], str]] = [
     (["simulate", "--tau", "2", "--out", ""], "--out"),
     (SIM + ["--lanes", "3"], "lanes"),  # not a PCIe width: refused by the profile rules, in one line
     (SIM + ["--pcie-gen", "9"], "gen"),
+    (SIM + ["--lookup", "6"], "--runs"),  # a chain is priced from measured runs only
+    (SIM + ["--lookup", "-1"], "--lookup"),
 ]
 
 # --- tracebacks, hangs and misleading messages on plain user input (issue 13, second part) ----------------------

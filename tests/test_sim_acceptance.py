@@ -131,3 +131,39 @@ def test_hist_indexed_by_tokens_is_shifted() -> None:
 def test_run_without_acceptance_data() -> None:
     with pytest.raises(ConfigError, match="no accept_hist"):
         parse_run({"mode": "dovetail", "tokens_per_s": 3.0})
+
+
+# --- prompt lookup: priced from runs of the same tree and chain only ------------------------------------------
+
+def _lookup_run(hist: list[int], chained: int, lookup: int = 6) -> dict:
+    """A `dovetail generate --mode dovetail --json` record of the default tree with a lookup chain."""
+    return {"tree": {"top_k": 4, "depth": 3, "total_tokens": 6, "lookup": lookup}, "cycles": sum(hist),
+            "accept_hist": hist, "tau": float(np.dot(np.arange(len(hist)) + 1, hist) / sum(hist)),
+            "lookup": {"cycles": chained, "tokens": 10}}
+
+
+def test_runs_with_lookup_price_their_own_tree_and_chain_share() -> None:
+    a = parse_run(_lookup_run([10, 10, 10, 5, 5, 0, 0, 0, 0, 0, 10], 20))
+    b = parse_run(_lookup_run([0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0))
+    assert a.tree == TreeConfig(4, 3, 6, lookup=6) and a.chain_share == pytest.approx(20 / 50)
+    out = RunsAcceptance([a, b]).outcomes(a.tree)
+    assert out.cap == 10 and out.chain_p == pytest.approx(20 / 60)  # pooled over the runs' cycles
+    hist = np.array([10, 20, 10, 5, 5, 0, 0, 0, 0, 0, 10], float)
+    assert out.tau == pytest.approx(float(np.dot(np.arange(11) + 1, hist) / hist.sum()))
+    with pytest.raises(ConfigError, match="every measured run used prompt lookup"):
+        RunsAcceptance([a, b]).outcomes(TreeConfig(4, 3, 6))  # nothing to fit the drafted tree to
+    with pytest.raises(ConfigError, match="measured runs of the same tree"):
+        RunsAcceptance([a]).outcomes(TreeConfig(4, 3, 6, lookup=4))  # another chain length
+
+
+def test_lookup_runs_stay_out_of_the_tree_fit_and_fitted_models_refuse_chains() -> None:
+    plain = parse_run({"tree": {"top_k": 4, "depth": 3, "total_tokens": 6}, "accept_hist": [40, 30, 20, 10, 5]})
+    chained = parse_run(_lookup_run([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 99], 99))
+    both = RunsAcceptance([plain, chained]).outcomes(TreeConfig(4, 4, 8))
+    alone = RunsAcceptance([plain]).outcomes(TreeConfig(4, 4, 8))
+    assert both.tau == pytest.approx(alone.tau)  # the chain's 11-token cycles did not inflate the fit
+    for model in (TauAcceptance(2.5), ChainAcceptance([0.7])):
+        with pytest.raises(ConfigError, match="prompt lookup"):
+            model.outcomes(TreeConfig(4, 3, 6, lookup=6))
+    with pytest.raises(ConfigError, match="lookup.cycles"):
+        parse_run({**_lookup_run([1, 1], 1), "lookup": None})

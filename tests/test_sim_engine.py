@@ -141,3 +141,36 @@ def test_pipelined_equals_serial_on_shared_cores() -> None:
     serial = _run("dovetail", "host-2core-shared")
     pipe = _run("dovetail-pipelined", "host-2core-shared")
     assert pipe.sim_time_s == pytest.approx(serial.sim_time_s) == pytest.approx(140.0)
+
+
+class WidthCosts(ConstCosts):
+    """A verification of the 3-token tree costs 10, of the tree with its 2-token lookup chain 30."""
+
+    def target_cpu(self, n, ctx, layers=None, head=True):  # noqa: ANN001, ANN201
+        return {3: 10.0, 5: 30.0}.get(n, self.v)
+
+
+@pytest.mark.parametrize("share,cycle", [(0.0, 14.0), (1.0, 34.0)])
+def test_serial_dovetail_with_a_lookup_chain_exact_time(share: float, cycle: float) -> None:
+    # every cycle accepts the drafted 2 and the chain's 2 (a = 4, 5 tokens): verify 10 or 30 + 4 as above
+    from simulator.acceptance import HistogramAcceptance
+
+    tree = TreeConfig(1, 1, 3, lookup=2)
+    acc = HistogramAcceptance(tree, [0, 0, 0, 0, 7], chain_share=share)
+    p = simulate("dovetail", load_profile("paper-server1-4214r-2080super"), WL.replace(tree=tree), acc,
+                 opts=SimOptions(cycles=10), cost_factory=lambda h, w: WidthCosts())
+    assert p.tau == 5.0 and p.tokens == 50
+    assert p.sim_time_s == pytest.approx(10 * cycle)
+
+
+def test_serial_dovetail_prices_the_measured_share_of_chain_cycles() -> None:
+    from simulator.acceptance import HistogramAcceptance
+
+    tree = TreeConfig(1, 1, 3, lookup=2)
+    acc = HistogramAcceptance(tree, [0, 0, 0, 0, 7], chain_share=0.3)
+    n = 4000
+    p = simulate("dovetail", load_profile("paper-server1-4214r-2080super"), WL.replace(tree=tree), acc,
+                 opts=SimOptions(cycles=n), cost_factory=lambda h, w: WidthCosts())
+    chains = (p.sim_time_s - 14.0 * n) / 20.0  # each chain cycle adds 30 - 10
+    assert chains == pytest.approx(round(chains), abs=1e-6)
+    assert abs(chains / n - 0.3) < 4 * (0.3 * 0.7 / n) ** 0.5  # binomial: within 4 sigma

@@ -124,3 +124,28 @@ def test_amd2_preset_prices_its_held_out_sweep() -> None:
     for ds, s in rep["summary"].items():
         assert s["median_abs_error_own_hist"] <= 0.10, (ds, s)
         assert s["max_abs_error_own_hist"] <= 0.25, (ds, s)
+
+
+def test_amd2_prices_the_default_with_its_lookup_chain() -> None:
+    """The full-set run of round 9 with and without prompt lookup: the chain rows are priced from their own
+    histogram (up to 4 + 6 accepted) and share of cycles with a chain (a chain cycle verifies 12 tokens), and have
+    no profile prediction (the fitted profiles know the drafted tree alone); the plain rows keep theirs."""
+    rep = check_trees(AMD2, "smollm2-135m", RESULTS / "bench_dovetail_full_lookup_amd.json")
+    chain = [r for r in rep["rows"] if r["tree"].get("lookup")]
+    plain = [r for r in rep["rows"] if not r["tree"].get("lookup")]
+    assert len(chain) == len(plain) == 2
+    for r in chain:
+        assert r["predicted_speedup_profile"] is None and 0.15 < r["chain_share"] < 0.5
+        assert abs(r["error_own_hist"]) <= 0.10, r
+    for r in plain:
+        assert r["predicted_speedup_profile"] is not None and abs(r["error_own_hist"]) <= 0.10, r
+    for s in rep["summary"].values():
+        assert s["pick_agrees"] is not None  # the plain rows still answer the --tune question
+
+
+def test_a_sweep_of_lookup_trees_has_no_tune_question() -> None:
+    rep = check_trees(AMD2, "smollm2-135m", RESULTS / "bench_tree_sweep_lookup_amd.json")
+    assert len(rep["rows"]) == 10
+    for s in rep["summary"].values():
+        assert s["profile"] is None and s["tune_pick_profile"] is None and s["median_abs_error_profile"] is None
+        assert s["median_abs_error_own_hist"] <= 0.10
