@@ -74,3 +74,38 @@ def test_greedy_breaks_ties_as_numpy_argmax(seed):
     x[4, :] = 0.0
     got = np.asarray(jax.jit(sampling.greedy)(jnp.asarray(x)))
     assert got.dtype == np.int32 and got.tolist() == np.argmax(x, -1).tolist()
+
+
+@pytest.mark.parametrize("candidates", [1, 2, 5, 12])
+@pytest.mark.parametrize("t,k,p", SETTINGS)
+def test_thresholds_from_the_largest_logits_match_hf(t, k, p, candidates):
+    """Few candidates: top-k/top-p decide from them when they hold every kept token, else from a full sort; both
+    must give HF's distribution. Peaked rows (scale 6) let small candidate sets reach top_p."""
+    rng = np.random.default_rng(candidates)
+    logits = (rng.standard_normal((8, 50)) * np.array([0.5, 1, 2, 3, 4, 6, 8, 12])[:, None]).astype(np.float32)
+    x = jnp.asarray(logits / t)
+    n = min(candidates, 50)
+    _, covered = sampling._thresholds(x, jax.lax.top_k(x, n)[0], jnp.int32(k), jnp.float32(p))
+    ours = sampling.processed_probs(jnp.asarray(logits), jnp.float32(t), jnp.int32(k), jnp.float32(p),
+                                    candidates=candidates)
+    np.testing.assert_allclose(np.asarray(ours), hf_probs(logits, t, k, p), atol=1e-6)
+    # and row by row, so that rows the candidates cover take the fast branch alone
+    for i in range(len(logits)):
+        row = sampling.processed_probs(jnp.asarray(logits[i:i + 1]), jnp.float32(t), jnp.int32(k), jnp.float32(p),
+                                       candidates=candidates)
+        np.testing.assert_allclose(np.asarray(row), hf_probs(logits[i:i + 1], t, k, p), atol=1e-6)
+
+
+def test_both_branches_of_the_threshold_search_are_exercised():
+    """The cases above cover rows decided by the candidates and rows that need the sort."""
+    seen = set()
+    for c in (1, 2, 5, 12):
+        for t, k, p in SETTINGS:
+            if k == 0 and p == 1.0:
+                continue
+            rng = np.random.default_rng(c)
+            logits = (rng.standard_normal((8, 50)) * np.array([0.5, 1, 2, 3, 4, 6, 8, 12])[:, None])
+            x = jnp.asarray((logits / t).astype(np.float32))
+            _, cov = sampling._thresholds(x, jax.lax.top_k(x, c)[0], jnp.int32(k), jnp.float32(p))
+            seen |= set(np.asarray(cov).ravel().tolist())
+    assert seen == {True, False}
