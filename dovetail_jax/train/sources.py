@@ -355,7 +355,6 @@ def training_prompts_mix(mix: Mix = Mix(), seed: int = 0, magpie_path: Path | No
 
     Deterministic for a given installation (and self-prompting file). The shipped drafts' list is
     `prompts.training_prompts()`, which this leaves untouched."""
-    from dovetail_jax.io.eval_prompts import evaluation_texts
 
     def take(items: list[Prompt], n: int | None, salt: int) -> list[Prompt]:
         if n is None or n >= len(items):
@@ -375,14 +374,7 @@ def training_prompts_mix(mix: Mix = Mix(), seed: int = 0, magpie_path: Path | No
         if magpie_path is None:
             raise ConfigError("Mix.magpie asks for self-prompted user turns: pass magpie_path")
         parts += take(read_magpie(magpie_path), mix.magpie, 5)
-    seen: set[str] = set()
-    unique = []
-    for p in parts:
-        key = _norm(p.text)
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    clean = decontaminate(unique, evaluation_texts())
+    clean = new_prompts([], parts)  # de-duplicated across sources, decontaminated
     random.Random(seed).shuffle(clean)
     return clean
 
