@@ -148,8 +148,8 @@ def _grow_with_self_prompts(target: Any, opts: PipelineOptions, prompts: list[An
     from dovetail_jax.train.sources import new_prompts, read_magpie
 
     path = opts.work / "prompts.jsonl"
-    lines = path.read_text(encoding="utf-8").splitlines()
-    head = json.loads(lines[0])
+    with path.open(encoding="utf-8") as f:
+        head = json.loads(f.readline())  # the prompts themselves are `prompts`, read already
     taken = int(head.get("self_prompts", 0))
     if opts.self_prompts <= taken:
         say(f"the prompt list already holds the self-prompted turns of {taken} samples (asked {opts.self_prompts})")
