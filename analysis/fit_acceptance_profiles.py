@@ -23,11 +23,14 @@ from typing import Any
 import numpy as np
 
 from dovetail_jax.config import TreeConfig
+from dovetail_jax.speculation.lookup import MIN_NGRAM
 from simulator.acceptance import (
     PROFILES_FILE,
+    HistogramAcceptance,
     MixtureAcceptance,
     PositionalAcceptance,
     _loglik,
+    fit_lookup,
     fit_mixture,
     fit_positional,
     parse_run,
@@ -57,8 +60,15 @@ DRAFTS = {
 # acceptance moves toward 1 (x) and how far its depth decay moves (y). (A maximum-likelihood fit to the round-4
 # draft's own seven-tree sweep, bench_tree_sweep_r4.json, came out flat in width on MT-bench, tau 1.80-1.82 for
 # trees measured at 1.63-1.93, where this shape follows the measured growth with width: +20% vs +18% measured.)
+# Its prompt-lookup chains (`simulator.acceptance.LookupChains`) are fitted to a full-set run with lookup 6
+# (`lookup_bench`, `lookup_config`), its drafted tree priced by the same run's histogram without lookup
+# (`lookup_base_config`, same prompts and tokens), so the chains carry what lookup adds and not the profile's own
+# error on that tree. Checked against `lookup_tuning` (other chain lengths, a 40 + 24 prompt subset, tau only).
 DEFAULT_DRAFT = {
     "bench": BENCH_FULL, "config": "r9 eagle3 int8, tree 4/3/6", "shape": "dgf1-v8192",
+    "lookup_bench": RESULTS / "bench_dovetail_full_lookup_amd.json",
+    "lookup_config": "r9 eagle3 int8, tree 4/3/6 + lookup 6", "lookup_base_config": "r9 eagle3 int8, tree 4/3/6",
+    "lookup_tuning": RESULTS / "lookup_tuning.json",
     "description": "the default DGF draft (1 layer, V' 8192, EAGLE-3 features from blocks 2/15/27, round 9: "
                    "checkpoints/smollm2-135m-dgf1-v8192-r9-eagle3)"}
 # published (model, tau, tree, where): tau includes the bonus token
@@ -195,6 +205,7 @@ def _default_draft(fitted: dict[str, Any]) -> dict[str, Any]:
               "measured_tau": round(r["tau"], 4), "profile_tau": round(acc.outcomes(tree).tau, 4),
               "measured_depth_accept_rates": [round(v, 4) for v in r["depth_accept_rates"]],
               "profile_depth_accept_rates": _depth_rates(acc, tree)}])
+        out[f"smollm2-dgf1-{ds}"]["lookup"] = _lookup_entry(acc, ds)
     he, mt = out["smollm2-dgf1-humaneval"], out["smollm2-dgf1-mtbench"]
     acc = MixtureAcceptance([PositionalAcceptance(c["p_rank"], c["depth_decay"]) for c in _pooled(he, mt)],
                             [c["weight"] for c in _pooled(he, mt)])
@@ -206,7 +217,44 @@ def _default_draft(fitted: dict[str, Any]) -> dict[str, Any]:
         "check": [{"run": "mean of humaneval and mtbench", "tree": [tree.top_k, tree.depth, tree.total_tokens],
                    "measured_tau": round((he["check"][0]["measured_tau"] + mt["check"][0]["measured_tau"]) / 2, 4),
                    "profile_tau": round(acc.outcomes(tree).tau, 4)}]}
+    out["smollm2-dgf1"]["lookup"] = {
+        **{k: round((he["lookup"][k] + mt["lookup"][k]) / 2, 5)
+           for k in ("chain_share", "match_first", "match_continue")},
+        "source": "the mean of smollm2-dgf1-humaneval's and smollm2-dgf1-mtbench's lookup numbers"}
     return out
+
+
+def _lookup_entry(acc: MixtureAcceptance, ds: str) -> dict[str, Any]:
+    """The profile's `lookup` entry: `LookupChains` fitted to the default draft's run with prompt lookup on `ds`
+    (see DEFAULT_DRAFT), its tau check, and the check of other chain lengths against `lookup_tuning`."""
+    d = DEFAULT_DRAFT
+    bench = json.loads(d["lookup_bench"].read_text())
+    cfg = {c["name"]: c for c in bench["configs"]}[d["lookup_config"]]
+    res = bench["results"][ds]["configs"]
+    r, t = res[d["lookup_config"]], cfg["tree"]
+    tree, plain_tree = TreeConfig(**t), TreeConfig(t["top_k"], t["depth"], t["total_tokens"])
+    run = parse_run({"tree": t, "draft_layers": cfg["draft_layers"], "accept_hist": r["accept_hist"],
+                     "tau": r["tau"], "cycles": r["cycles"], "lookup": r["lookup"]}, f"{ds}/{d['lookup_config']}")
+    measured_plain = HistogramAcceptance(plain_tree, res[d["lookup_base_config"]]["accept_hist"])
+    chains = fit_lookup(measured_plain, [run])
+    tuning = json.loads(d["lookup_tuning"].read_text())["datasets"][ds]
+    plain_tau = measured_plain.outcomes(plain_tree).tau
+    lengths = [{"variant": k, "lookup": v["lookup"], "prompts": v["prompts"],
+                "measured_tau_over_no_lookup": round(v["tau"] / tuning["none"]["tau"], 4),
+                "predicted_tau_over_no_lookup": round(
+                    chains.outcomes(measured_plain.outcomes(plain_tree), v["lookup"]).tau / plain_tau, 4)}
+               for k, v in tuning.items() if v["lookup"] and v["min_ngram"] == MIN_NGRAM]
+    return {"chain_share": round(chains.chain_share, 5), "match_first": round(chains.match_first, 5),
+            "match_continue": round(chains.match_continue, 5),
+            "source": f"analysis/results/{d['lookup_bench'].name} ({bench['timestamp']}; {ds}, {r['n_prompts']} "
+                      f"prompts, tree {t['top_k']}/{t['depth']}/{t['total_tokens']} + lookup {t['lookup']}: share of "
+                      f"cycles with a chain as measured, match rates by maximum likelihood on its accept histogram "
+                      f"{r['accept_hist']}, the drafted tree priced by the same run's histogram without lookup)",
+            "check": {"run": f"{ds}/{d['lookup_config']}", "measured_tau": round(r["tau"], 4),
+                      "profile_tau": round(chains.outcomes(acc.outcomes(plain_tree), tree.lookup).tau, 4),
+                      "chain_lengths": {"source": f"analysis/results/{d['lookup_tuning'].name} (shortest suffix "
+                                                  f"{MIN_NGRAM}; the same share of cycles with a chain)",
+                                        "rows": lengths}}}
 
 
 def _depth_rates(acc: Any, tree: TreeConfig) -> list[float]:

@@ -101,8 +101,9 @@ class AcceptanceModel(ABC):
     def outcomes(self, tree: TreeConfig) -> Outcomes:
         if tree.lookup and not self.prices_lookup:
             raise ConfigError(f"{self.describe()}: prompt lookup (a chain of {tree.lookup}) is priced only from "
-                              "measured runs of the same tree and chain length (--runs); the fitted models know "
-                              "the drafted tree alone")
+                              "measured runs of the same tree and chain length (--runs) or by an acceptance "
+                              "profile fitted with lookup (a `lookup` entry in simulator/data/"
+                              "acceptance_profiles.json)")
         return self._cached(tree)
 
     prices_lookup = False  # whether it knows how often a lookup chain is verified and what it adds
@@ -121,6 +122,50 @@ class AcceptanceModel(ABC):
     def tree_aware(self) -> bool:
         """Whether the width of the tree changes acceptance (False: only the depth cap does)."""
         return False
+
+
+@dataclass(frozen=True)
+class LookupChains:
+    """How prompt-lookup chains (`TreeConfig.lookup`) add to any drafted tree, fitted once per draft and dataset.
+
+    A chain is grafted in a share `chain_share` of cycles (the context's last tokens occurred earlier: a property of
+    the text, not of the tree). Its tokens agree with the target's m times in a row, P(m >= 1) = `match_first`
+    and P(m >= j + 1 | m >= j) = `match_continue`. If the drafted tree accepts t tokens and m > t, the chain's
+    first t tokens spell the accepted path (they agree with the target), so it hangs below the accepted node and
+    the cycle accepts min(m, t + L); else it accepts t. m is drawn apart from t: a correlation (the draft also
+    copies well where the text repeats) is left to the fit of the two rates.
+    """
+
+    chain_share: float
+    match_first: float
+    match_continue: float
+
+    def __post_init__(self) -> None:
+        _check_rates("prompt-lookup chain share and match rates",
+                     [self.chain_share, self.match_first, self.match_continue])
+
+    def p_accept(self, p_tree: np.ndarray, lookup: int) -> np.ndarray:
+        """P(a = k), k = 0 .. cap + lookup, of a cycle whose drafted tree alone gives `p_tree` (k = 0 .. cap)."""
+        cap = len(p_tree) - 1
+        surv = np.ones(cap + lookup + 2)  # surv[j] = P(m >= j)
+        surv[1:] = self.match_first * self.match_continue ** np.arange(cap + lookup + 1)
+        q, p = self.chain_share, np.zeros(cap + lookup + 1)
+        for t, pt in enumerate(p_tree):
+            p[t] += pt * (1 - q + q * (1 - surv[t + 1]))
+            p[t + 1:t + lookup] += pt * q * (surv[t + 1:t + lookup] - surv[t + 2:t + lookup + 1])
+            p[t + lookup] += pt * q * surv[t + lookup]
+        return p
+
+    def outcomes(self, plain: Outcomes, lookup: int) -> Outcomes:
+        """The drafted tree's outcomes with a chain of `lookup` tokens; the pipelined guesses are the tree's,
+        kept for the cycles without a chain."""
+        guesses = [((1 - self.chain_share) * float(p), int(a))
+                   for p, a, r in zip(plain.cls_p, plain.cls_a, plain.cls_rank, strict=True) if r >= 0]
+        return _build_outcomes(self.p_accept(plain.p_a, lookup), guesses, self.chain_share)
+
+    def describe(self) -> str:
+        return (f"lookup chains in {self.chain_share:.0%} of cycles, first token agrees {self.match_first:.2f}, "
+                f"each next {self.match_continue:.2f}")
 
 
 class ChainAcceptance(AcceptanceModel):
@@ -509,6 +554,42 @@ def fit_mixture(runs: Sequence[RunStats], k_max: int = 10) -> MixtureAcceptance:
     return mixture_from(*best_x, k_max=k_max)
 
 
+def fit_lookup(base: AcceptanceModel, runs: Sequence[RunStats]) -> LookupChains:
+    """Maximum-likelihood match rates of `LookupChains` on measured runs with prompt lookup, their drafted trees
+    priced by `base`; the chain share is the runs' own (weighted by cycles)."""
+    usable = [r for r in runs if r.tree is not None and r.tree.lookup and r.hist is not None]
+    if not usable:
+        raise ConfigError("fitting prompt-lookup chains needs runs with prompt lookup, their tree and accept_hist")
+    weights = [float(r.hist.sum()) for r in usable if r.hist is not None]
+    share = float(np.average([r.chain_share or 0.0 for r in usable], weights=weights))
+    plain = [base.outcomes(TreeConfig(r.tree.top_k, r.tree.depth, r.tree.total_tokens)).p_a
+             for r in usable if r.tree is not None]
+
+    def ll(first: float, cont: float) -> float:
+        total = 0.0
+        for r, p_tree in zip(usable, plain, strict=True):
+            assert r.tree is not None and r.hist is not None
+            p = LookupChains(share, first, cont).p_accept(p_tree, r.tree.lookup)
+            h = np.zeros(len(p))
+            n = min(len(h), len(r.hist))
+            h[:n] = r.hist[:n]
+            h[-1] += r.hist[n:].sum()
+            total += float(np.dot(h, np.log(np.maximum(p, 1e-12))))
+        return total
+
+    grid = np.linspace(0.02, 0.98, 49)
+    _, first, cont = max((ll(a, b), a, b) for a in grid for b in grid)
+    step = 0.01
+    while step > 1e-4:  # coordinate refinement
+        cands = [(first + da, cont + db) for da, db in ((step, 0), (-step, 0), (0, step), (0, -step))]
+        better = max(((ll(a, b), a, b) for a, b in cands if 0 < a < 1 and 0 < b < 1), default=None)
+        if better is not None and better[0] > ll(first, cont) + 1e-12:
+            _, first, cont = better
+        else:
+            step /= 2
+    return LookupChains(share, float(first), float(cont))
+
+
 class RunsAcceptance(AcceptanceModel):
     """Measured runs: the pooled histogram when the tree was measured, else a positional model fitted to them."""
 
@@ -599,7 +680,8 @@ def default_profile(model_key: str) -> str | None:
 
 class ProfileAcceptance(MixtureAcceptance):
     """A named, shipped acceptance model: one or more context classes (weight, rank probabilities, depth decay),
-    each a tree-aware positional model; `describe` says where its numbers come from."""
+    each a tree-aware positional model, and for the drafts measured with prompt lookup its `LookupChains` (which
+    price a chain of any length on any tree); `describe` says where its numbers come from."""
 
     def __init__(self, name: str) -> None:
         profiles = _profiles(str(PROFILES_FILE))["profiles"]
@@ -612,6 +694,15 @@ class ProfileAcceptance(MixtureAcceptance):
         super().__init__([PositionalAcceptance(c["p_rank"], c["depth_decay"]) for c in comps],
                          [float(c["weight"]) for c in comps])
         self.name, self.info = name, p
+        lk = p.get("lookup")
+        self.chains = None if lk is None else LookupChains(float(lk["chain_share"]), float(lk["match_first"]),
+                                                           float(lk["match_continue"]))
+        self.prices_lookup = self.chains is not None
+
+    def _outcomes(self, tree: TreeConfig) -> Outcomes:
+        plain = super()._outcomes(TreeConfig(tree.top_k, tree.depth, tree.total_tokens))
+        return self.chains.outcomes(plain, tree.lookup) if tree.lookup and self.chains else plain
 
     def describe(self) -> str:
-        return f"profile {self.name} ({self.info['description']})"
+        chains = f"; {self.chains.describe()}" if self.chains else ""
+        return f"profile {self.name} ({self.info['description']}){chains}"

@@ -135,9 +135,6 @@ def build_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
         args.draft_dtype = "f32" if getattr(args, "calibrated_by", None) else "f16"
     engine = default_engine(hw) if args.cpu_engine == "auto" else args.cpu_engine
     lookup = getattr(args, "lookup", 0)
-    if lookup and not getattr(args, "runs", None):
-        raise ConfigError("--lookup prices prompt-lookup chains from measured runs of that tree and chain length: "
-                          "pass --runs (e.g. `dovetail generate --mode dovetail --json` runs)")
     wl = Workload(model, draft, TreeConfig(args.top_k, args.depth, args.total_tokens, lookup=lookup),
                   args.target_dtype, args.draft_dtype, args.prompt_len, args.new_tokens,
                   cpu_engine=None if engine == PROFILE_ENGINE else engine,
@@ -218,7 +215,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print(json.dumps(res, indent=1))
         else:
             b = res["best"]
-            keys = [k for k in ("schedule", "top_k", "depth", "total_tokens", "draft_layers", "ngl") if k in b]
+            keys = [k for k in ("schedule", "top_k", "depth", "total_tokens", "lookup", "draft_layers", "ngl")
+                    if k in b]
             print(f"best of {res['feasible']}/{res['evaluated']} feasible configurations on {hw.name} "
                   f"(VRAM budget {res['vram_budget_gib']:.2f} GiB):")
             for r in res["top"]:
@@ -348,9 +346,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--depth", type=positive_int, default=PAPER_TREE.depth)
     g.add_argument("--total-tokens", type=positive_int, default=PAPER_TREE.total_tokens)
     g.add_argument("--lookup", type=nonneg_int, default=0, metavar="L",
-                   help="prompt-lookup chain of L tokens (the library's default tree has 6): priced only from "
-                        "--runs measured with that tree and chain (their share of cycles with a chain; a chain "
-                        "cycle verifies total_tokens + L)")
+                   help="prompt-lookup chain of L tokens (the library's default tree has 6; a chain cycle "
+                        "verifies total_tokens + L): priced by --runs measured with that tree and chain, or by an "
+                        "--acceptance-profile fitted with lookup (the smollm2-dgf1 ones: any tree and L)")
     g.add_argument("--prompt-len", type=positive_int, default=128)
     g.add_argument("--new-tokens", type=positive_int, default=256)
     g = p.add_argument_group("acceptance (one of)")

@@ -9,7 +9,7 @@ and dataset (what a user who runs `--tune` gets). Speedups are over the same pro
 bench measures them (one run, round-robin). `--tune` over the measured trees with the profile must pick the
 bench's fastest configuration, or one measured within `TIE` of it (the bench's own noise between trees).
 Configurations with prompt lookup (`tree.lookup` > 0) are priced from their own histogram and share of cycles
-with a chain only: the acceptance profiles and `--tune` know the drafted tree alone.
+with a chain, and by the profile where it was fitted with lookup (`ProfileAcceptance.chains`; else not at all).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def check_trees(hw: HardwareProfile, model_key: str, bench: Path, profile: str |
             target = _tps(hw, _workload(model, cfg, None, prompt, new), None, opts)
             share = (r.get("lookup") or {}).get("share_of_cycles", 0.0) if tree.lookup else None
             own = _tps(hw, wl, HistogramAcceptance(tree, r["accept_hist"], share), opts)
-            prof_tps = _tps(hw, wl, prof, opts) if not tree.lookup else None
+            prof_tps = _tps(hw, wl, prof, opts) if not tree.lookup or prof.prices_lookup else None
             row = {"dataset": ds, "config": cname, "tree": cfg["tree"], "draft_dtype": _draft_dtype(cfg),
                    "draft": cfg.get("draft_source") or cfg.get("draft"),
                    "prompt_tokens": prompt, "new_tokens": new, "measured_tau": r["tau"],
@@ -113,7 +113,8 @@ def check_trees(hw: HardwareProfile, model_key: str, bench: Path, profile: str |
                    "measured_target_tokens_per_s": measured_target, "predicted_target_tokens_per_s": target,
                    "predicted_speedup_own_hist": own / target,
                    "predicted_speedup_profile": prof_tps / target if prof_tps is not None else None,
-                   "profile": prof.name if prof_tps is not None else None}
+                   "profile": prof.name if prof_tps is not None else None,
+                   "profile_tau": prof.outcomes(tree).tau if prof_tps is not None else None}
             row["predicted_tokens_per_s_own_hist"] = own
             row["error_tokens_per_s_own_hist"] = own / r["decode_tok_s"] - 1  # absolute: the hour's speed too
             row["error_own_hist"] = row["predicted_speedup_own_hist"] / r["speedup"] - 1
@@ -130,8 +131,8 @@ def check_trees(hw: HardwareProfile, model_key: str, bench: Path, profile: str |
 
 def _summary(ds_rows: list[dict[str, Any]], measured_target: float) -> dict[str, Any]:
     """One dataset's errors, and whether `--tune` (with the profile, or with the own histograms) picks the
-    measured best tree. Lookup configurations have no profile prediction; with any in the bench the tune
-    questions are asked of the drafted trees alone, and not at all when every configuration has a chain."""
+    measured best tree. Lookup configurations have a profile prediction only from a profile fitted with lookup;
+    the tune questions are asked of the configurations the profile predicts, and not at all when it predicts none."""
     plain = [x for x in ds_rows if x["predicted_speedup_profile"] is not None]
     # --tune ranks the trees of one draft: a bench that compares drafts has no tree pick to check
     one_draft = bool(plain) and len({(x["draft"], x["draft_dtype"]) for x in plain}) == 1
@@ -167,7 +168,7 @@ def format_trees_report(rep: dict[str, Any]) -> str:
             pick = (f"--tune with {s['profile']} picks {s['tune_pick_profile']} "
                     f"({'agrees' if s['pick_agrees'] else 'does NOT agree'})")
         elif s["profile"] is None:
-            pick = "no --tune check (every configuration has a lookup chain; --tune ranks drafted trees)"
+            pick = "no --tune check (the profile prices no configuration: lookup chains without a lookup fit)"
         else:
             pick = "no --tune check (the configurations differ in draft; --tune ranks the trees of one draft)"
         prof = (f", profile median {s['median_abs_error_profile']:.1%} max {s['max_abs_error_profile']:.1%}"

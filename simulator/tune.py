@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from dovetail_jax.config import DraftConfig, TreeConfig
+from dovetail_jax.config import TreeConfig
 from simulator.acceptance import AcceptanceModel
 from simulator.errors import ConfigError
 from simulator.hardware import HardwareProfile
@@ -21,7 +21,8 @@ from simulator.workload import Workload
 GiB = 2 ** 30
 # key -> parser; tree / draft / placement / machine knobs a sweep can vary
 GRID_KEYS: dict[str, type] = {
-    "top_k": int, "depth": int, "total_tokens": int, "draft_layers": int, "draft_vocab": int, "ngl": int,
+    "top_k": int, "depth": int, "total_tokens": int, "lookup": int, "draft_layers": int, "draft_vocab": int,
+    "ngl": int,
     "schedule": str, "pcie_gen": int, "lanes": int, "link_gbps": float, "vram_gb": float, "prompt_len": int,
     "new_tokens": int, "spec_trees": int,
 }
@@ -31,6 +32,9 @@ DEFAULT_TUNE_GRID: dict[str, list[Any]] = {
     "total_tokens": [4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 60],
     "schedule": ["dovetail", "dovetail-pipelined"],
 }
+# prompt-lookup chain lengths the tuner adds when the acceptance model prices chains on any tree (a profile
+# fitted with lookup); 0 = none
+TUNE_LOOKUP = [0, 4, 6, 8, 12]
 
 
 def _values(key: str, text: str) -> list[Any]:
@@ -92,9 +96,9 @@ def apply_point(hw: HardwareProfile, wl: Workload, opts: SimOptions, point: dict
     """The (machine, workload, options, schedule) of one grid point."""
     tr, dr = wl.tree, wl.draft
     tree = TreeConfig(point.get("top_k", tr.top_k), point.get("depth", tr.depth),
-                      point.get("total_tokens", tr.total_tokens))
-    draft = DraftConfig(num_layers=point.get("draft_layers", dr.num_layers), fusion=dr.fusion,
-                        draft_vocab_size=point.get("draft_vocab", dr.draft_vocab_size))
+                      point.get("total_tokens", tr.total_tokens), lookup=point.get("lookup", tr.lookup))
+    draft = replace(dr, num_layers=point.get("draft_layers", dr.num_layers),
+                    draft_vocab_size=point.get("draft_vocab", dr.draft_vocab_size))
     wl = wl.replace(tree=tree, draft=draft, prompt_len=point.get("prompt_len", wl.prompt_len),
                     new_tokens=point.get("new_tokens", wl.new_tokens))
     if "pcie_gen" in point or "lanes" in point:
@@ -144,7 +148,8 @@ def tune(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel, vram_budget_gb
 
     A model that ignores tree width (`--tau`, `--alpha`) cannot rank top_k or total_tokens: every wider tree only
     costs more, so the grid is narrowed to chains (top_k 1, total_tokens depth + 2) over the depths, which is all
-    such a model determines; a user grid that varies the width is refused.
+    such a model determines; a user grid that varies the width is refused. With a profile that prices prompt
+    lookup (`ProfileAcceptance.chains`) the default grid also tries chain lengths (`TUNE_LOOKUP`).
     """
     if vram_budget_gb is not None:
         hw = hw.with_vram(vram_budget_gb * GiB)
@@ -164,7 +169,11 @@ def tune(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel, vram_budget_gb
                 rows += sweep(hw, wl, acc, {**grid, "depth": [d], "top_k": [1], "total_tokens": [d + 2]}, opts=opts,
                               measured=measured, cost_factory=cost_factory)
             return _best(rows, acc, hw, top, notes)
-    rows = sweep(hw, wl, acc, grid or DEFAULT_TUNE_GRID, opts=opts, measured=measured, cost_factory=cost_factory)
+    if grid is None:
+        grid = dict(DEFAULT_TUNE_GRID)
+        if getattr(acc, "chains", None) is not None:  # prices a chain of any length on any tree
+            grid["lookup"] = TUNE_LOOKUP
+    rows = sweep(hw, wl, acc, grid, opts=opts, measured=measured, cost_factory=cost_factory)
     return _best(rows, acc, hw, top, notes)
 
 

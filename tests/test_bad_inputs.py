@@ -97,7 +97,7 @@ CASES: list[tuple[list[str], str]] = [
     (["simulate", "--tau", "2", "--out", ""], "--out"),
     (SIM + ["--lanes", "3"], "lanes"),  # not a PCIe width: refused by the profile rules, in one line
     (SIM + ["--pcie-gen", "9"], "gen"),
-    (SIM + ["--lookup", "6"], "--runs"),  # a chain is priced from measured runs only
+    (SIM + ["--lookup", "6"], "--runs"),  # a tau cannot price a chain: measured runs or a profile fitted with lookup
     (SIM + ["--lookup", "-1"], "--lookup"),
 ]
 

@@ -13,10 +13,14 @@ from hypothesis import strategies as st
 from dovetail_jax.config import SMOLLM2_135M, DraftConfig, TreeConfig
 from simulator.acceptance import (
     ChainAcceptance,
+    HistogramAcceptance,
+    LookupChains,
     PositionalAcceptance,
+    ProfileAcceptance,
     RunsAcceptance,
     TauAcceptance,
     chain_tau,
+    fit_lookup,
     load_runs,
     parse_run,
 )
@@ -167,3 +171,79 @@ def test_lookup_runs_stay_out_of_the_tree_fit_and_fitted_models_refuse_chains() 
             model.outcomes(TreeConfig(4, 3, 6, lookup=6))
     with pytest.raises(ConfigError, match="lookup.cycles"):
         parse_run({**_lookup_run([1, 1], 1), "lookup": None})
+
+
+def _enumerated_chain(p_tree: list[float], lookup: int, share: float, first: float, cont: float) -> np.ndarray:
+    """P(a = k) by enumeration: t drafted tokens accepted, a chain present or not, m = 0..200 chain tokens agreeing
+    (P(m >= j) = first * cont^(j-1)); a chain hangs below the accepted node when m > t and gives min(m, t + L)."""
+    cap = len(p_tree) - 1
+    p = np.zeros(cap + lookup + 1)
+    surv = [1.0] + [first * cont ** (j - 1) for j in range(1, 202)]
+    for t, pt in enumerate(p_tree):
+        p[t] += pt * (1 - share)
+        for m in range(201):
+            pm = surv[m] - surv[m + 1]
+            p[max(t, min(m, t + lookup))] += pt * share * pm
+    return p
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.01, 1.0), min_size=1, max_size=6), st.integers(1, 12), st.floats(0.0, 1.0),
+       st.floats(0.0, 1.0), st.floats(0.0, 0.99))
+def test_lookup_chains_match_enumeration(w: list[float], lookup: int, share: float, first: float,
+                                         cont: float) -> None:
+    p_tree = list(np.asarray(w) / sum(w))
+    got = LookupChains(share, first, cont).p_accept(np.asarray(p_tree), lookup)
+    assert got.shape == (len(p_tree) + lookup,) and got.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(got, _enumerated_chain(p_tree, lookup, share, first, cont), atol=1e-9)
+
+
+def test_lookup_chains_limits() -> None:
+    p_tree = np.array([0.4, 0.3, 0.2, 0.1])
+    tau = float(np.dot(np.arange(4) + 1, p_tree))
+    for chains in (LookupChains(0.0, 0.9, 0.9), LookupChains(0.7, 0.0, 0.9)):  # no chain, or never agrees
+        out = chains.p_accept(p_tree, 5)
+        np.testing.assert_allclose(out[:4], p_tree)
+        np.testing.assert_allclose(out[4:], 0)
+    # a chain in every cycle that always agrees: every cycle accepts t + L
+    np.testing.assert_allclose(LookupChains(1.0, 1.0, 1.0).p_accept(p_tree, 5), np.r_[0, 0, 0, 0, 0, p_tree])
+    # the mean grows with the chain length and the share
+    taus = [float(np.dot(np.arange(4 + L) + 1, LookupChains(0.4, 0.6, 0.9).p_accept(p_tree, L))) for L in (1, 4, 8)]
+    assert tau < taus[0] < taus[1] < taus[2]
+    with pytest.raises(ConfigError, match="chain share"):
+        LookupChains(1.5, 0.5, 0.5)
+
+
+def test_fit_lookup_recovers_the_chain_rates_from_an_exact_histogram() -> None:
+    tree, plain = TreeConfig(4, 3, 6, lookup=6), [0.3, 0.3, 0.2, 0.12, 0.08]
+    truth = LookupChains(0.35, 0.65, 0.85)
+    hist = list(truth.p_accept(np.asarray(plain), 6) * 1e6)
+    run = parse_run({"tree": {"top_k": 4, "depth": 3, "total_tokens": 6, "lookup": 6}, "accept_hist": hist,
+                     "cycles": 1e6, "lookup": {"cycles": 0.35e6, "tokens": 1}})
+    got = fit_lookup(HistogramAcceptance(TreeConfig(4, 3, 6), plain), [run])
+    assert got.chain_share == pytest.approx(0.35)
+    assert got.match_first == pytest.approx(0.65, abs=2e-3) and got.match_continue == pytest.approx(0.85, abs=2e-3)
+    assert RunsAcceptance([run]).outcomes(tree).tau == pytest.approx(
+        got.outcomes(HistogramAcceptance(TreeConfig(4, 3, 6), plain).outcomes(TreeConfig(4, 3, 6)), 6).tau,
+        rel=1e-4)
+    with pytest.raises(ConfigError, match="runs with prompt lookup"):
+        fit_lookup(TauAcceptance(2.0), [parse_run({"tree": {"top_k": 4, "depth": 3, "total_tokens": 6},
+                                                   "accept_hist": plain})])
+
+
+def test_default_profile_prices_a_chain_on_any_tree() -> None:
+    """The shipped default draft's profiles carry `LookupChains` fitted to its full-set run with lookup 6: any
+    tree and chain length is priced, the drafted tree exactly as without lookup."""
+    for name in ("smollm2-dgf1", "smollm2-dgf1-humaneval", "smollm2-dgf1-mtbench"):
+        prof = ProfileAcceptance(name)
+        assert prof.prices_lookup and prof.chains is not None and "lookup chains" in prof.describe()
+        for tree in (TreeConfig(4, 3, 6), TreeConfig(10, 7, 16)):
+            plain = prof.outcomes(tree)
+            for L in (2, 6, 12):
+                out = prof.outcomes(TreeConfig(tree.top_k, tree.depth, tree.total_tokens, lookup=L))
+                assert out.cap == plain.cap + L and out.chain_p == prof.chains.chain_share
+                np.testing.assert_allclose(out.p_a, prof.chains.p_accept(plain.p_a, L))
+                assert out.tau > plain.tau
+    # a profile without a lookup fit still refuses a chain
+    with pytest.raises(ConfigError, match="prompt lookup"):
+        ProfileAcceptance("smollm2-eagle1").outcomes(TreeConfig(4, 3, 6, lookup=6))

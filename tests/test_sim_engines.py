@@ -153,6 +153,28 @@ def test_tune_with_tau_only_tunes_chain_depth_or_refuses() -> None:
         tune(hw, wl, TauAcceptance(1.8), grid={"top_k": [2, 4], "depth": [3]}, opts=SimOptions(cycles=100))
 
 
+def test_tune_tries_lookup_chains_when_the_profile_prices_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default draft's profile prices prompt lookup, so the default grid gains chain lengths; a sweep point
+    keeps the workload's draft (its feature layers too) and sets the chain."""
+    from simulator import tune as T
+
+    monkeypatch.setattr(T, "DEFAULT_TUNE_GRID", {"top_k": [4], "depth": [3], "total_tokens": [6],
+                                                 "schedule": ["dovetail"]})
+    hw = load_profile("host-2core-amd-epyc-2")
+    draft = DraftConfig(1, draft_vocab_size=8192, feature_layers=(2, 15, 27))
+    wl = Workload(SMOLLM2_135M, draft, prompt_len=128, new_tokens=128, draft_dtype="int8")
+    prof = ProfileAcceptance("smollm2-dgf1-humaneval")
+    res = tune(hw, wl, prof, opts=SimOptions(cycles=500))
+    assert res["evaluated"] == len(T.TUNE_LOOKUP) and {r["lookup"] for r in res["top"]} <= set(T.TUNE_LOOKUP)
+    assert res["best"]["lookup"] > 0  # on code, chains pay on this machine
+    plain = MixtureAcceptance(prof.components, prof.weights)  # the same classes without the lookup fit
+    no_chain = tune(hw, wl, plain, opts=SimOptions(cycles=500))
+    assert no_chain["evaluated"] == 1 and "lookup" not in no_chain["best"]
+    _, point_wl, _, _ = T.apply_point(hw, wl, SimOptions(), {"lookup": 8, "depth": 4}, "dovetail")
+    assert point_wl.tree == TreeConfig(wl.tree.top_k, 4, wl.tree.total_tokens, lookup=8)
+    assert point_wl.draft.feature_layers == (2, 15, 27)
+
+
 def test_tune_with_the_default_profile_picks_the_measured_best_tree() -> None:
     """The seven trees benched with the shipped round-4 draft on this machine (analysis/results/
     bench_tree_sweep_r4.json, decode tok/s): HumanEval 3/3/5 78.8, 4/3/6 78.7, 2/2/4 76.9 (within 2.5%), then
