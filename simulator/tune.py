@@ -173,6 +173,9 @@ def tune(hw: HardwareProfile, wl: Workload, acc: AcceptanceModel, vram_budget_gb
         grid = dict(DEFAULT_TUNE_GRID)
         if getattr(acc, "chains", None) is not None:  # prices a chain of any length on any tree
             grid["lookup"] = TUNE_LOOKUP
+            notes.append("prompt-lookup chains (lookup) are priced by the profile's chain model, fitted with one "
+                         "chain length: other lengths are extrapolated (checked in the README: optimistic for "
+                         "long chains on short trees)")
     rows = sweep(hw, wl, acc, grid, opts=opts, measured=measured, cost_factory=cost_factory)
     return _best(rows, acc, hw, top, notes)
 

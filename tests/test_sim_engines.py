@@ -166,7 +166,7 @@ def test_tune_tries_lookup_chains_when_the_profile_prices_them(monkeypatch: pyte
     prof = ProfileAcceptance("smollm2-dgf1-humaneval")
     res = tune(hw, wl, prof, opts=SimOptions(cycles=500))
     assert res["evaluated"] == len(T.TUNE_LOOKUP) and {r["lookup"] for r in res["top"]} <= set(T.TUNE_LOOKUP)
-    assert res["best"]["lookup"] > 0  # on code, chains pay on this machine
+    assert res["best"]["lookup"] > 0 and "chain model" in res["notes"][0]  # on code, chains pay here
     plain = MixtureAcceptance(prof.components, prof.weights)  # the same classes without the lookup fit
     no_chain = tune(hw, wl, plain, opts=SimOptions(cycles=500))
     assert no_chain["evaluated"] == 1 and "lookup" not in no_chain["best"]
