@@ -422,16 +422,20 @@ def _fittable(runs: Sequence[RunStats]) -> list[RunStats]:
     return [r for r in runs if r.tree is not None and r.hist is not None and not r.tree.lookup]
 
 
+def _hist_loglik(p: np.ndarray, hist: np.ndarray) -> float:
+    """Log-likelihood of a measured accept histogram under P(a = k) = p[k] (counts past the cap go to the cap)."""
+    h = np.zeros(len(p))
+    n = min(len(h), len(hist))
+    h[:n] = hist[:n]
+    h[-1] += hist[n:].sum()
+    return float(np.dot(h, np.log(np.maximum(p, 1e-12))))
+
+
 def _loglik(model: AcceptanceModel, runs: Sequence[RunStats]) -> float:
     ll = 0.0
     for r in runs:
         assert r.tree is not None and r.hist is not None
-        p = model.outcomes(r.tree).p_a
-        h = np.zeros(len(p))
-        n = min(len(h), len(r.hist))
-        h[:n] = r.hist[:n]
-        h[-1] += r.hist[n:].sum()
-        ll += float(np.dot(h, np.log(np.maximum(p, 1e-12))))
+        ll += _hist_loglik(model.outcomes(r.tree).p_a, r.hist)
     return ll
 
 
@@ -569,12 +573,7 @@ def fit_lookup(base: AcceptanceModel, runs: Sequence[RunStats]) -> LookupChains:
         total = 0.0
         for r, p_tree in zip(usable, plain, strict=True):
             assert r.tree is not None and r.hist is not None
-            p = LookupChains(share, first, cont).p_accept(p_tree, r.tree.lookup)
-            h = np.zeros(len(p))
-            n = min(len(h), len(r.hist))
-            h[:n] = r.hist[:n]
-            h[-1] += r.hist[n:].sum()
-            total += float(np.dot(h, np.log(np.maximum(p, 1e-12))))
+            total += _hist_loglik(LookupChains(share, first, cont).p_accept(p_tree, r.tree.lookup), r.hist)
         return total
 
     grid = np.linspace(0.02, 0.98, 49)
