@@ -174,16 +174,19 @@ def test_lookup_runs_stay_out_of_the_tree_fit_and_fitted_models_refuse_chains() 
 
 
 def _enumerated_chain(p_tree: list[float], lookup: int, share: float, first: float, cont: float) -> np.ndarray:
-    """P(a = k) by enumeration: t drafted tokens accepted, a chain present or not, m = 0..200 chain tokens agreeing
-    (P(m >= j) = first * cont^(j-1)); a chain hangs below the accepted node when m > t and gives min(m, t + L)."""
+    """P(a = k) by enumeration: t drafted tokens accepted, a chain present or not, m = 0..199 chain tokens agreeing
+    (P(m >= j) = first * cont^(j-1)) and the tail m >= 200 (longer than any t + L here, so it gives t + L); a chain
+    hangs below the accepted node when m > t and gives min(m, t + L)."""
     cap = len(p_tree) - 1
+    assert cap + lookup < 200
     p = np.zeros(cap + lookup + 1)
-    surv = [1.0] + [first * cont ** (j - 1) for j in range(1, 202)]
+    surv = [1.0] + [first * cont ** (j - 1) for j in range(1, 201)]
     for t, pt in enumerate(p_tree):
         p[t] += pt * (1 - share)
-        for m in range(201):
+        for m in range(200):
             pm = surv[m] - surv[m + 1]
             p[max(t, min(m, t + lookup))] += pt * share * pm
+        p[t + lookup] += pt * share * surv[200]
     return p
 
 
