@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dovetail_jax import api
+from dovetail_jax.io import checkpoint, registry
 from dovetail_jax.io.eval_prompts import load_dataset
 
 CACHE = Path.home() / ".cache" / "dovetail_jax" / "prompt_lookup"
@@ -59,15 +60,22 @@ def replay(prompt: list[int], output: list[int], max_n: int, length: int) -> lis
     return per_cycle
 
 
-def target_outputs(dataset: str, limit: int, max_new_tokens: int) -> list[dict]:
+def cache_path(target_path: Path, dataset: str, max_new_tokens: int) -> Path:
+    """Where a target's outputs for a dataset are cached: keyed by the weights' SHA-256, so another target (or a
+    re-quantized file) never reads this one's outputs."""
+    sha = checkpoint.file_sha256(target_path) if target_path.is_file() else target_path.resolve().name
+    return CACHE / f"{sha[:12]}_{dataset}_{max_new_tokens}.jsonl"
+
+
+def target_outputs(target_path: Path, dataset: str, limit: int, max_new_tokens: int) -> list[dict]:
     """Greedy target-only outputs (prompt ids and new ids) for the first `limit` prompts, cached on disk."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"{dataset}_{max_new_tokens}.jsonl"
+    path = cache_path(target_path, dataset, max_new_tokens)
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     prompts = load_dataset(dataset)[:limit]
     if len(done) >= len(prompts):
         return done[:len(prompts)]
-    target = api.load_target()
+    target = api.load_target(target_path)
     with path.open("a") as f:
         for pid, message in prompts[len(done):]:
             t0 = time.perf_counter()
@@ -113,19 +121,24 @@ def summarize(records: list[dict], max_n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", type=Path, default=None,
+                    help="GGUF file or HF folder of the target (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--datasets", nargs="+", default=["humaneval", "mtbench"])
     ap.add_argument("--limit", type=int, default=1000, help="first N prompts of each dataset")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="as the bench (default 128)")
     ap.add_argument("--max-n", type=int, default=3, help="longest suffix n-gram matched (default 3)")
     ap.add_argument("--out", type=Path, help="JSON to write (else stdout)")
     args = ap.parse_args()
+    target_path = args.target or registry.default_model_path()
+    if not target_path.exists():
+        sys.exit(f"error: --target {target_path}: no such file or folder")
     result = {"schema": "dovetail.analysis.prompt_lookup/1",
               "command": "python analysis/estimate_prompt_lookup.py " + " ".join(sys.argv[1:]),
               "settings": {"max_new_tokens": args.max_new_tokens, "max_n": args.max_n, "chat": True,
-                           "greedy": True, "tree_max_tokens_per_cycle": TREE_MAX},
+                           "greedy": True, "tree_max_tokens_per_cycle": TREE_MAX, "target": target_path.name},
               "datasets": {}}
     for ds in args.datasets:
-        records = target_outputs(ds, args.limit, args.max_new_tokens)
+        records = target_outputs(target_path, ds, args.limit, args.max_new_tokens)
         result["datasets"][ds] = {"prompts": len(records),
                                   "tokens": sum(len(r["new_ids"]) for r in records),
                                   "by_chain_length": summarize(records, args.max_n),
