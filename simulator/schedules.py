@@ -316,7 +316,7 @@ class CycleCosts:
     verify_gpu: list[list[float]]  # [chain][b]  target layers on the GPU (ngl > 0)
     verify_link: list[float]  # [chain]  hidden states GPU -> CPU at layer ngl
     verify_cpu: list[list[float]]  # [chain][b]
-    accept: list[float]  # [a]
+    accept: list[list[float]]  # [chain][a]  the accept step scans the verified width
     h2d: list[float]  # [a]
     draft: list[list[float]]  # [b][a]  stable pass + D expansions + heads
     fix: list[list[float]]  # [b][a]  pipelined: stable pass over the a+1 true features
@@ -335,7 +335,7 @@ def cycle_costs(wl: Workload, costs: CostModel, ctxs: list[int], cap: int, ngl: 
         verify_gpu=[[costs.target_gpu(w, c, ngl) if ngl else 0.0 for c in ctxs] for w in widths],
         verify_link=[costs.d2h(w * m.hidden_size * 4) if ngl else 0.0 for w in widths],
         verify_cpu=[[costs.target_cpu(w, c, m.num_layers - ngl, head=True) for c in ctxs] for w in widths],
-        accept=[costs.accept(t, a) for a in range(cap + 1)],
+        accept=[[costs.accept(w, a) for a in range(cap + 1)] for w in widths],
         h2d=[costs.h2d(feature_bytes(wl, a + 1)) for a in range(cap + 1)],
         draft=[[costs.draft_pass(a + 1, c) + e for a in range(cap + 1)] for c, e in zip(ctxs, expand, strict=True)],
         fix=[[costs.draft_pass(a + 1, c) for a in range(cap + 1)] for c in ctxs],
@@ -399,7 +399,7 @@ def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
                 yield eng.use(gpu, cc.verify_gpu[ch][b], "verify_gpu")
                 yield eng.use(link, cc.verify_link[ch], "transfer")
             yield eng.use(cpu, cc.verify_cpu[ch][b], "verify")
-            yield eng.use(cpu, cc.accept[a], "accept")
+            yield eng.use(cpu, cc.accept[ch][a], "accept")
             yield eng.use(link, cc.h2d[a], "transfer")
             yield eng.use(gpu, cc.draft[b][a], "draft")
             yield eng.use(cpu, cc.host, "host")
@@ -422,7 +422,7 @@ def _speculative(name: str, hw: HardwareProfile, wl: Workload, acc: AcceptanceMo
             if started:
                 eng.use(gpu, d * started, "draft_speculative")
             yield v
-            acc_job = eng.use(cpu, cc.accept[a], "accept")
+            acc_job = eng.use(cpu, cc.accept[ch][a], "accept")
             if 0 <= rank < started:  # hit: the next tree is drafted; fetch it and fold the true features in
                 x = eng.use(link, cc.d2h, "transfer", after=t0 + (rank + 1) * d)
                 yield acc_job if acc_job.end > x.end else x
