@@ -17,6 +17,7 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 DRAFTS_PACKAGE = "dovetail_jax._drafts"  # = dovetail_jax.io.registry.PACKAGED_DRAFTS_DIR's package
 DRAFT_FILES = ("card.json", "weights.safetensors")  # = dovetail_jax.io.checkpoint's CARD and WEIGHTS
+OPTIONAL_FILES = ("vocab_order.npy",)  # = dovetail_jax.io.checkpoint's VOCAB_ORDER, shipped when present
 
 
 def shipped_drafts() -> list[str]:
@@ -41,6 +42,7 @@ setup(
     package_data={
         "simulator": ["presets/*.json", "data/*.json"],
         "dovetail_jax.kernels": ["*.cc", "*.h"],  # compiled on first use (dovetail_jax/kernels/__init__.py)
-        DRAFTS_PACKAGE: [f"{name}/{f}" for name in shipped_drafts() for f in DRAFT_FILES],
+        DRAFTS_PACKAGE: [f"{name}/{f}" for name in shipped_drafts() for f in DRAFT_FILES + OPTIONAL_FILES
+                         if f in DRAFT_FILES or (ROOT / "checkpoints" / name / f).is_file()],
     },
 )

@@ -40,11 +40,9 @@ def widen(vocab_map: np.ndarray, counts: np.ndarray, size: int | None) -> np.nda
         return None
     if size < vocab_map.size:
         raise ValueError(f"cannot widen a vocabulary of {vocab_map.size} to {size}")
-    member = np.zeros(counts.size, bool)
-    member[vocab_map] = True
-    order = np.argsort(-counts, kind="stable")
-    extra = order[~member[order]][: size - vocab_map.size]
-    return np.concatenate([vocab_map, extra.astype(np.int32)])
+    from dovetail_jax.train.trainer import rank_vocab
+
+    return rank_vocab(vocab_map, counts)[:size]
 
 
 def evaluate_drafts(drafts: list[Path], work: Path | None, heldout_every: int, batch_tokens: int,

@@ -223,7 +223,8 @@ def random_draft(target: Target, cfg: DraftConfig = DraftConfig(), seed: int = 0
 
 
 def load_draft(target: Target, path: str | Path | None = None, *, fallback_random: DraftConfig | None = None,
-               seed: int = 0, head_dtype: str | None = None, weight_dtype: str | None = None) -> Draft:
+               seed: int = 0, head_dtype: str | None = None, weight_dtype: str | None = None,
+               vocab_size: int | None = None) -> Draft:
     """Load a draft for `target` onto the accelerator.
 
     `path`: a draft checkpoint folder (`card.json` + `weights.safetensors`), or a whole LLaMA with the same
@@ -245,8 +246,15 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
     proposes, never the output. "stored": as the checkpoint stores them. None: int8 for trained and random
     drafts (with the int8 head: the same tau on HumanEval, less draft time), as stored for standalone and "self"
     drafts.
+
+    `vocab_size` widens a trained draft's reduced vocabulary to that many ids: its own, then those its
+    checkpoint ranks next by training frequency (`vocab_order.npy`). The weights do not change; the head scores
+    more rows (more bytes per draft step), so the draft can propose tokens it could not. None: as trained.
     """
     _check_instance("target", target, Target, "a Target (api.load_target)")
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral)
+                                   or vocab_size < 1):
+        raise ConfigError(f"vocab_size must be a positive integer, got {vocab_size!r}")
     if fallback_random is not None:
         _check_draft_config(fallback_random, target)
     _check_seed(seed)
@@ -255,6 +263,8 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
     if path is not None:
         check_draft_path(path)
     dev = target.placement.draft
+    if vocab_size is not None and path == "self":
+        raise ConfigError("vocab_size widens a trained draft's vocabulary; the 'self' draft scores every token")
     if path == "self":  # the target as its own standalone draft: agrees almost always, costs a target forward
         _refuse_own_head(head_dtype, "the 'self' draft")
         dcfg, params, shared = draft_lib.draft_from_lm(target.params, target.cfg, dev)
@@ -265,15 +275,22 @@ def load_draft(target: Target, path: str | Path | None = None, *, fallback_rando
         if path is None:
             if fallback_random is None:
                 raise ConfigError(f"no trained draft is shipped for {target.cfg.name}; pass a draft path")
+            if vocab_size is not None:
+                raise ConfigError(f"no trained draft is shipped for {target.cfg.name} to widen the vocabulary of; "
+                                  "a random draft's vocabulary is its DraftConfig.draft_vocab_size")
             return random_draft(target, fallback_random, seed, head_dtype=head_dtype, weight_dtype=weight_dtype)
     p = Path(path).expanduser()
     progress.note(f"loading the draft {progress.short_path(p)} onto {dev} ...")
     if p.is_dir() and (p / checkpoint.CARD).is_file():
-        dcfg, params, vocab_map, card = checkpoint.load_draft(p, target.cfg, dev, target.sha256)
+        dcfg, params, vocab_map, card = checkpoint.load_draft(p, target.cfg, dev, target.sha256,
+                                                              vocab_size=vocab_size)
         shared = draft_lib.make_shared(target.params, target.cfg, vocab_map, dev,
                                        head_dtype=head_dtype or SHARED_HEAD_DEFAULT)
         return _with_weights(Draft(dcfg, params, shared, source=str(p), kind="trained"), weight_dtype, dev)
     _refuse_own_head(head_dtype, f"the standalone draft {p}")
+    if vocab_size is not None:
+        raise ConfigError(f"vocab_size widens a trained draft's vocabulary; the standalone draft {p} scores every "
+                          "token")
     lm_cfg, tensors, _ = load_model_files(p)
     if lm_cfg.vocab_size != target.cfg.vocab_size:
         raise ModelFormatError(f"{p}: a standalone draft needs the target's vocabulary ({target.cfg.vocab_size} "

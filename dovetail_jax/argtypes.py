@@ -234,6 +234,7 @@ class DraftFlags:
     draft_layers: int | None = None
     draft_fusion: str | None = None
     draft_vocab: int | None = None
+    widen_vocab: int | None = None  # a trained draft's vocabulary widened to this many ids (`api.load_draft`)
 
     def given(self, names: tuple[str, ...]) -> list[str]:
         """The fields among `names` that were given."""

@@ -93,6 +93,10 @@ def add_dovetail_args(p: argparse.ArgumentParser) -> None:
                    help="fusion of the random draft: dgf (Dovetail, default) or eagle")
     g.add_argument("--draft-vocab", type=positive_int, default=None, metavar="V",
                    help="reduced vocabulary of the random draft: its head scores only V tokens")
+    g.add_argument("--widen-vocab", type=positive_int, default=None, metavar="V",
+                   help="widen a trained draft's reduced vocabulary to V ids: its own, then the ids its checkpoint "
+                        "ranks next by training frequency (vocab_order.npy). Same weights; the head scores more "
+                        "rows (more bytes per draft step), so the draft can propose tokens it could not")
     from dovetail_jax.bench.dovetail import DRAFT_HEAD_HELP, DRAFT_HEADS, DRAFT_WEIGHTS, DRAFT_WEIGHTS_HELP
 
     g.add_argument("--draft-head", choices=list(DRAFT_HEADS), default=None, help=DRAFT_HEAD_HELP)
@@ -124,10 +128,14 @@ def _check_generate(args: argparse.Namespace, flags: DraftFlags) -> None:
         raise DovetailError("--system only applies to --chat prompts")
     random_opts = flags.given(RANDOM_FLAGS)
     if args.mode != "dovetail" and (flags.draft or random_opts or flags.given(TREE_FLAGS) or args.draft_head
-                                    or args.draft_weights):
+                                    or args.draft_weights or flags.widen_vocab):
         raise DovetailError("draft and tree options need --mode dovetail")
     if flags.draft and random_opts:
         raise DovetailError(f"{flag(random_opts[0])} shapes a random draft; it cannot change --draft")
+    if flags.widen_vocab and (random_opts or flags.draft in ("self", "random")):
+        raise DovetailError("--widen-vocab widens a trained draft's vocabulary; "
+                            + ("--draft-vocab shapes a random one" if random_opts or flags.draft == "random"
+                               else "--draft self scores every token"))
     if flags.draft == "self" and args.draft_head not in (None, "f32"):
         raise DovetailError(f"--draft-head {args.draft_head} applies to drafts sharing the target's LM head; "
                             "--draft self keeps its own f32 head")
@@ -146,7 +154,7 @@ def _load_draft(api: Any, target: Any, flags: DraftFlags, seed: int, draft_head:
         draft = api.random_draft(target, fallback, seed=seed, head_dtype=head_dtype, weight_dtype=draft_weights)
     else:
         draft = api.load_draft(target, flags.draft, fallback_random=fallback, seed=seed, head_dtype=head_dtype,
-                               weight_dtype=draft_weights)
+                               weight_dtype=draft_weights, vocab_size=flags.widen_vocab)
     if draft.is_random:
         print(f"dovetail: note: using an untrained ({draft.source}) draft: output is still exactly the "
               f"target's, but few drafts are accepted", file=sys.stderr)
@@ -363,8 +371,9 @@ def _add_bench_dovetail(bsub: Any) -> None:
                    help='JSON list of {"name", "draft": path | "self" | "random" | null (the default draft), '
                         '"tree": preset name | {"top_k", "depth", "total_tokens", "lookup"}} (optional "draft_layers", '
                         '"draft_fusion", "draft_vocab" shape a random draft; "draft_head": "f32" | "bf16" | "int8" '
-                        'as --draft-head; "draft_weights": "stored" | "int8" as --draft-weights); replaces '
-                        '--draft, --draft-head, --draft-weights and the tree options')
+                        'as --draft-head; "draft_weights": "stored" | "int8" as --draft-weights; "widen_vocab": V '
+                        'as --widen-vocab); replaces --draft, --draft-head, --draft-weights, --widen-vocab and '
+                        'the tree options')
     p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
                    help="also time llama.cpp on the same weights as an F32 GGUF (default: on when llama_cpp is "
                         "installed and the model is a GGUF file)")

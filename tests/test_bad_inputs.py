@@ -133,6 +133,10 @@ CASES += [
     (DOV + ["--draft-fusion", "medusa"], "--draft-fusion"),
     (DOV + ["--tree-top-k", "1", "--depth", "1", "--total-tokens", "99"], "total_tokens"),
     (DOV + ["--draft", "self", "--draft-layers", "2"], "random draft"),
+    *[(DOV + ["--widen-vocab", v], "--widen-vocab") for v in ("0", "-2", "1.5")],
+    (DOV + ["--draft-vocab", "64", "--widen-vocab", "128"], "--draft-vocab shapes a random one"),
+    (DOV + ["--draft", "self", "--widen-vocab", "128"], "--draft self scores every token"),
+    (GEN + ["--widen-vocab", "128"], "--mode dovetail"),
     (GEN + ["--tree", "laptop"], "--mode dovetail"),
     (GEN + ["--system", "be brief"], "--chat"),
     (GEN + ["--no-such-flag"], "unrecognized"),
@@ -316,6 +320,7 @@ MODEL_CASES: list[tuple[list[str], str]] = [
     (DOV + ["--draft-layers", "7"], "--draft-layers"),  # the tiny target has 2 layers
     (DOV + ["--draft-layers", "3", "--draft-vocab", "8"], "1..2"),
     (DOV + ["--draft", "{tmp}/draft"], "card"),  # a card without the draft's fields
+    (DOV + ["--widen-vocab", "50"], "no trained draft is shipped"),  # nothing to widen for the tiny target
     (DOV + ["--draft", "{tmp}/results.json"], "results.json"),  # a JSON file is not a model
     (GEN + ["--tokenizer", "{tmp}/results.json"], "tokenizer"),
     (GEN + ["--tokenizer", "{tmp}/draft"], "tokenizer"),

@@ -94,8 +94,11 @@ def test_parse_configs():
         {"name": "c", "draft": "random", "draft_vocab": 8192, "draft_layers": 2},
         {"name": "d", "draft": "self", "tree": {"depth": 2}},
         {"name": "e", "tree": {"lookup": 4}},
+        {"name": "f", "widen_vocab": 16384},
     ], "f.json")
-    assert [c.name for c in cs] == ["a", "b", "c", "d", "e"]
+    assert [c.name for c in cs] == ["a", "b", "c", "d", "e", "f"]
+    assert cs[5].widen_vocab == 16384 and cs[4].widen_vocab is None
+    assert cs[5].draft_key != cs[4].draft_key  # a widened draft is loaded apart from the one as trained
     assert cs[0].tree == TREE_PRESETS["server"] and cs[0].draft == "self"
     assert cs[1].tree == TreeConfig(1, 3, 4) and cs[1].draft is None
     assert cs[2].tree == DEFAULT_TREE and cs[2].random_cfg == DraftConfig(num_layers=2, draft_vocab_size=8192)
@@ -120,6 +123,10 @@ def test_parse_configs():
     ([{"name": "a", "draft": "self", "draft_vocab": 100}], "random draft"),
     ([{"name": "a", "draft_fusion": "mlp"}], "draft_fusion"),
     ([{"name": "a", "temperature": 1}], "unknown key"),
+    ([{"name": "a", "widen_vocab": 0}], "widen_vocab must be a positive integer"),
+    ([{"name": "a", "widen_vocab": "16384"}], "widen_vocab must be a positive integer"),
+    ([{"name": "a", "draft": "self", "widen_vocab": 16384}], "trained draft"),
+    ([{"name": "a", "draft_vocab": 100, "widen_vocab": 16384}], "trained draft"),
 ])
 def test_bad_configs(data, needle):
     with pytest.raises(ConfigError) as e:
@@ -140,6 +147,12 @@ def test_single_config_from_flags():
     assert bd.resolve_configs(None, DraftFlags(tree="laptop"))[0].tree.lookup == 0
     with pytest.raises(ConfigError, match="--configs replaces --tree-top-k"):
         bd.resolve_configs(Path("x.json"), flags)
+    (wide,) = bd.resolve_configs(None, DraftFlags(widen_vocab=16384))
+    assert wide.widen_vocab == 16384 and wide.name.endswith("-v16384") and wide.draft is None
+    with pytest.raises(ConfigError, match="trained draft"):
+        bd.resolve_configs(None, DraftFlags(draft_vocab=64, widen_vocab=16384))
+    with pytest.raises(ConfigError, match="--configs replaces --widen-vocab"):
+        bd.resolve_configs(Path("x.json"), DraftFlags(widen_vocab=16384))
 
 
 # --- pooling -------------------------------------------------------------------------------------------------

@@ -289,6 +289,97 @@ def test_refuses_vocab_map_for_full_vocabulary(saved):
     refused(folder, "unexpected 'vocab_map' for a full-vocabulary draft")
 
 
+# --- widening a reduced vocabulary along the draft's ranking (vocab_order.npy) ------------------------------
+
+
+def test_rank_vocab_closed_form():
+    from dovetail_jax.train.trainer import rank_vocab
+
+    counts = np.array([5, 0, 9, 9, 1, 7])  # ids 2 and 3 tie: the lower id first
+    np.testing.assert_array_equal(rank_vocab(np.array([4, 1]), counts), [4, 1, 2, 3, 5, 0])
+
+
+@pytest.fixture
+def ranked(tmp_path):
+    """A 5-id draft with its ranking of all 97 target ids saved beside it."""
+    from dovetail_jax.train.trainer import rank_vocab
+
+    dcfg = DraftConfig(num_layers=1, fusion="dgf", draft_vocab_size=5)
+    t, params = make(dcfg, seed=3)
+    vm = np.array([96, 4, 0, 50, 7], np.int32)
+    folder = ck.save_draft(tmp_path / "d", CFG, dcfg, params, vocab_map=vm, dtype="float32")
+    order = rank_vocab(vm, np.random.default_rng(0).integers(0, 1000, CFG.vocab_size))
+    ck.save_vocab_order(folder, order, vm, CFG.vocab_size)
+    return folder, t, vm, order
+
+
+@pytest.mark.parametrize("size", [5, 8, 40, 97])
+def test_widened_vocabulary_is_the_ranking_prefix(ranked, size):
+    folder, t, vm, order = ranked
+    dcfg, params, got, card = ck.load_draft(folder, CFG, vocab_size=size)
+    assert dcfg.draft_vocab_size == size and card["draft"]["draft_vocab_size"] == 5
+    np.testing.assert_array_equal(got, order[:size])
+    np.testing.assert_array_equal(got[:5], vm)  # the trained ids keep their rows, in order
+    back = D.draft_tensors(params, CFG)  # the weights do not depend on the vocabulary
+    for k in t:
+        np.testing.assert_array_equal(back[k], t[k])
+
+
+@pytest.mark.parametrize("size,match", [(4, "can be widened to 5..97 ids, not 4"),
+                                        (98, "can be widened to 5..97 ids, not 98")])
+def test_widening_refuses_sizes_outside_the_range(ranked, size, match):
+    from dovetail_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        ck.load_draft(ranked[0], CFG, vocab_size=size)
+
+
+def test_widening_needs_a_ranking(tmp_path):
+    from dovetail_jax.errors import ConfigError
+
+    dcfg = DraftConfig(num_layers=1, fusion="dgf", draft_vocab_size=4)
+    _, params = make(dcfg)
+    folder = ck.save_draft(tmp_path / "d", CFG, dcfg, params, vocab_map=np.arange(4), dtype="float32")
+    assert ck.load_draft(folder, CFG, vocab_size=4)[0] == dcfg  # its own size needs none
+    with pytest.raises(ConfigError, match="no vocab_order.npy"):
+        ck.load_draft(folder, CFG, vocab_size=8)
+
+
+def test_widening_a_full_vocabulary_draft_is_refused(saved):
+    from dovetail_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="full-vocabulary draft"):
+        ck.load_draft(saved[0], CFG, vocab_size=50)
+
+
+BAD_RANKINGS = [(lambda o: o[:-1], "every target id below 97 once"),
+                (lambda o: np.concatenate([o[:-1], o[:1]]), "every target id below 97 once"),
+                (lambda o: np.concatenate([o[1:2], o[:1], o[2:]]), "must start with the draft's own 5 vocabulary ids")]
+
+
+@pytest.mark.parametrize("edit,match", BAD_RANKINGS + [(lambda o: o.astype(np.float32), "every target id below 97")])
+def test_refuses_a_bad_ranking_file(ranked, edit, match):
+    folder, _, vm, order = ranked
+    np.save(folder / ck.VOCAB_ORDER, edit(order))
+    with pytest.raises(ModelFormatError, match=match):
+        ck.load_draft(folder, CFG, vocab_size=8)
+
+
+@pytest.mark.parametrize("edit,match", BAD_RANKINGS)
+def test_never_writes_a_bad_ranking(ranked, edit, match):
+    folder, _, vm, order = ranked
+    with pytest.raises(ModelFormatError, match=match):
+        ck.save_vocab_order(folder, edit(order), vm, CFG.vocab_size)
+    np.testing.assert_array_equal(np.load(folder / ck.VOCAB_ORDER), order)  # the good one stays
+
+
+def test_refuses_a_damaged_ranking_file(ranked):
+    folder = ranked[0]
+    (folder / ck.VOCAB_ORDER).write_bytes(b"not a numpy file")
+    with pytest.raises(ModelFormatError, match="unreadable"):
+        ck.load_draft(folder, CFG, vocab_size=8)
+
+
 @pytest.mark.parametrize("vocab_size,vm", [(None, np.arange(4)), (4, None), (4, np.arange(6))],
                          ids=["map_without_size", "size_without_map", "length_mismatch"])
 def test_save_never_writes_an_unloadable_checkpoint(tmp_path, vocab_size, vm):

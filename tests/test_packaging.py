@@ -54,6 +54,10 @@ def test_wheel_carries_the_default_drafts_byte_identical(wheel: Path):
         for name in shipped:
             for f in DRAFT_FILES:
                 assert z.read(f"{DRAFTS_IN_WHEEL}/{name}/{f}") == (CHECKPOINTS_DIR / name / f).read_bytes()
+            order = CHECKPOINTS_DIR / name / checkpoint.VOCAB_ORDER  # optional: shipped when the draft has one
+            in_wheel = f"{DRAFTS_IN_WHEEL}/{name}/{checkpoint.VOCAB_ORDER}"
+            assert (in_wheel in names) == order.is_file()
+            assert not order.is_file() or z.read(in_wheel) == order.read_bytes()
     assert wheel.stat().st_size < 50 * 2**20
 
 

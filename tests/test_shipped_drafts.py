@@ -30,7 +30,10 @@ def test_card_is_complete_and_files_small(folder: Path):
     assert card["heldout_tau"]["server"]["tau"] >= 1.0
     size = (folder / "weights.safetensors").stat().st_size
     assert size < 50 * 2**20
-    assert sorted(f.name for f in folder.iterdir()) == ["card.json", "weights.safetensors"]
+    files = sorted(f.name for f in folder.iterdir())
+    assert files in (["card.json", "weights.safetensors"], ["card.json", "vocab_order.npy", "weights.safetensors"])
+    if "vocab_order.npy" in files:  # a ranking to widen the vocabulary along: 4 bytes per target id
+        assert (folder / "vocab_order.npy").stat().st_size < 2**20
 
 
 @pytest.mark.parametrize("folder", SHIPPED, ids=lambda p: p.name)
@@ -41,6 +44,9 @@ def test_loads_for_its_target_only(folder: Path, smollm2_path):
     target = api.load_target(smollm2_path, layout="in_out")
     draft = api.load_draft(target, folder)
     assert draft.cfg.num_layers >= 1
+    if (folder / checkpoint.VOCAB_ORDER).is_file():  # its ranking is valid: the vocabulary widens along it
+        wide = api.load_draft(target, folder, vocab_size=2 * draft.cfg.draft_vocab_size)
+        assert int(wide.shared.head.shape[0]) == 2 * draft.cfg.draft_vocab_size
     other = checkpoint.read_card(folder)
     other["target"]["sha256"] = "0" * 64
     with pytest.raises(ModelFormatError):

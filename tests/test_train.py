@@ -442,6 +442,18 @@ def test_train_draft_end_to_end_on_smollm2(run_cli, smollm2_path, tmp_path):
     ref = api.generate(target, "Name three colors.", chat=True, max_new_tokens=24)
     got = api.generate(target, "Name three colors.", chat=True, max_new_tokens=24, draft=draft)
     assert got.token_ids == ref.token_ids
+    # the export ranks every id for widening: its vocabulary first; a widened draft is lossless too
+    order = np.load(out / "vocab_order.npy")
+    assert "vocab_order" in card and sorted(order.tolist()) == list(range(target.cfg.vocab_size))
+    wide = api.load_draft(target, out, vocab_size=9000)
+    assert wide.cfg.draft_vocab_size == 9000 and int(wide.shared.head.shape[0]) == 9000
+    got = api.generate(target, "Name three colors.", chat=True, max_new_tokens=24, draft=wide)
+    assert got.token_ids == ref.token_ids
+    # a draft exported before the pipeline wrote a ranking gets one from its work folder (the training answers)
+    (out / "vocab_order.npy").unlink()
+    assert _analysis_module("write_vocab_order").main([str(out), "--work", str(work)]) == 0
+    again = np.load(out / "vocab_order.npy")
+    np.testing.assert_array_equal(again[:8192], order[:8192])
     weights = (out / "weights.safetensors").read_bytes()
     code, _, err = run_cli(*base, "--steps", "4", "--layers", "2", "--run", str(work / "runs" / "dgf1-v8192"))
     assert code == 2 and "draft" in err and "Traceback" not in err

@@ -50,7 +50,8 @@ DEFAULT_OUT = Path("analysis/results/bench_dovetail.json")
 DEFAULT_DATASETS = "humaneval,mtbench"
 SCHEMA = "dovetail.bench.dovetail/1"
 RESERVED_NAMES = ("target", "llama_cpp_f32")
-CONFIG_KEYS = {"name", "draft", "tree", "draft_layers", "draft_fusion", "draft_vocab", "draft_head", "draft_weights"}
+CONFIG_KEYS = {"name", "draft", "tree", "draft_layers", "draft_fusion", "draft_vocab", "draft_head", "draft_weights",
+               "widen_vocab"}
 # --draft-head / "draft_head": the dtype of the draft's copy of the target's LM head (`api.load_draft(head_dtype=)`)
 DRAFT_HEADS = {"f32": "float32", "bf16": "bfloat16", "int8": "int8"}
 DRAFT_HEAD_HELP = ("dtype of the draft's copy of the target's LM head: bf16 rounds it once at load, halving the "
@@ -86,17 +87,18 @@ class RunConfig:
     random_cfg: DraftConfig  # the random draft's shape ("random", or None when no draft is shipped)
     draft_head: str | None = None  # a key of DRAFT_HEADS; None: the API's default for the draft's kind
     draft_weights: str | None = None  # one of DRAFT_WEIGHTS; None: the API's default
+    widen_vocab: int | None = None  # a trained draft's vocabulary widened to this many ids; None: as trained
 
     @property
-    def draft_key(self) -> tuple[str | None, DraftConfig | None, str | None, str | None]:
+    def draft_key(self) -> tuple[str | None, DraftConfig | None, str | None, str | None, int | None]:
         """Configurations with equal keys share one loaded draft (a bf16 head is a separately loaded draft)."""
         return (self.draft, (self.random_cfg if self.draft in (None, "random") else None), self.draft_head,
-                self.draft_weights)
+                self.draft_weights, self.widen_vocab)
 
     def to_dict(self) -> dict[str, Any]:
         r = self.random_cfg
         return {"name": self.name, "draft": self.draft, "draft_head": self.draft_head,
-                "draft_weights": self.draft_weights,
+                "draft_weights": self.draft_weights, "widen_vocab": self.widen_vocab,
                 "tree": {"top_k": self.tree.top_k, "depth": self.tree.depth, "total_tokens": self.tree.total_tokens,
                          "lookup": self.tree.lookup},
                 "random_draft": {"num_layers": r.num_layers, "fusion": r.fusion, "draft_vocab_size": r.draft_vocab_size}
@@ -171,6 +173,17 @@ def _draft_weights(value: Any, where: str) -> str | None:
     return value
 
 
+def _widen_vocab(value: Any, draft: str | None, where: str) -> int | None:
+    """A validated "widen_vocab" (None stays None): a positive size, for a trained draft only."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where}: widen_vocab must be a positive integer, got {value!r}")
+    if draft in ("self", "random"):
+        raise ConfigError(f"{where}: widen_vocab widens a trained draft's vocabulary, not the {draft!r} draft's")
+    return value
+
+
 def configs_from_flags(flags: DraftFlags, draft_head: str | None = None,
                        draft_weights: str | None = None) -> list[RunConfig]:
     """The single configuration that --draft / --tree / --tree-top-k / ... / --draft-head / --draft-weights
@@ -185,11 +198,13 @@ def configs_from_flags(flags: DraftFlags, draft_head: str | None = None,
     tree = flags.tree_config()
     head = _draft_head(draft_head, draft, "--draft-head")
     weights = _draft_weights(draft_weights, "--draft-weights")
+    widen = _widen_vocab(flags.widen_vocab, draft, "--widen-vocab")
     name = f"{_draft_label(draft)}-{tree.top_k}-{tree.depth}-{tree.total_tokens}"
     name += f"-lookup{tree.lookup}" if tree.lookup else ""
     name += "" if head is None else f"-{head}"
     name += "" if weights is None else f"-w{weights}"
-    return [RunConfig(name, draft, tree, rcfg, head, weights)]
+    name += "" if widen is None else f"-v{widen}"
+    return [RunConfig(name, draft, tree, rcfg, head, weights, widen)]
 
 
 def parse_configs(data: Any, where: str, default_tree: TreeConfig = DEFAULT_TREE) -> list[RunConfig]:
@@ -221,7 +236,9 @@ def parse_configs(data: Any, where: str, default_tree: TreeConfig = DEFAULT_TREE
         rcfg = _random_cfg(c.get("draft_layers"), c.get("draft_fusion"), c.get("draft_vocab"), at)
         head = _draft_head(c.get("draft_head"), draft, at)
         weights = _draft_weights(c.get("draft_weights"), at)
-        out.append(RunConfig(name, draft, _tree_from_spec(c.get("tree"), at, default_tree), rcfg, head, weights))
+        widen = _widen_vocab(c.get("widen_vocab"), "random" if shaping else draft, at)
+        out.append(RunConfig(name, draft, _tree_from_spec(c.get("tree"), at, default_tree), rcfg, head, weights,
+                             widen))
     return out
 
 
@@ -243,7 +260,7 @@ def resolve_configs(configs_file: Path | None, flags: DraftFlags, draft_head: st
     --draft-weights, None: not given) describe."""
     if configs_file is None:
         return configs_from_flags(flags, draft_head, draft_weights)
-    single = flags.given(("draft", *TREE_FLAGS, *RANDOM_FLAGS))
+    single = flags.given(("draft", *TREE_FLAGS, *RANDOM_FLAGS, "widen_vocab"))
     if single:
         raise ConfigError(f"--configs replaces {flag(single[0])}; give one or the other")
     if draft_head is not None:
@@ -440,7 +457,7 @@ def _load_draft(api: Any, target: Any, c: RunConfig, seed: int) -> Any:
             return api.random_draft(target, c.random_cfg, seed=seed, head_dtype=head_dtype,
                                     weight_dtype=c.draft_weights)
         return api.load_draft(target, c.draft, fallback_random=c.random_cfg, seed=seed, head_dtype=head_dtype,
-                              weight_dtype=c.draft_weights)
+                              weight_dtype=c.draft_weights, vocab_size=c.widen_vocab)
     except DovetailError as e:
         raise type(e)(f"configuration {c.name!r}: draft {c.draft!r}: {e}") from None
     except Exception as e:  # any failure to load a user-given draft is bad input, not a crash

@@ -10,10 +10,16 @@ A bfloat16 checkpoint is loaded for inference with its matrices kept in bfloat16
 the default): the compiled matmul kernel reads them as such, bit-identical to their float32 upcast and half the
 bytes per draft forward. `DOVETAIL_DRAFT_F32=1` (read at load time) loads them as float32 instead, for A/B
 timings. Training loads float32 (`keep_bf16=False`: optimiser updates need float32 weights).
+
+A reduced-vocabulary draft may carry `vocab_order.npy`: every target id ranked, its own vocabulary first (in
+the map's order), then the others by how often the training split's answers used them. `load_draft(vocab_size=N)`
+widens the vocabulary to its first N ids: the weights do not depend on the vocabulary (the head is the
+target's own, restricted to the vocabulary's rows), so a wider one scores tokens the draft could never propose.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,6 +39,7 @@ FORMAT = "dovetail-draft/1"
 WEIGHTS = "weights.safetensors"
 CARD = "card.json"
 VOCAB_MAP = "vocab_map"
+VOCAB_ORDER = "vocab_order.npy"
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -79,6 +86,45 @@ def save_draft(folder: str | Path, cfg: ModelConfig, dcfg: DraftConfig, params: 
     tmp.write_text(json.dumps(card, indent=1) + "\n")
     os.replace(tmp, folder / CARD)
     return folder
+
+
+def _check_order(order: np.ndarray, vocab_map: np.ndarray, vocab_size: int, where: str) -> None:
+    """A ranking must hold every target id once and start with the draft's own vocabulary."""
+    ok = order.ndim == 1 and order.size == vocab_size and np.issubdtype(order.dtype, np.integer)
+    if not ok or not np.array_equal(np.sort(order), np.arange(vocab_size)):
+        raise ModelFormatError(f"{where}: expected every target id below {vocab_size} once")
+    if not np.array_equal(order[:vocab_map.size], vocab_map):
+        raise ModelFormatError(f"{where}: must start with the draft's own {vocab_map.size} vocabulary ids, in order")
+
+
+def save_vocab_order(folder: str | Path, order: np.ndarray, vocab_map: np.ndarray, vocab_size: int) -> Path:
+    """Write a reduced-vocabulary draft's ranking of all target ids (`VOCAB_ORDER`) beside its weights."""
+    path = Path(folder) / VOCAB_ORDER
+    order = np.asarray(order, np.int32)
+    _check_order(order, np.asarray(vocab_map, np.int32), vocab_size, str(path))
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, order, allow_pickle=False)
+    os.replace(tmp, path)
+    return path
+
+
+def widened_vocab(folder: str | Path, vocab_map: np.ndarray, size: int, vocab_size: int) -> np.ndarray:
+    """The first `size` ids of the draft's ranking (`VOCAB_ORDER`): its own vocabulary, then the ids that the
+    training answers used most among the others. A ConfigError when the draft has no ranking or `size` is not
+    between its vocabulary's size and the target's."""
+    path = Path(folder) / VOCAB_ORDER
+    if not vocab_map.size <= size <= vocab_size:
+        raise ConfigError(f"a draft vocabulary of {vocab_map.size} ids can be widened to {vocab_map.size}.."
+                          f"{vocab_size} ids, not {size}")
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no {VOCAB_ORDER} (a ranking of the other ids) to widen the vocabulary with; "
+                          "`python analysis/write_vocab_order.py` writes one from the draft's training data")
+    try:
+        order = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{path}: unreadable ({e})") from None
+    _check_order(order, vocab_map, vocab_size, str(path))
+    return order[:size].astype(np.int32)
 
 
 def read_card(folder: str | Path) -> dict[str, Any]:
@@ -129,11 +175,12 @@ def draft_f32_forced() -> bool:
 
 
 def load_draft(folder: str | Path, cfg: ModelConfig, device: jax.Device | None = None,
-               target_sha256: str | None = None, keep_bf16: bool = True,
+               target_sha256: str | None = None, keep_bf16: bool = True, vocab_size: int | None = None,
                ) -> tuple[DraftConfig, DraftParams, np.ndarray | None, dict[str, Any]]:
     """(architecture, weights on `device`, vocab_map or None, card) of a draft checkpoint. The weights are
     float32, except that with `keep_bf16` (and no `DOVETAIL_DRAFT_F32`) a bfloat16 checkpoint's matrices stay
-    bfloat16 (same values; see the module docstring). Never for a float32 checkpoint."""
+    bfloat16 (same values; see the module docstring). Never for a float32 checkpoint. `vocab_size` widens a
+    reduced vocabulary to that many ids (`widened_vocab`); the architecture returned says so, the card not."""
     folder = Path(folder)
     where = str(folder)
     card = read_card(folder)
@@ -156,6 +203,11 @@ def load_draft(folder: str | Path, cfg: ModelConfig, device: jax.Device | None =
             raise ModelFormatError(f"{wpath}: '{VOCAB_MAP}' must hold distinct ids below {cfg.vocab_size}")
     elif vocab_map is not None:
         raise ModelFormatError(f"{wpath}: unexpected '{VOCAB_MAP}' for a full-vocabulary draft")
+    if vocab_size is not None and vocab_size != dcfg.draft_vocab_size:
+        if vocab_map is None:
+            raise ConfigError(f"{where}: a full-vocabulary draft has no reduced vocabulary to widen")
+        vocab_map = widened_vocab(folder, vocab_map.astype(np.int32), vocab_size, cfg.vocab_size)
+        dcfg = dataclasses.replace(dcfg, draft_vocab_size=vocab_size)
     bf16 = keep_bf16 and card.get("dtype") == "bfloat16" and not draft_f32_forced()
     params = draft_params_from_tensors(cfg, dcfg, tensors, device, source=str(wpath), keep_bf16=bf16)
     return dcfg, params, None if vocab_map is None else vocab_map.astype(np.int32), card

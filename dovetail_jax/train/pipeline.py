@@ -34,10 +34,16 @@ from dovetail_jax.train.trainer import (
     check_run,
     choose_vocab,
     fit_feature_projection,
+    rank_vocab,
     run_record,
     split,
+    token_counts,
     train,
 )
+
+VOCAB_ORDER_NOTE = ("vocab_order.npy: every target id ranked, this draft's vocabulary first, then the others by "
+                    "count among the training split's answer tokens and the target's greedy choices; "
+                    "`--widen-vocab V` (api.load_draft(vocab_size=V)) scores the first V")
 
 
 @dataclass(frozen=True)
@@ -310,8 +316,9 @@ def run(target: Any, dcfg: DraftConfig, tc: TrainConfig, opts: PipelineOptions) 
                                     f"nothing exported (run folder {run_dir}); lower --lr or use another run folder")
     out = opts.out or run_dir / "export"
     diag = diagnostics(run_dir, fs, held_seqs, vocab_map, tc)
+    order = None if vocab_map is None else rank_vocab(vocab_map, token_counts(fs, train_seqs, target.cfg.vocab_size))
     return summary | export(target, dcfg, tc, result, vocab_map, out, records, fs, opts.eval_prompts, say, diag,
-                            init_record)
+                            init_record, order)
 
 
 def _replace_folder(new: Path, out: Path) -> None:
@@ -348,13 +355,20 @@ def diagnostics(run_dir: Path, fs: Any, held_seqs: np.ndarray, vocab_map: np.nda
 
 def export(target: Any, dcfg: DraftConfig, tc: TrainConfig, result: Any, vocab_map: np.ndarray | None, out: Path,
            records: list[dict[str, Any]], fs: Any, eval_prompts: int, say: Any,
-           diag: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+           diag: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+           vocab_order: np.ndarray | None = None) -> dict[str, Any]:
     """Write the checkpoint into a temporary folder beside `out`, measure τ on held-out prompts with it, write the
-    card again with τ, and only then move it to `out` (replacing what is there: the caller checked `--force`)."""
+    card again with τ, and only then move it to `out` (replacing what is there: the caller checked `--force`).
+    `vocab_order` (a reduced vocabulary's ranking of every target id) goes beside it, to widen it at load."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        if vocab_order is not None:
+            from dovetail_jax.io.checkpoint import save_vocab_order
+
+            tmp.mkdir(parents=True)
+            save_vocab_order(tmp, vocab_order, vocab_map, target.cfg.vocab_size)
         card = _write_draft(target, dcfg, tc, result, vocab_map, out.name, tmp, records, fs, eval_prompts, say,
                             diag, extra)
         _replace_folder(tmp, out)
@@ -378,7 +392,7 @@ def _write_draft(target: Any, dcfg: DraftConfig, tc: TrainConfig, result: Any, v
                  ) -> dict[str, Any]:
     """The checkpoint and its card in `folder` (τ measured with the written draft); returns the card."""
     from dovetail_jax import api
-    from dovetail_jax.io.checkpoint import save_draft
+    from dovetail_jax.io.checkpoint import VOCAB_ORDER, save_draft
 
     held = [r for r in records if r["index"] % tc.heldout_every == 0]
     card: dict[str, Any] = {
@@ -396,6 +410,7 @@ def _write_draft(target: Any, dcfg: DraftConfig, tc: TrainConfig, result: Any, v
         },
         "heldout": {k: round(float(v), 5) for k, v in result.heldout.items()},
         **({"diagnostics": diag} if diag else {}),
+        **({"vocab_order": VOCAB_ORDER_NOTE} if (folder / VOCAB_ORDER).is_file() else {}),
         "created": time.strftime("%Y-%m-%d"),
     }
     save_draft(folder, target.cfg, dcfg, result.params, vocab_map, target.sha256, "bfloat16", card)

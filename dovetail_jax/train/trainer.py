@@ -128,6 +128,16 @@ def choose_vocab(fs: FeatureSet, seqs: np.ndarray, size: int, always: tuple[int,
     return np.asarray(keep[:size], np.int32)
 
 
+def rank_vocab(vocab_map: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Every id below `counts.size` ranked: `vocab_map` first (in its order), then the others by count, ties by
+    id. A reduced vocabulary is widened along it (`checkpoint.VOCAB_ORDER`)."""
+    vm = np.asarray(vocab_map, np.int32)
+    member = np.zeros(counts.size, bool)
+    member[vm] = True
+    order = np.argsort(-np.asarray(counts), kind="stable")
+    return np.concatenate([vm, order[~member[order]].astype(np.int32)])
+
+
 def batch_plan(lengths: np.ndarray, seqs: np.ndarray, batch_tokens: int, seed: int, epoch: int) -> list[np.ndarray]:
     """One epoch's batches: a seeded shuffle, then groups of 64 sorted by length so each batch pads little;
     each batch holds as many sequences as fit `batch_tokens` at its power-of-two length."""
