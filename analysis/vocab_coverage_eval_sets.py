@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from dovetail_jax.errors import DovetailError
     from dovetail_jax.io import checkpoint, registry
     from dovetail_jax.io.load import load_model_files
+    from dovetail_jax.train.diagnostics import vocab_coverage
 
     target_path = registry.default_model_path()
     cfg, _, _ = load_model_files(target_path)
@@ -45,16 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for folder in args.drafts:
         try:
-            dcfg, _, vocab_map, card = checkpoint.load_draft(folder, cfg)
+            _, _, vocab_map, _ = checkpoint.load_draft(folder, cfg)
             maps = {int(vocab_map.size): vocab_map} | {
                 n: checkpoint.widened_vocab(folder, vocab_map, n, cfg.vocab_size) for n in args.sizes}
         except DovetailError as e:
             sys.exit(f"error: {e}")
         for n, vm in maps.items():
-            member = np.zeros(cfg.vocab_size, bool)
-            member[vm] = True
             rows.append({"draft": str(folder), "vocab": n, "trained_vocab": int(vocab_map.size),
-                         **{ds: round(float(member[t].mean()), 4) for ds, t in tokens.items()}})
+                         **{ds: round(vocab_coverage(vm, t), 4) for ds, t in tokens.items()}})
             print(f"{folder.name} {n}: " + ", ".join(f"{ds} {rows[-1][ds]}" for ds in tokens), file=sys.stderr)
     result = {"schema": "dovetail.analysis.vocab_coverage/1",
               "command": "python analysis/vocab_coverage_eval_sets.py " + " ".join(sys.argv[1:] if argv is None

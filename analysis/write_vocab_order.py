@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     for folder in args.drafts:
         try:
-            dcfg, _, vocab_map, card = load_draft(folder, target.cfg, target_sha256=target.sha256)
+            _, _, vocab_map, card = load_draft(folder, target.cfg, target_sha256=target.sha256)
         except DovetailError as e:
             sys.exit(f"error: {e}")
         if vocab_map is None:
