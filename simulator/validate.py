@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dovetail_jax.config import DraftConfig, ModelConfig
+from dovetail_jax.config import DraftConfig, ModelConfig, TreeConfig
 from dovetail_jax.plan import cache_slots
 from simulator.acceptance import AcceptanceModel, RunsAcceptance, parse_run
 from simulator.costs import CostModel, ScaledCosts, feature_bytes, tree_bytes
@@ -148,6 +148,16 @@ def _phase(run: dict[str, Any], name: str) -> float:
     return float(t.get(name, 0.0))
 
 
+def verified_widths(tree: TreeConfig, chain_share: float | None) -> list[tuple[int, float]]:
+    """(tokens verified, share of cycles) of a run: with prompt lookup the cycles that graft a chain verify
+    T + L tokens and scan that width in the accept step, the others T, so a run's verify and accept time is
+    priced as that mix (and its target factor is keyed at the mean width)."""
+    q = float(chain_share or 0.0)
+    if not tree.lookup or q <= 0.0:
+        return [(tree.total_tokens, 1.0)]
+    return [(tree.total_tokens, 1.0 - q), (tree.total_tokens + tree.lookup, q)]
+
+
 def calibrate(cal_runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelConfig,
               measured: dict[str, Any] | None, cpu_engine: str | None = None
               ) -> tuple[dict[str, Any], AcceptanceModel | None]:
@@ -168,15 +178,18 @@ def calibrate(cal_runs: list[dict[str, Any]], hw: HardwareProfile, model: ModelC
         p = np.asarray(stats.hist if stats.hist is not None else [1.0], float)
         p = p / p.sum()
         mean_rows = float(np.dot(np.arange(len(p)) + 1, p))
-        target_pts.setdefault(tr.total_tokens, []).append(
-            _phase(r, "verify") / cycles / base.target_cpu(tr.total_tokens, span))
+        widths = verified_widths(tr, stats.chain_share)
+        pred_verify = sum(w * base.target_cpu(n, span) for n, w in widths)
+        target_pts.setdefault(round(sum(w * n for n, w in widths)), []).append(
+            _phase(r, "verify") / cycles / pred_verify)
         pred_draft = (base.draft_pass(round(mean_rows), span) + tr.depth * base.draft_pass(tr.top_k, span)
                       + base.draft_head(1) + tr.depth * base.draft_head(tr.top_k))
         draft.append(_phase(r, "draft") / cycles / pred_draft)
         pred_x = base.h2d(feature_bytes(wl, round(mean_rows))) + base.d2h(tree_bytes(wl))
         transfer.append(max(_phase(r, "transfer"), 1e-9) / cycles / pred_x)
         residual = float(r["decode_s"]) - sum(_phase(r, k) for k in ("verify", "draft", "transfer", "host"))
-        pred_host = base.host_tree() + float(np.dot(p, [base.accept(tr.total_tokens, a) for a in range(len(p))]))
+        pred_host = base.host_tree() + sum(w * float(np.dot(p, [base.accept(n, a) for a in range(len(p))]))
+                                           for n, w in widths)
         host.append(max(_phase(r, "host") + max(residual, 0.0), 1e-9) / cycles / pred_host)
     factors = {"target": sorted((n, statistics.median(v)) for n, v in target_pts.items()),
                "draft": statistics.median(draft) if draft else 1.0,

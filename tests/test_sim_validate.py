@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from dovetail_jax.config import SMOLLM2_135M, DraftConfig, TreeConfig
-from simulator.acceptance import PositionalAcceptance
+from simulator.acceptance import HistogramAcceptance, PositionalAcceptance
 from simulator.costs import RooflineCosts, ScaledCosts
 from simulator.errors import ConfigError
 from simulator.hardware import load_profile
 from simulator.schedules import SimOptions, simulate
-from simulator.validate import check
+from simulator.validate import calibrate, check, verified_widths
 from simulator.workload import PAPER_TREE, Workload
 
 HW = load_profile("host-2core-shared")
@@ -48,6 +50,40 @@ def test_calibrated_simulator_recovers_synthetic_runs() -> None:
     assert s["validated"] == 4 and s["dovetail_runs_validated"] == 3
     assert s["factors"]["draft"] == pytest.approx(2.0, rel=0.1)
     assert s["max_abs_error"] < 0.05, rep["rows"]
+
+
+def lookup_run(name: str, tree: TreeConfig, chain_share: float) -> dict:
+    """A dovetail run with prompt-lookup chains in `chain_share` of its cycles, timed by `truth`."""
+    counts = [30.0, 25.0, 15.0, 10.0, 8.0] + [3.0] * tree.lookup  # a = 0 .. max_accepted + L
+    acc = HistogramAcceptance(tree, counts, chain_share=chain_share)
+    wl = Workload(SMOLLM2_135M, DraftConfig(1), tree, "f32", "f32", 16, 128, kv_slots=256)
+    p = simulate("dovetail", HW, wl, acc, opts=SimOptions(cycles=20_000, seed=7), cost_factory=truth)
+    sp = {k: v * p.tokens for k, v in p.split_s_per_token.items()}
+    return {"name": name, "prompt_tokens": 16, "new_tokens": 128, "cache_slots": 256, "mode": "dovetail",
+            "tree": {"top_k": tree.top_k, "depth": tree.depth, "total_tokens": tree.total_tokens,
+                     "lookup": tree.lookup},
+            "lookup": {"cycles": chain_share * p.cycles}, "draft_layers": 1, "cycles": p.cycles,
+            "accept_hist": [c / sum(counts) * p.cycles for c in counts], "tau": p.tau, "decode_s": p.sim_time_s,
+            "tokens_per_s": p.tokens_per_s, "time_s": {"verify": sp["verify"], "draft": sp["draft"],
+                                                       "transfer": sp["transfer"], "host": sp["host"] + sp["accept"]}}
+
+
+def test_verified_widths_mix_the_chained_cycles() -> None:
+    assert verified_widths(TreeConfig(4, 3, 6), None) == [(6, 1.0)]
+    assert verified_widths(TreeConfig(4, 3, 6, lookup=6), 0.0) == [(6, 1.0)]
+    assert verified_widths(TreeConfig(4, 3, 6, lookup=6), 0.25) == [(6, 0.75), (12, 0.25)]
+
+
+def test_calibration_prices_a_lookup_run_at_its_verified_widths() -> None:
+    """Half the cycles verify 6 + 26 tokens: the run's verify time is a mix of widths 6 and 32, so the fitted
+    target factor at the mean width (19) and the accept/host factor must be the truth's, not inflated by
+    pricing every cycle at width 6."""
+    run = lookup_run("d-lookup", TreeConfig(4, 3, 6, lookup=26), 0.5)
+    factors, _ = calibrate([run], HW, SMOLLM2_135M, None)
+    (n, f), = factors["target"]
+    assert n == 19
+    assert f == pytest.approx(1.3 + 0.3 * math.log2(19) / 5, rel=0.02)
+    assert factors["host"] == pytest.approx(3.0, rel=0.05)
 
 
 def test_check_refuses_unusable_splits() -> None:
