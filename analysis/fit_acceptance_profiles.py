@@ -6,7 +6,7 @@ A profile is a mix of context classes, each a Sequoia-style positional model (P(
 candidate) = p1 * rho^(r-1), times decay^(d-1) at depth d; `simulator.acceptance.MixtureAcceptance`), so it prices
 any tree shape, which a tau cannot. Sources:
 - the shipped drafts' measured runs (analysis/results/bench_dovetail.json and, for the default draft,
-  bench_dovetail_full_r9_amd.json: accept histograms per tree, HumanEval and MT-bench, SmolLM2-135M
+  bench_dovetail_full_r11_intel.json: accept histograms per tree, HumanEval and MT-bench, SmolLM2-135M
   target): maximum likelihood over every tree measured for that draft (two context classes when several trees
   were measured, one when a single tree was);
 - published taus of EAGLE-class drafts on LLaMA-2-chat / Vicuna targets, which fix only one number: those profiles
@@ -38,9 +38,10 @@ from simulator.acceptance import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCH = RESULTS / "bench_dovetail.json"
-# the default draft's full-set run (164 HumanEval + 80 MT-bench prompts, int8 draft; round 9 ran beside the previous
-# default, round 8, on the AMD EPYC VM, without llama.cpp; the fit reads its 4/3/6 configuration)
-BENCH_FULL = RESULTS / "bench_dovetail_full_r9_amd.json"
+# the default draft's full-set run (164 HumanEval + 80 MT-bench prompts, int8 draft; round 11 ran beside the previous
+# default, round 9, on the Intel Xeon VM, without llama.cpp, with and without lookup 6; the fit reads its 4/3/6
+# configuration, and its lookup chains the same run's 4/3/6 + lookup 6)
+BENCH_FULL = RESULTS / "bench_dovetail_full_r11_intel.json"
 # profile stem -> (bench file, its configuration names, description); trees are read from the bench file.
 # `smollm2-dgf1` always names the default draft (`default_profile("smollm2-135m")`, see DEFAULT_DRAFT); the previous
 # default keeps its fit under `smollm2-dgf1-v8192` (four trees measured: the EAGLE profiles take their shape from it)
@@ -63,14 +64,15 @@ DRAFTS = {
 # Its prompt-lookup chains (`simulator.acceptance.LookupChains`) are fitted to a full-set run with lookup 6
 # (`lookup_bench`, `lookup_config`), its drafted tree priced by the same run's histogram without lookup
 # (`lookup_base_config`, same prompts and tokens), so the chains carry what lookup adds and not the profile's own
-# error on that tree. Checked against `lookup_tuning` (other chain lengths, a 40 + 24 prompt subset, tau only).
+# error on that tree. Checked against `lookup_tuning` (other chain lengths, a 40 + 24 prompt subset, tau only; round
+# 9 ran it, so the check also carries the change of draft).
 DEFAULT_DRAFT = {
-    "bench": BENCH_FULL, "config": "r9 eagle3 int8, tree 4/3/6", "shape": "dgf1-v8192",
-    "lookup_bench": RESULTS / "bench_dovetail_full_lookup_amd.json",
-    "lookup_config": "r9 eagle3 int8, tree 4/3/6 + lookup 6", "lookup_base_config": "r9 eagle3 int8, tree 4/3/6",
+    "bench": BENCH_FULL, "config": "r11 eagle3 int8, tree 4/3/6", "shape": "dgf1-v8192",
+    "lookup_bench": BENCH_FULL,
+    "lookup_config": "r11 eagle3 int8, tree 4/3/6 + lookup 6", "lookup_base_config": "r11 eagle3 int8, tree 4/3/6",
     "lookup_tuning": RESULTS / "lookup_tuning.json",
-    "description": "the default DGF draft (1 layer, V' 8192, EAGLE-3 features from blocks 2/15/27, round 9: "
-                   "checkpoints/smollm2-135m-dgf1-v8192-r9-eagle3)"}
+    "description": "the default DGF draft (1 layer, V' 8192, EAGLE-3 features from blocks 2/15/27, round 11: "
+                   "checkpoints/smollm2-135m-dgf1-v8192-r11-eagle3)"}
 # published (model, tau, tree, where): tau includes the bonus token
 PUBLISHED = {
     "eagle1-llama2-chat-7b-mtbench": {
