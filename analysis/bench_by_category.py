@@ -49,10 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("bench", type=Path, help="a `dovetail bench dovetail` result JSON with MT-bench prompts")
     ap.add_argument("--out", type=Path, help="JSON to write (else stdout only)")
     args = ap.parse_args(argv)
-    bench = json.loads(args.bench.read_text())
-    if "mtbench" not in bench.get("prompts", {}):
+    try:
+        bench = json.loads(args.bench.read_text())
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read {args.bench} as a bench result: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(bench, dict) or "mtbench" not in bench.get("prompts", {}):
         print(f"error: {args.bench} has no MT-bench prompts", file=sys.stderr)
         return 2
+    from dovetail_jax.bench.results import write_json_atomic
     from dovetail_jax.io.eval_prompts import mtbench_categories
 
     table = by_category(bench, mtbench_categories())
@@ -63,9 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         result = {"command": "python analysis/bench_by_category.py " + " ".join(argv or sys.argv[1:]),
                   "bench": str(args.bench), "bench_timestamp": bench.get("timestamp"), "configs": table}
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(args.out)
+        write_json_atomic(args.out, result)
         print(f"wrote {args.out}")
     return 0
 
