@@ -279,8 +279,9 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
                      ttt_decay=args.ttt_decay, mask_oov=args.mask_oov)
     if args.new_vocab and not args.init:
         raise DovetailError("--new-vocab only applies to a warm start: pass --init DIR too")
-    if args.self_prompts and args.stage == "train":
-        raise DovetailError("--self-prompts grows the training data: use it with --stage data or all")
+    for name, value in (("--self-prompts", args.self_prompts), ("--later-turns", args.later_turns)):
+        if value and args.stage == "train":
+            raise DovetailError(f"{name} grows the training data: use it with --stage data or all")
     out = Path(args.out) if args.out else None
     if out is not None:
         pipeline.check_out(out, args.force)  # before any work: an existing draft is never replaced by accident
@@ -299,6 +300,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch,
         eval_prompts=args.eval_prompts, stages=args.stage, stop_at=args.stop_at,
         init=Path(args.init) if args.init else None, new_vocab=args.new_vocab, self_prompts=args.self_prompts,
+        later_turns=args.later_turns,
         **({"mix": Mix(**args.sources)} if args.sources is not None else {}))
     summary = pipeline.run(target, dcfg, tc, opts)
     if summary.get("interrupted"):
@@ -419,6 +421,11 @@ def _add_train_draft(sub: Any) -> None:
                         "template's user prefix (Magpie): N samples, generated once into <work>/magpie.jsonl "
                         "(resumes); kept turns not yet listed and clean of HumanEval/MT-bench are appended after "
                         "the prompts there, whose answers and shards stay. A larger N later adds more")
+    t.add_argument("--later-turns", type=nonneg_int, default=0, metavar="N",
+                   help="grow the work folder's prompt list by N of ShareGPT's later user turns that read as "
+                        "requests of their own (a seeded sample over the whole file; each answered alone), "
+                        "appended like --self-prompts turns: not yet listed and clean of HumanEval/MT-bench. "
+                        "A larger N later adds the next ones")
     t.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest answer (256)")
     t.add_argument("--gen-batch", type=positive_int, default=32,
                    help="conversations answered at once, finished rows refilled (32)")

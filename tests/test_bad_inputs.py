@@ -78,6 +78,8 @@ CASES: list[tuple[list[str], str]] = [
     (TRAIN + ["--new-vocab"], "--init"),  # a new vocabulary only makes sense for a warm start
     (TRAIN + ["--self-prompts", "100", "--stage", "train"], "--self-prompts"),  # it grows data: not a train flag
     (TRAIN + ["--self-prompts", "-5"], "--self-prompts"),
+    (TRAIN + ["--later-turns", "100", "--stage", "train"], "--later-turns"),  # it grows data too
+    (TRAIN + ["--later-turns", "-5"], "--later-turns"),
     *[(TRAIN + ["--feature-layers", v], "--feature-layers") for v in ("3", "2,2", "-1,3", "a,b", "")],
     # generate / bench: seeds JAX cannot take, non-finite temperatures
     (["generate", "--prompt", "hi", "--seed", str(2**63)], "--seed"),

@@ -276,6 +276,37 @@ def test_self_prompts_grow_a_work_folders_prompt_list_after_what_it_has(tiny, tm
     assert json.loads((work / "prompts.jsonl").read_text().splitlines()[0])["self_prompts"] == 40
 
 
+def test_later_turns_grow_a_work_folders_prompt_list_after_what_it_has(tmp_path):
+    """`train-draft --later-turns N`: the first N of ShareGPT's standalone later turns, less those listed already,
+    are appended after the list; the partial last shard is remade; asking again is a no-op, a larger N appends the
+    next ones, and both kinds of growth keep each other's head records."""
+    from dataclasses import asdict
+
+    from dovetail_jax.train import pipeline as PL
+    from dovetail_jax.train.sources import Mix, sharegpt_later_prompts
+
+    later = sharegpt_later_prompts()[0]
+    work = tmp_path / "work"
+    base = [Prompt("code/x", f"prompt {i}") for i in range(F.SHARD_RECORDS + 2)] + [later[3]]  # listed already
+    (work / "prompts.jsonl").parent.mkdir(parents=True)
+    (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"format": "dovetail-prompts/1", "mix": asdict(Mix()), "self_prompts": 7}, *map(asdict, base)]))
+    for k in (0, 1):  # shard 1 holds 3 of 128 prompts: partial
+        F.shard_dir(work / "features", k).mkdir(parents=True)
+    opts = PL.PipelineOptions(work=work, later_turns=6, progress=False)
+    grown = PL._grow_with_later_turns(opts, PL._prompt_list(opts, print), print)
+    assert grown == base + later[:3] + later[4:6]
+    assert F.shard_dir(work / "features", 0).exists() and not F.shard_dir(work / "features", 1).exists()
+    assert PL._prompt_list(opts, print) == grown  # what the next sitting reads
+    before = (work / "prompts.jsonl").read_bytes()
+    assert PL._grow_with_later_turns(opts, grown, print) == grown
+    assert (work / "prompts.jsonl").read_bytes() == before
+    more = PL._grow_with_later_turns(PL.PipelineOptions(work=work, later_turns=9, progress=False), grown, print)
+    assert more == grown + later[6:9]
+    head = json.loads((work / "prompts.jsonl").read_text().splitlines()[0])
+    assert head["later_turns"] == 9 and head["self_prompts"] == 7
+
+
 # --- vocabulary coverage (train/diagnostics.py) -----------------------------------------------------------------
 
 

@@ -93,6 +93,46 @@ def test_sharegpt_prompts_are_first_user_turns_filtered_and_deduplicated():
     assert texts == [p.text for p in S.sharegpt_prompts()[0]]
 
 
+@pytest.mark.parametrize("text, standalone", [
+    ("Write a short story about a lighthouse keeper who finds a message in a bottle.", True),
+    ("How does the popular API testing tool Postman display a URL in unencoded form?", True),
+    ("I got this error: RuntimeError: Device string must not be empty", True),
+    ("it doesn't work, the output is still empty", False),
+    ("Now make the story shorter and add a happy ending.", False),
+    ("Thanks! Can you write the same thing for JavaScript?", False),
+    ("Please rewrite the above email in a more formal tone.", False),
+    ("Can you fix the bug in your code so that it handles empty lists?", False),
+    ("What about the second option you mentioned?", False),
+])
+def test_standalone_turn_keeps_requests_of_their_own(text, standalone):
+    assert S.standalone_turn(text) is standalone
+
+
+def test_sharegpt_later_turns_are_later_human_turns_that_stand_alone():
+    prompts, stats = S.sharegpt_later_prompts()
+    texts = [p.text for p in prompts]
+    assert stats.later_human_turns > 40_000 and stats.prompts_kept == len(prompts) > 10_000
+    assert stats.prompts_kept <= stats.standalone <= stats.later_human_turns
+    assert all(60 <= len(t) <= 800 and S.standalone_turn(t) for t in texts)
+    assert {p.source for p in prompts} == {"sharegpt-later"} and len({_norm(t) for t in texts}) == len(texts)
+    assert texts == [p.text for p in S.sharegpt_later_prompts()[0]]  # the same seeded order every time
+    # an independent pass over the file: each kept text is a human turn after the first, at most 2 per conversation
+    later: dict[str, set[int]] = {}
+    for c, conv in enumerate(S.iter_json_array(S.sharegpt_path())):
+        for t in (conv.get("conversations") or [])[1:]:
+            if isinstance(t, dict) and t.get("from") == "human":
+                later.setdefault(str(t.get("value", "")).strip(), set()).add(c)
+    assert all(t in later for t in texts)
+    per_conv: dict[int, int] = {}
+    for t in texts:
+        if len(later[t]) == 1:  # a text said in one conversation only: it counts against that one's cap
+            c = next(iter(later[t]))
+            per_conv[c] = per_conv.get(c, 0) + 1
+    assert max(per_conv.values()) == 2
+    one, _ = S.sharegpt_later_prompts(per_conversation=1)
+    assert len(one) < len(prompts)
+
+
 def test_package_docstring_prompts_read_installed_libraries_without_importing_them():
     import sys
 
@@ -138,9 +178,10 @@ def test_every_source_and_the_mix_are_disjoint_from_evaluation_prompts(tmp_path)
     assert sum(counts.values()) >= 85  # the few dropped are duplicates or decontaminated
 
 
-@pytest.mark.parametrize("name", ["sharegpt", pytest.param("package_code", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["sharegpt", "sharegpt_later", pytest.param("package_code", marks=pytest.mark.slow)])
 def test_raw_sources_lose_little_to_decontamination(name):  # package_code: an ast pass over ~20 libraries
-    raw = S.sharegpt_prompts()[0] if name == "sharegpt" else S.package_code_prompts()
+    raw = {"sharegpt": lambda: S.sharegpt_prompts()[0], "sharegpt_later": lambda: S.sharegpt_later_prompts()[0],
+           "package_code": S.package_code_prompts}[name]()
     clean = S.decontaminate(raw, evaluation_texts())
     assert 0.9 * len(raw) <= len(clean) <= len(raw)
     _assert_disjoint_from_evaluation([p.text for p in clean])

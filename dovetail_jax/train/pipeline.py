@@ -64,6 +64,7 @@ class PipelineOptions:
     new_vocab: bool = False  # with `init`: choose the reduced vocabulary again from this data (its size: dcfg's)
     stop_at: int | None = None  # end this sitting at this step with a checkpoint
     self_prompts: int = 0  # grow the prompt list by the target's own user turns from this many samples (Magpie)
+    later_turns: int = 0  # grow the prompt list by this many of ShareGPT's standalone later user turns
     progress: bool = True  # progress bars and lines on stderr
 
 
@@ -149,7 +150,6 @@ def _grow_with_self_prompts(target: Any, opts: PipelineOptions, prompts: list[An
     The samples go to `<work>/magpie.jsonl` (resumes); kept turns not already in the list and clean of the
     evaluation sets are appended in sample order, and the list's head records how many samples it has taken.
     A partial last shard is remade (its slice of the list grows): its conversations come back the same."""
-    from dovetail_jax.train import features as F
     from dovetail_jax.train import magpie
     from dovetail_jax.train.sources import new_prompts, read_magpie
 
@@ -164,14 +164,47 @@ def _grow_with_self_prompts(target: Any, opts: PipelineOptions, prompts: list[An
     say(f"self-prompting: the target writes {opts.self_prompts} user turns -> {turns} (resumes)")
     magpie.generate_user_turns(target, opts.self_prompts, turns, progress=opts.progress)
     fresh = new_prompts(prompts, read_magpie(turns, below=opts.self_prompts))
+    return _append_prompts(opts.work, prompts, fresh, {**head, "self_prompts": opts.self_prompts}, "self-prompted",
+                           say)
+
+
+def _grow_with_later_turns(opts: PipelineOptions, prompts: list[Any], say: Callable[[str], None]) -> list[Any]:
+    """Grow the work folder's prompt list by the first `opts.later_turns` of ShareGPT's standalone later user
+    turns (`sources.sharegpt_later_prompts`, a seeded shuffle of the whole file), appended like self-prompted
+    turns: those not already listed and clean of the evaluation sets. The list's head records how many it took;
+    a larger N later appends the next ones."""
+    from dovetail_jax.train.sources import new_prompts, sharegpt_later_prompts
+
+    path = opts.work / "prompts.jsonl"
+    with path.open(encoding="utf-8") as f:
+        head = json.loads(f.readline())
+    taken = int(head.get("later_turns", 0))
+    if opts.later_turns <= taken:
+        say(f"the prompt list already holds the first {taken} ShareGPT later turns (asked {opts.later_turns})")
+        return prompts
+    later, stats = sharegpt_later_prompts()
+    if opts.later_turns > stats.prompts_kept:
+        say(f"ShareGPT has {stats.prompts_kept} standalone later turns; taking all of them")
+    fresh = new_prompts(prompts, later[:opts.later_turns])
+    return _append_prompts(opts.work, prompts, fresh, {**head, "later_turns": opts.later_turns},
+                           "ShareGPT later-turn", say)
+
+
+def _append_prompts(work: Path, prompts: list[Any], fresh: list[Any], head: dict[str, Any], what: str,
+                    say: Callable[[str], None]) -> list[Any]:
+    """`prompts + fresh` as the work folder's list (with the new `head`). Complete shards stay valid (their
+    slices do not change); a partial last shard is removed, since its slice grows: it is remade with its
+    conversations the same (greedy answers) and the first new ones."""
+    from dovetail_jax.train import features as F
+
     per = F.SHARD_RECORDS
-    partial = F.shard_dir(opts.work / "features", len(prompts) // per)
+    partial = F.shard_dir(work / "features", len(prompts) // per)
     if fresh and len(prompts) % per and partial.exists():
         say(f"remaking the last shard ({len(prompts) % per} of {per} prompts) with the first new ones")
         shutil.rmtree(partial)
     grown = prompts + fresh
-    _write_prompt_list(path, {**head, "self_prompts": opts.self_prompts}, grown)
-    say(f"prompt list: {len(prompts)} + {len(fresh)} self-prompted = {len(grown)}")
+    _write_prompt_list(work / "prompts.jsonl", head, grown)
+    say(f"prompt list: {len(prompts)} + {len(fresh)} {what} = {len(grown)}")
     return grown
 
 
@@ -188,6 +221,8 @@ def _data(target: Any, opts: PipelineOptions, say: Callable[[str], None], summar
         prompts = _prompt_list(opts, say)
         if opts.self_prompts:
             prompts = _grow_with_self_prompts(target, opts, prompts, say)
+        if opts.later_turns:
+            prompts = _grow_with_later_turns(opts, prompts, say)
         prompts = prompts[:opts.num_prompts]
         summary["prompts"] = mix_record(opts.mix, prompts)
         say(f"distillation: {len(prompts)} training prompts {summary['prompts']['counts']} -> {opts.work}")

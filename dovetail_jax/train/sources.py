@@ -9,6 +9,9 @@ drafts' data stays reproducible):
   keeps every complete conversation and stops at the torn one. Kept: English-looking (letters mostly ASCII,
   common English words present), 16..800 characters, deduplicated. Only the prompts are used: the answers
   are the target's own.
+- **ShareGPT's later user turns** (`sharegpt_later_prompts`): the turns after the first that read as a request
+  of their own (`standalone_turn`), each answered alone; a work folder's list grows by them
+  (`train-draft --later-turns N`); they are not part of `Mix`.
 - **Package docstrings** (`package_code_prompts`): public functions of installed third-party packages
   (numpy, scipy, jax, ...), read with `ast` from the distribution's files (never imported), turned into the
   same two request styles as the standard library's (`prompts.code_prompts`).
@@ -159,6 +162,70 @@ def _sharegpt_prompts(min_chars: int, max_chars: int) -> tuple[tuple[Prompt, ...
         version, licence = "unknown", None
     stats = ShareGPTStats(version, licence, SHAREGPT_FILE.name, path.stat().st_size, parsed, human, len(out))
     return tuple(out), stats
+
+
+# Later user turns that read as a request of their own: an answer to "make it shorter" or "what about the
+# second one?" without the conversation before it would teach the target's confusion, not its prose.
+_OPENS_WITH_REFERENCE = re.compile(
+    r"^(it|its|this|that|these|those|they|them|he|she|now|also|and|but|so|ok|okay|continue|more|again|same|great|"
+    r"thanks|thank you|yes|no|go on|keep going|what about|how about|make it|rewrite it|do it|redo|another|next|"
+    r"expand|shorten|summarize (it|this|that)|give me more|perfect|good|nice|cool|awesome)\b", re.I)
+_REFERS_BACK = re.compile(r"\b(above|previous|earlier|last (answer|response|code|one)|you (just|wrote|said|gave)|"
+                          r"your (answer|response|code|last)|as before|same as|the one you)\b", re.I)
+
+
+def standalone_turn(text: str) -> bool:
+    """Whether a later user turn reads as a request of its own (no opening pronoun or acknowledgement, no
+    reference to an earlier answer): a heuristic, so that it can be distilled without the conversation."""
+    return not _OPENS_WITH_REFERENCE.match(text) and not _REFERS_BACK.search(text)
+
+
+@dataclass
+class ShareGPTLaterStats:
+    """What `sharegpt_later_prompts` read and kept, for the README and the draft's card."""
+
+    conversations_parsed: int
+    later_human_turns: int
+    standalone: int  # of the right length, English-looking and `standalone_turn`
+    prompts_kept: int  # after the per-conversation cap and deduplication
+
+
+def sharegpt_later_prompts(min_chars: int = 60, max_chars: int = 800, per_conversation: int = 2, seed: int = 0
+                           ) -> tuple[list[Prompt], ShareGPTLaterStats]:
+    """Later user turns (the 2nd human turn on) of the packaged ShareGPT conversations, each to be answered
+    alone (source "sharegpt-later"): English-looking, `min_chars..max_chars`, `standalone_turn`, at most
+    `per_conversation` per conversation (its first ones) and deduplicated; shuffled by `seed`, so a prefix of
+    any length samples the whole file rather than its first conversations."""
+    prompts, stats = _sharegpt_later_prompts(min_chars, max_chars, per_conversation, seed)
+    return list(prompts), dataclasses.replace(stats)
+
+
+@functools.cache
+def _sharegpt_later_prompts(min_chars: int, max_chars: int, per_conversation: int, seed: int
+                            ) -> tuple[tuple[Prompt, ...], ShareGPTLaterStats]:  # ~6 s
+    parsed = later = standalone = 0
+    seen: set[str] = set()
+    out = []
+    for conv in iter_json_array(sharegpt_path()):
+        parsed += 1
+        turns = conv.get("conversations") if isinstance(conv, dict) else None
+        taken = 0
+        for t in (turns or [])[1:]:
+            if not isinstance(t, dict) or t.get("from") != "human":
+                continue
+            later += 1
+            text = str(t.get("value", "")).strip()
+            if not min_chars <= len(text) <= max_chars or not _looks_english(text) or not standalone_turn(text):
+                continue
+            standalone += 1
+            key = _norm(text)
+            if taken >= per_conversation or key in seen:
+                continue
+            seen.add(key)
+            taken += 1
+            out.append(Prompt("sharegpt-later", text))
+    random.Random(seed).shuffle(out)
+    return tuple(out), ShareGPTLaterStats(parsed, later, standalone, len(out))
 
 
 # --- docstrings of installed packages -----------------------------------------------------------------------
