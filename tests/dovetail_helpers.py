@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import numpy as np
 
 from dovetail_jax import devices
@@ -9,6 +13,16 @@ from dovetail_jax.config import DraftConfig, ModelConfig
 from dovetail_jax.model import draft as D
 from dovetail_jax.model.draft import Draft
 from dovetail_jax.model.params import TargetParams, expected_shapes, params_from_tensors
+
+
+def analysis_script(name: str) -> ModuleType:
+    """`analysis/<name>.py` loaded as a module (a script, not a package); fresh on every call, so a test that
+    edits its tables does not reach the next test."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "analysis"
+                                                  / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def tiny_target(vocab: int = 64, seed: int = 0, scale: float = 0.3, layout: str = "in_out", layers: int = 2,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dovetail_helpers import analysis_script
 
 from dovetail_jax.argtypes import DraftFlags
 from dovetail_jax.bench import dovetail as bd
@@ -61,10 +62,7 @@ def test_mtbench_categories_are_eight_of_ten():
 
 
 def test_bench_by_category_sums_cycles_before_dividing():
-    spec = importlib.util.spec_from_file_location(
-        "bench_by_category", Path(__file__).resolve().parent.parent / "analysis" / "bench_by_category.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = analysis_script("bench_by_category")
 
     def prompt(pid: str, target_s: float, tau: float, cycles: int, zero: int, dec_s: float) -> dict:
         run = {"tokens": 10, "cycles": cycles, "tau": tau, "accept_hist": [zero, cycles - zero], "decode_s": dec_s}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from dovetail_helpers import analysis_script
 
 from dovetail_jax.config import LLAMA2_7B, SMOLLM2_135M, DraftConfig, TreeConfig
 from simulator import cli
@@ -226,7 +227,6 @@ def test_gpu_eager_dispatch_adds_per_layer() -> None:
 
 
 def test_published_sheet_rows_have_sources_and_a_cpu_row_is_weight_bound() -> None:
-    import importlib.util
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "analysis"
@@ -236,9 +236,7 @@ def test_published_sheet_rows_have_sources_and_a_cpu_row_is_weight_bound() -> No
     for r in sheet["rows"]:
         assert r["source"] in sheet["sources"] and r["hardware"] and r["value"] > 0
         assert r["metric"] in ("tokens_per_s", "speedup") and r["engine"] and r["dtype"]
-    spec = importlib.util.spec_from_file_location("compare_published", root / "compare_published.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = analysis_script("compare_published")
     row = next(r for r in sheet["rows"] if r["id"] == "lc34-13900k-7b-q4")
     lc = resolve_engine("llama.cpp")
     m = LLAMA2_7B

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from dovetail_helpers import analysis_script
 
 from dovetail_jax.config import LLAMA2_7B, DraftConfig, TreeConfig
 from simulator import cli
@@ -95,10 +94,7 @@ def test_eagle2_tree_assembly_grows_with_its_tokens_eagle1_does_not() -> None:
 
 def test_host_bound_speedup_is_tau_times_the_ratio_of_counted_calls() -> None:
     """On a GPU too fast to matter, an EAGLE-2 row's speedup = tau x calls(decode step) / calls(cycle)."""
-    root = Path(__file__).resolve().parent.parent / "analysis"
-    spec = importlib.util.spec_from_file_location("compare_published", root / "compare_published.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = analysis_script("compare_published")
     mod.GPUS["fast"] = {"peak_flops": 1e18, "mem_bw": 1e16, "vram": 80 * 2 ** 30, "gen": 4, "lanes": 16}
     row = {"id": "x", "hardware": {"gpu": "fast"}, "model": "llama2-7b", "engine": "EAGLE-2 (PyTorch eager)",
            "kind": "gpu-speculative", "tree": [10, 5, 60], "tau": 4.0, "split": "held-out"}
@@ -141,10 +137,7 @@ def test_decode_loops_count_their_own_calls_and_attention() -> None:
 
 def test_spec_bench_speedup_is_against_hf_generate_layers() -> None:
     """A Spec-Bench row on a host-bound GPU: tau x calls(HF generate step) / calls(EAGLE-2 cycle)."""
-    root = Path(__file__).resolve().parent.parent / "analysis"
-    spec = importlib.util.spec_from_file_location("compare_published", root / "compare_published.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = analysis_script("compare_published")
     mod.GPUS["fast"] = {"peak_flops": 1e18, "mem_bw": 1e16, "vram": 80 * 2 ** 30, "gen": 4, "lanes": 16}
     fw = resolve_gpu_framework(EAGER)
     row = {"id": "x", "source": "specbench", "hardware": {"gpu": "fast"}, "model": "llama2-7b",

@@ -5,11 +5,10 @@ noise of the fastest (`python -m simulator.validate trees`). Reads committed JSO
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from dovetail_helpers import analysis_script
 
 from simulator.hardware import load_profile
 from simulator.tree_check import TIE, check_trees
@@ -20,11 +19,7 @@ INTEL = load_profile("host-2core-intel-xeon")
 
 
 def _fit_module():  # noqa: ANN202 - a script under analysis/, not a package
-    path = Path(__file__).resolve().parent.parent / "analysis" / "fit_draft_device.py"
-    spec = importlib.util.spec_from_file_location("fit_draft_device", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return analysis_script("fit_draft_device")
 
 
 @pytest.fixture(scope="module")

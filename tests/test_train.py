@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from dovetail_helpers import tiny_target
+from dovetail_helpers import analysis_script, tiny_target
 
 from dovetail_jax.config import DraftConfig
 from dovetail_jax.decode import target_only
@@ -451,7 +451,7 @@ def test_train_draft_end_to_end_on_smollm2(run_cli, smollm2_path, tmp_path):
     assert got.token_ids == ref.token_ids
     # a draft exported before the pipeline wrote a ranking gets one from its work folder (the training answers)
     (out / "vocab_order.npy").unlink()
-    assert _analysis_module("write_vocab_order").main([str(out), "--work", str(work)]) == 0
+    assert analysis_script("write_vocab_order").main([str(out), "--work", str(work)]) == 0
     again = np.load(out / "vocab_order.npy")
     np.testing.assert_array_equal(again[:8192], order[:8192])
     weights = (out / "weights.safetensors").read_bytes()
@@ -466,19 +466,8 @@ def test_train_draft_end_to_end_on_smollm2(run_cli, smollm2_path, tmp_path):
     assert (out / "weights.safetensors").read_bytes() == weights
 
 
-def _analysis_module(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "analysis"
-                                                  / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_widened_vocabulary_keeps_the_drafts_ids_first_then_the_most_counted() -> None:
-    ev = _analysis_module("eval_drafts_heldout")
+    ev = analysis_script("eval_drafts_heldout")
     # two conversations: prompt tokens never count, answers and greedy choices do
     fs = SimpleNamespace(offsets=np.array([0, 5, 9]), prompt_len=np.array([2, 1]),
                          ids=np.array([9, 9, 1, 2, 2, 9, 3, 3, 3]), argmax=np.array([0, 0, 2, 2, 4, 0, 3, 5, 5]))
