@@ -412,23 +412,7 @@ def _add_train_draft(sub: Any) -> None:
                    help="data and runs folder (default: ~/.cache/dovetail_jax/train/<target>-<sha>)")
     t.add_argument("--stage", choices=["all", "data", "train"], default="all",
                    help="all (default); data: answers and features only; train: train on existing data")
-    t.add_argument("--num-prompts", type=positive_int, default=None, help="use the first N training prompts")
-    t.add_argument("--sources", type=prompt_sources, default=None, metavar="LIST",
-                   help="comma-separated prompt sources: stdlib_code, chat, package_code, sharegpt (default: all; "
-                        "fixed per --work folder)")
-    t.add_argument("--self-prompts", type=nonneg_int, default=0, metavar="N",
-                   help="grow the work folder's prompt list by user turns the target writes itself from its chat "
-                        "template's user prefix (Magpie): N samples, generated once into <work>/magpie.jsonl "
-                        "(resumes); kept turns not yet listed and clean of HumanEval/MT-bench are appended after "
-                        "the prompts there, whose answers and shards stay. A larger N later adds more")
-    t.add_argument("--later-turns", type=nonneg_int, default=0, metavar="N",
-                   help="grow the work folder's prompt list by N of ShareGPT's later user turns that read as "
-                        "requests of their own (a seeded sample over the whole file; each answered alone), "
-                        "appended like --self-prompts turns: not yet listed and clean of HumanEval/MT-bench. "
-                        "A larger N later adds the next ones")
-    t.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest answer (256)")
-    t.add_argument("--gen-batch", type=positive_int, default=32,
-                   help="conversations answered at once, finished rows refilled (32)")
+    _add_training_data_args(t)
     t.add_argument("--fusion", choices=["dgf", "eagle"], default="dgf", help="dgf (Dovetail, default) or eagle")
     t.add_argument("--layers", type=positive_int, default=1,
                    help="decoder layers of the draft, 1 up to the target's own layer count (1)")
@@ -459,6 +443,27 @@ def _add_train_draft(sub: Any) -> None:
                    help="held-out prompts for the card's tau (0: skip)")
     t.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     t.set_defaults(func=cmd_train_draft)
+
+
+def _add_training_data_args(t: argparse.ArgumentParser) -> None:
+    """Which prompts the data stage answers, and how."""
+    t.add_argument("--num-prompts", type=positive_int, default=None, help="use the first N training prompts")
+    t.add_argument("--sources", type=prompt_sources, default=None, metavar="LIST",
+                   help="comma-separated prompt sources: stdlib_code, chat, package_code, sharegpt (default: all; "
+                        "fixed per --work folder)")
+    t.add_argument("--self-prompts", type=nonneg_int, default=0, metavar="N",
+                   help="grow the work folder's prompt list by user turns the target writes itself from its chat "
+                        "template's user prefix (Magpie): N samples, generated once into <work>/magpie.jsonl "
+                        "(resumes); kept turns not yet listed and clean of HumanEval/MT-bench are appended after "
+                        "the prompts there, whose answers and shards stay. A larger N later adds more")
+    t.add_argument("--later-turns", type=nonneg_int, default=0, metavar="N",
+                   help="grow the work folder's prompt list by N of ShareGPT's later user turns that read as "
+                        "requests of their own (a seeded sample over the whole file; each answered alone), "
+                        "appended like --self-prompts turns: not yet listed and clean of HumanEval/MT-bench. "
+                        "A larger N later adds the next ones")
+    t.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest answer (256)")
+    t.add_argument("--gen-batch", type=positive_int, default=32,
+                   help="conversations answered at once, finished rows refilled (32)")
 
 
 def _add_training_schedule_args(t: argparse.ArgumentParser) -> None:
