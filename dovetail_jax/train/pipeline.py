@@ -142,6 +142,13 @@ def _write_prompt_list(path: Path, head: dict[str, Any], prompts: list[Any]) -> 
     tmp.replace(path)  # atomic: a crash leaves the old list or the new one
 
 
+def _prompt_list_head(work: Path) -> dict[str, Any]:
+    """The first line of `<work>/prompts.jsonl`: its sources and what has grown it (the prompts are read by
+    `_prompt_list`)."""
+    with (work / "prompts.jsonl").open(encoding="utf-8") as f:
+        return json.loads(f.readline())
+
+
 def _grow_with_self_prompts(target: Any, opts: PipelineOptions, prompts: list[Any],
                             say: Callable[[str], None]) -> list[Any]:
     """Grow the work folder's prompt list by the user turns the target writes itself (Magpie, `train/magpie.py`)
@@ -153,9 +160,7 @@ def _grow_with_self_prompts(target: Any, opts: PipelineOptions, prompts: list[An
     from dovetail_jax.train import magpie
     from dovetail_jax.train.sources import new_prompts, read_magpie
 
-    path = opts.work / "prompts.jsonl"
-    with path.open(encoding="utf-8") as f:
-        head = json.loads(f.readline())  # the prompts themselves are `prompts`, read already
+    head = _prompt_list_head(opts.work)
     taken = int(head.get("self_prompts", 0))
     if opts.self_prompts <= taken:
         say(f"the prompt list already holds the self-prompted turns of {taken} samples (asked {opts.self_prompts})")
@@ -175,9 +180,7 @@ def _grow_with_later_turns(opts: PipelineOptions, prompts: list[Any], say: Calla
     a larger N later appends the next ones."""
     from dovetail_jax.train.sources import new_prompts, sharegpt_later_prompts
 
-    path = opts.work / "prompts.jsonl"
-    with path.open(encoding="utf-8") as f:
-        head = json.loads(f.readline())
+    head = _prompt_list_head(opts.work)
     taken = int(head.get("later_turns", 0))
     if opts.later_turns <= taken:
         say(f"the prompt list already holds the first {taken} ShareGPT later turns (asked {opts.later_turns})")
