@@ -6,7 +6,7 @@ A profile is a mix of context classes, each a Sequoia-style positional model (P(
 candidate) = p1 * rho^(r-1), times decay^(d-1) at depth d; `simulator.acceptance.MixtureAcceptance`), so it prices
 any tree shape, which a tau cannot. Sources:
 - the shipped drafts' measured runs (analysis/results/bench_dovetail.json and, for the default draft,
-  bench_dovetail_full_r11_intel.json: accept histograms per tree, HumanEval and MT-bench, SmolLM2-135M
+  bench_dovetail_full_r12_intel.json: accept histograms per tree, HumanEval and MT-bench, SmolLM2-135M
   target): maximum likelihood over every tree measured for that draft (two context classes when several trees
   were measured, one when a single tree was);
 - published taus of EAGLE-class drafts on LLaMA-2-chat / Vicuna targets, which fix only one number: those profiles
@@ -38,10 +38,10 @@ from simulator.acceptance import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCH = RESULTS / "bench_dovetail.json"
-# the default draft's full-set run (164 HumanEval + 80 MT-bench prompts, int8 draft; round 11 ran beside the previous
-# default, round 9, on the Intel Xeon VM, without llama.cpp, with and without lookup 6; the fit reads its 4/3/6
+# the default draft's full-set run (164 HumanEval + 80 MT-bench prompts, int8 draft; round 12 ran beside the previous
+# default, round 11, on the Intel Xeon VM, without llama.cpp, with and without lookup 6; the fit reads its 4/3/6
 # configuration, and its lookup chains the same run's 4/3/6 + lookup 6)
-BENCH_FULL = RESULTS / "bench_dovetail_full_r11_intel.json"
+BENCH_FULL = RESULTS / "bench_dovetail_full_r12_intel.json"
 # profile stem -> (bench file, its configuration names, description); trees are read from the bench file.
 # `smollm2-dgf1` always names the default draft (`default_profile("smollm2-135m")`, see DEFAULT_DRAFT); the previous
 # default keeps its fit under `smollm2-dgf1-v8192` (four trees measured: the EAGLE profiles take their shape from it)
@@ -67,12 +67,12 @@ DRAFTS = {
 # error on that tree. Checked against `lookup_tuning` (other chain lengths, a 40 + 24 prompt subset, tau only; round
 # 9 ran it, so the check also carries the change of draft).
 DEFAULT_DRAFT = {
-    "bench": BENCH_FULL, "config": "r11 eagle3 int8, tree 4/3/6", "shape": "dgf1-v8192",
+    "bench": BENCH_FULL, "config": "r12 eagle3 int8, tree 4/3/6", "shape": "dgf1-v8192",
     "lookup_bench": BENCH_FULL,
-    "lookup_config": "r11 eagle3 int8, tree 4/3/6 + lookup 6", "lookup_base_config": "r11 eagle3 int8, tree 4/3/6",
+    "lookup_config": "r12 eagle3 int8, tree 4/3/6 + lookup 6", "lookup_base_config": "r12 eagle3 int8, tree 4/3/6",
     "lookup_tuning": RESULTS / "lookup_tuning.json",
-    "description": "the default DGF draft (1 layer, V' 8192, EAGLE-3 features from blocks 2/15/27, round 11: "
-                   "checkpoints/smollm2-135m-dgf1-v8192-r11-eagle3)"}
+    "description": "the default DGF draft (1 layer, V' 8192, EAGLE-3 features from blocks 2/15/27, round 12: "
+                   "checkpoints/smollm2-135m-dgf1-v8192-r12-eagle3)"}
 # published (model, tau, tree, where): tau includes the bonus token
 PUBLISHED = {
     "eagle1-llama2-chat-7b-mtbench": {

@@ -8,6 +8,8 @@ vocabulary covers — the bench's settings (chat template, 128 new tokens), outp
 
     python analysis/vocab_coverage_eval_sets.py --sizes 12288,16384,24576 \
         --out analysis/results/vocab_coverage_eval_sets.json checkpoints/smollm2-135m-dgf1-v8192-r9-eagle3
+
+(the committed result is round 9's, which left `checkpoints/` when round 12 shipped; restore it from 3faf12c)
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ conversations its card says it was trained on, without the held-out ones (index 
 answer tokens shifted by one, so counting the answers alone ranks the ids the same way up to ties.
 
     python analysis/write_vocab_order.py checkpoints/smollm2-135m-dgf1-v8192-r9-eagle3
+
+(round 9 left `checkpoints/` when round 12 shipped; restore it with
+`git checkout 3faf12c -- checkpoints/smollm2-135m-dgf1-v8192-r9-eagle3`)
 """
 
 from __future__ import annotations

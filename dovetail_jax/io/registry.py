@@ -40,7 +40,7 @@ PACKAGED_DRAFTS_DIR = Path(__file__).resolve().parents[1] / "_drafts"
 # so another file with the same model name (another quantisation, say) falls back to no default. setup.py reads
 # this literal (with ast) to put these folders into the wheel: a renamed or added default is this one edit.
 SMOLLM2_Q4_1_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_DRAFTS: dict[str, str] = {SMOLLM2_Q4_1_SHA256: "smollm2-135m-dgf1-v8192-r11-eagle3"}
+DEFAULT_DRAFTS: dict[str, str] = {SMOLLM2_Q4_1_SHA256: "smollm2-135m-dgf1-v8192-r12-eagle3"}
 
 
 def default_draft_path(target_sha256: str | None) -> Path | None:
