@@ -29,6 +29,7 @@ from simulator.hardware import HardwareProfile
 from simulator.schedules import SimOptions, simulate
 from simulator.workload import Workload, resolve_model
 
+ROOT = Path(__file__).resolve().parents[1]  # checkpoint paths in bench JSON are relative to the repository
 TIE = 0.025  # trees measured within 2.5% of the best are tied: round-robin reruns move them by as much
 _DTYPES = {"int8": "int8", "bfloat16": "bf16", "bf16": "bf16", "float32": "f32", "f32": "f32"}
 
@@ -55,10 +56,34 @@ def _draft_dtype(cfg: dict[str, Any]) -> str:
     return draft_dtypes(cfg)[0]
 
 
-def _workload(model: ModelConfig, cfg: dict[str, Any], tree: TreeConfig | None, prompt: int, new: int) -> Workload:
+def draft_feature_layers(cfg: dict[str, Any], root: Path = ROOT) -> tuple[int, ...] | None:
+    """The target blocks a bench configuration's draft reads (() = the final-norm feature): recorded by runs
+    since 2026-12-06 (`draft_feature_layers`), else read from its checkpoint's card; None when neither says (an
+    older run of a checkpoint removed since). A random or standalone draft reads the final-norm feature."""
+    if "draft_feature_layers" in cfg:
+        return tuple(int(i) for i in cfg["draft_feature_layers"] or ())
+    src = cfg.get("draft")
+    if not src or src in ("random", "self") or cfg.get("random_draft"):
+        return ()
+    card = Path(root) / src / "card.json"
+    if not card.is_file():
+        return None
+    try:
+        return tuple(int(i) for i in json.loads(card.read_text())["draft"].get("feature_layers") or ())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"configuration {cfg.get('name')!r}: unreadable draft card {str(card)!r}: {e}") from None
+
+
+def bench_draft(cfg: dict[str, Any], model: ModelConfig, feature_layers: tuple[int, ...] = ()) -> DraftConfig:
+    """The simulator's DraftConfig of a bench configuration (layers, fusion, head rows as run, blocks read)."""
     vocab = cfg.get("draft_vocab")
-    draft = DraftConfig(int(cfg.get("draft_layers") or 1), fusion=cfg.get("draft_fusion") or "dgf",
-                        draft_vocab_size=int(vocab) if vocab and int(vocab) != model.vocab_size else None)
+    return DraftConfig(int(cfg.get("draft_layers") or 1), fusion=cfg.get("draft_fusion") or "dgf",
+                       draft_vocab_size=int(vocab) if vocab and int(vocab) != model.vocab_size else None,
+                       feature_layers=feature_layers)
+
+
+def _workload(model: ModelConfig, cfg: dict[str, Any], tree: TreeConfig | None, prompt: int, new: int) -> Workload:
+    draft = bench_draft(cfg, model, draft_feature_layers(cfg) or ())
     t = 0 if tree is None else tree.total_tokens + tree.lookup
     slots = cache_slots(prompt + new + t, model.max_position_embeddings)  # our loop attends over all its slots
     return Workload(model, draft, tree or TreeConfig(), "f32", _draft_dtype(cfg), prompt, new, kv_slots=slots,

@@ -344,6 +344,9 @@ def test_cli_end_to_end(run_cli, smollm2_path, tmp_path, monkeypatch):
     assert d["skipped"]["llama_cpp_f32"] == "--no-llama-cpp"
     assert "cpu" in d["machine"] and isinstance(d["command"], str)
     (name,) = [c["name"] for c in d["configs"]]
+    # the draft as run, for the simulator's validation: the default draft reads three target blocks (EAGLE-3)
+    (cfg,) = d["configs"]
+    assert cfg["draft_layers"] == 1 and cfg["draft_vocab"] == 8192 and cfg["draft_feature_layers"] == [2, 15, 27]
     r = d["results"]["humaneval"]
     c = r["configs"][name]
     for key in ("n_prompts", "tokens", "tau", "accept_hist", "depth_accept_rates", "decode_tok_s", "wall_tok_s",

@@ -535,6 +535,7 @@ def _load_drafts(api: Any, target: Any, configs: Sequence[RunConfig],
             raise ConfigError(f"configuration {c.name!r}: {e}") from None
         info[c.name] = {**c.to_dict(), "draft_source": d.source, "draft_layers": d.cfg.num_layers,
                         "draft_fusion": d.cfg.fusion, "draft_vocab": int(d.shared.head.shape[0]),
+                        "draft_feature_layers": list(d.cfg.feature_layers),
                         "draft_head_dtype": str(d.shared.head.dtype),
                         "draft_weight_dtype": str(d.params.layers[0].wqkv.dtype),
                         "load_s": time.perf_counter() - t0}
