@@ -120,8 +120,8 @@ def _draft_dtype(cfg: dict[str, Any]) -> str | None:
 def predict_draft(hw: Any, pt: dict[str, Any]) -> float:
     """Seconds of draft per cycle with the simulator's formula (the accepted rows' pass at their mean)."""
     tr = TreeConfig(**pt["tree"])
-    d = pt.get("draft") or {"draft_vocab_size": 8192}
-    draft = DraftConfig(**{**d, "feature_layers": tuple(d.get("feature_layers") or ())})
+    d = pt["draft"]
+    draft = DraftConfig(**{**d, "feature_layers": tuple(d["feature_layers"])})
     wl = Workload(SMOLLM2_135M, draft, tr, "f32", pt["draft_dtype"], 150, 128, cpu_engine="dovetail-jax")
     c = RooflineCosts(hw, wl)
     lo = int(pt["rows"])
@@ -135,38 +135,28 @@ def _with(hw: Any, p: dict[str, float]) -> Any:
                                    layer_s=p.get("layer_s", hw.gpu.layer_s)))
 
 
-def _reference(pts: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """A relative run's first configuration on each dataset: its other configurations are fitted as ratios to it."""
-    ref: dict[tuple[str, str], dict[str, Any]] = {}
-    for x in pts:
-        if x["relative"]:
-            ref.setdefault((x["run"], x["dataset"]), x)
-    return ref
+def _references(pts: list[dict[str, Any]]) -> list[int | None]:
+    """Per point, the index of its reference: a relative run's first configuration on the same dataset (its
+    other configurations are fitted as ratios to it); None for an absolute point."""
+    first: dict[tuple[str, str], int] = {}
+    return [first.setdefault((x["run"], x["dataset"]), i) if x["relative"] else None for i, x in enumerate(pts)]
 
 
-def residuals(hw: Any, pts: list[dict[str, Any]]) -> list[float]:
+def _residuals(pred_s: list[float], pts: list[dict[str, Any]]) -> list[float]:
     """log(predicted / measured) draft time per absolute point; per relative point (not a reference) the same of
     its ratio to the reference, both measured in one run."""
-    ref = _reference(pts)
-    pred = [math.log(predict_draft(hw, x)) for x in pts]
+    pred = [math.log(v) for v in pred_s]
     meas = [math.log(x["draft_ms"] / 1e3) for x in pts]
-    index = {id(x): i for i, x in enumerate(pts)}
-    out = []
-    for i, x in enumerate(pts):
-        if not x["relative"]:
-            out.append(pred[i] - meas[i])
-            continue
-        j = index[id(ref[(x["run"], x["dataset"])])]
-        if j != i:
-            out.append((pred[i] - pred[j]) - (meas[i] - meas[j]))
-    return out
+    return [pred[i] - meas[i] if j is None else (pred[i] - pred[j]) - (meas[i] - meas[j])
+            for i, j in enumerate(_references(pts)) if j != i]
 
 
 def fit(pts: list[dict[str, Any]], preset: str = PRESET) -> dict[str, Any]:
     hw = load_profile(preset)
 
     def loss(p: dict[str, float]) -> float:
-        return sum(r * r for r in residuals(_with(hw, p), pts))
+        h = _with(hw, p)
+        return sum(r * r for r in _residuals([predict_draft(h, x) for x in pts], pts))
 
     # a fixed start (not the preset's current values), so that refitting reproduces the preset exactly; the
     # per-layer cost is fitted only where the points hold more than one layer count (else it stays the preset's)
@@ -176,19 +166,19 @@ def fit(pts: list[dict[str, Any]], preset: str = PRESET) -> dict[str, Any]:
         start["layer_s"], bounds["layer_s"] = 1e-4, (1e-7, 5e-3)
     best = _minimise(loss, start, bounds)
     h = _with(hw, best)
-    ref = _reference(pts)
-    for x in pts:
-        x["predicted_draft_ms"] = predict_draft(h, x) * 1e3
-        if x["relative"]:
-            r = ref[(x["run"], x["dataset"])]
-            x["ratio"] = x["draft_ms"] / r["draft_ms"]
-            x["predicted_ratio"] = x["predicted_draft_ms"] / r["predicted_draft_ms"]
+    pred_s = [predict_draft(h, x) for x in pts]
+    for x, s in zip(pts, pred_s, strict=True):
+        x["predicted_draft_ms"] = s * 1e3
+    for x, j in zip(pts, _references(pts), strict=True):
+        if j is not None:
+            x["ratio"] = x["draft_ms"] / pts[j]["draft_ms"]
+            x["predicted_ratio"] = x["predicted_draft_ms"] / pts[j]["predicted_draft_ms"]
     # the link: two latency-bound copies per cycle (features in, tree out), the bytes negligible at any GB/s
     wl = Workload(SMOLLM2_135M, DraftConfig(1, draft_vocab_size=8192), TreeConfig(4, 3, 6), "f32", "int8", 150, 128)
     lat = float(np.median([x["transfer_ms"] / 1e3 / 2 for x in pts if not x["relative"]]))
     bytes_note = f"{feature_bytes(wl, 2):.0f} B of features + ids in, {tree_bytes(wl):.0f} B of tree out"
     # the absolute points' time errors and the relative points' ratio errors (the references excluded)
-    errs = [math.expm1(r) for r in residuals(h, pts)]
+    errs = [math.expm1(r) for r in _residuals(pred_s, pts)]
     return {"params": best, "link_latency_s": lat, "link_bytes_note": bytes_note, "points": pts,
             "median_abs_error": float(np.median(np.abs(errs))), "max_abs_error": float(np.max(np.abs(errs))),
             "loss": loss(best)}
